@@ -1,0 +1,12 @@
+"""Losses for dense prediction; importing this package needs torch alone."""
+from .class_weights import WEIGHT_SCHEMES, class_histogram, class_weights, weights_from_histogram
+from .focal import FocalLoss, focal_loss
+
+__all__ = [
+    "FocalLoss",
+    "focal_loss",
+    "class_weights",
+    "class_histogram",
+    "weights_from_histogram",
+    "WEIGHT_SCHEMES",
+]

@@ -1,0 +1,107 @@
+"""Class weights computed from a label histogram.
+
+Every scheme maps per-class pixel counts to one weight per class. The functions make no host
+synchronisation and have no data-dependent shapes, so they run inside CUDA graphs and
+``torch.compile`` and can be applied to a histogram all-reduced across ranks.
+
+Schemes (``f_c`` is the class's share of the counted pixels, ``K`` the number of classes present):
+
+``"enet"``
+    ``1 / ln(c + f_c)`` (Paszke et al. 2016, ENet; ``c = 1.10`` by default, ENet used 1.02).
+``"inverse"``
+    ``1 / (K f_c)``: every present class contributes equally and ``sum_c f_c w_c = 1``,
+    so the loss keeps the scale of the unweighted loss.
+``"median"``
+    ``median(f) / f_c`` over present classes (median-frequency balancing, Eigen & Fergus 2015,
+    used by SegNet), computed on the given histogram.
+``"effective"``
+    ``(1 - beta) / (1 - beta^n_c)`` (effective number of samples, Cui et al. 2019), scaled so the
+    present classes' weights sum to ``K``.
+
+Classes absent from the histogram get weight 0 in the last three schemes (they have no pixels to
+weigh, and their formula would be infinite); ``"enet"`` is finite everywhere and keeps its value.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+WEIGHT_SCHEMES = ("enet", "inverse", "median", "effective")
+
+
+def class_histogram(target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Pixel count per class, shape ``[num_classes]`` int64.
+
+    Labels outside ``[0, num_classes)`` — ``ignore_index`` among them — are not counted.
+    """
+    flat = target.reshape(-1)
+    in_range = (flat >= 0) & (flat < num_classes)
+    bins = torch.where(in_range, flat, num_classes).long()
+    if flat.device.type == "cpu":
+        counts = torch.bincount(bins, minlength=num_classes + 1)
+    else:  # bincount on CUDA reads the maximum back to the host; scatter_add does not.
+        counts = torch.zeros(num_classes + 1, dtype=torch.int64, device=flat.device)
+        counts.scatter_add_(0, bins, torch.ones_like(bins))
+    return counts[:num_classes]
+
+
+def weights_from_histogram(
+    histogram: torch.Tensor,
+    scheme: str = "enet",
+    *,
+    enet_c: float = 1.10,
+    effective_beta: float = 0.9999,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Class weights ``[C]`` for per-class pixel counts ``histogram`` (see the module docstring)."""
+    if scheme not in WEIGHT_SCHEMES:
+        raise ValueError(f"unknown class-weight scheme {scheme!r}; expected one of {WEIGHT_SCHEMES}")
+    counts = histogram.to(torch.float64)
+    freq = counts / counts.sum().clamp_min(1.0)
+    present = counts > 0
+    num_present = present.sum()
+    zero = torch.zeros((), dtype=torch.float64, device=counts.device)
+    if scheme == "enet":
+        if not enet_c > 1.0:
+            raise ValueError(f"enet_c must be > 1 so that every weight is finite and positive, got {enet_c}")
+        weights = 1.0 / torch.log(enet_c + freq)
+    elif scheme == "inverse":
+        weights = torch.where(present, 1.0 / (num_present * freq), zero)
+    elif scheme == "median":
+        weights = torch.where(present, _median_of_present(freq, present, num_present) / freq, zero)
+    else:
+        if not 0.0 < effective_beta < 1.0:
+            raise ValueError(f"effective_beta must lie in (0, 1), got {effective_beta}")
+        effective_number = -torch.expm1(counts * math.log(effective_beta))  # 1 - beta^n without cancellation
+        raw = torch.where(present, (1.0 - effective_beta) / effective_number, zero)
+        weights = raw * num_present / raw.sum().clamp_min(torch.finfo(torch.float64).tiny)
+    return weights.to(dtype)
+
+
+def class_weights(
+    target: torch.Tensor,
+    num_classes: int,
+    scheme: str = "enet",
+    *,
+    enet_c: float = 1.10,
+    effective_beta: float = 0.9999,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Class weights ``[num_classes]`` of ``scheme`` for the labels in ``target``.
+
+    The helper the loss uses internally, public so that users can log or precompute weights.
+    Labels outside ``[0, num_classes)`` (``ignore_index`` among them) are not counted.
+    """
+    return weights_from_histogram(
+        class_histogram(target, num_classes), scheme, enet_c=enet_c, effective_beta=effective_beta, dtype=dtype
+    )
+
+
+def _median_of_present(freq: torch.Tensor, present: torch.Tensor, num_present: torch.Tensor) -> torch.Tensor:
+    """Median of ``freq`` over the present classes (mean of the two middle values for an even count)."""
+    ordered = torch.where(present, freq, torch.inf).sort().values
+    last = freq.numel() - 1
+    lower = ((num_present - 1).clamp_min(0) // 2).clamp_max(last)
+    upper = (num_present // 2).clamp_max(last)
+    return 0.5 * (ordered[lower] + ordered[upper])
