@@ -1,0 +1,20 @@
+"""Run configuration: dataclasses (:mod:`.schema`) and the YAML loader (:mod:`.loader`)."""
+from .loader import ConfigError, apply_override, load_config, save_config, to_dict
+from .schema import (
+    AugmentConfig,
+    Config,
+    DataConfig,
+    EvalConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    ScheduleConfig,
+    SyntheticConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "Config", "DataConfig", "SyntheticConfig", "AugmentConfig", "ModelConfig", "LossConfig",
+    "OptimConfig", "ScheduleConfig", "TrainConfig", "EvalConfig",
+    "ConfigError", "load_config", "save_config", "apply_override", "to_dict",
+]

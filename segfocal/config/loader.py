@@ -1,0 +1,145 @@
+"""YAML configs with ``_base_`` inheritance and dotted overrides, turned into :class:`Config`.
+
+A config file may name one or more ``_base_`` files (paths relative to itself); they are merged
+first, in order, and the file's own keys override them key by key (dictionaries merge, everything
+else replaces). ``--set key.sub=value`` overrides are parsed as YAML values and applied last.
+Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key, with the
+closest valid key suggested.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping, Union
+
+import yaml
+
+from .schema import CHOICES, Config
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is invalid; the message names it."""
+
+
+def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> Config:
+    """Read ``path`` (following ``_base_``), apply ``key=value`` overrides, validate, return a Config."""
+    raw = load_yaml_tree(Path(path))
+    for override in overrides:
+        apply_override(raw, override)
+    return from_dict(Config, raw, source=str(path))
+
+
+def load_yaml_tree(path: Path, _seen: tuple = ()) -> Dict[str, Any]:
+    """The merged dictionary of ``path`` and its ``_base_`` files."""
+    path = path.resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: _base_ cycle through {' -> '.join(str(p) for p in _seen)}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    bases = data.pop("_base_", [])
+    merged: Dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = deep_merge(merged, load_yaml_tree(path.parent / base, _seen + (path,)))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
+    """``base`` updated by ``update``; nested mappings merge, other values replace."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_override(raw: Dict[str, Any], override: str) -> None:
+    """Set ``a.b.c=value`` (value parsed as YAML) in the nested dictionary ``raw``."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r} must have the form key.sub=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {override!r}: invalid YAML value: {error}") from None
+    node = raw
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[leaf] = value
+
+
+def to_dict(config: Any) -> Dict[str, Any]:
+    """The config as plain YAML-serialisable data."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: Union[str, Path]) -> None:
+    """Write the fully resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def from_dict(cls: type, data: Any, source: str = "config", prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and ill-typed values."""
+    where = f"{source}: {prefix.rstrip('.') or 'top level'}"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
+    values = {}
+    for key, value in data.items():
+        dotted = prefix + key
+        values[key] = _convert(hints[key], value, source, dotted)
+        allowed = CHOICES.get(dotted)
+        if allowed is not None and values[key] not in allowed:
+            raise ConfigError(f"{source}: {dotted} must be one of {list(allowed)}, got {value!r}")
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, source: str, dotted: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, source, dotted + ".")
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(option, value, source, dotted)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise errors[0] if len(errors) == 1 else ConfigError(f"{source}: {dotted} has an invalid value {value!r}")
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {dotted} must be a list, got {value!r}")
+        item = args[0] if args else Any
+        return [_convert(item, v, source, f"{dotted}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: {dotted} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise ConfigError(f"{source}: {dotted} must be of type {getattr(hint, '__name__', hint)}, got {value!r}")

@@ -1,0 +1,159 @@
+"""The configuration as plain dataclasses: every key a run accepts, its type and default.
+
+YAML files are turned into these objects once, at the edge (:func:`segfocal.config.load_config`);
+the rest of the code reads attributes, never dictionaries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+
+@dataclass
+class SyntheticConfig:
+    """A generated, strongly imbalanced dataset written under ``data.root`` when missing."""
+
+    num_train: int = 192
+    num_val: int = 48
+    num_test: int = 48
+    image_size: int = 96
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Paired image/mask folders, matched by file stem.
+
+    ``image_dir``/``mask_dir`` are relative to ``root``, with ``{split}`` replaced by the split
+    name: ``{split}/images`` + ``{split}/masks`` for the synthetic set, ``{split}`` + ``{split}annot``
+    for CamVid as downloaded. ``split_file``, when set, lists the stems (or "image mask" path pairs)
+    of a split, one a line.
+    """
+
+    root: str = "data/synthetic"
+    num_classes: int = 6
+    class_names: List[str] = field(default_factory=list)
+    ignore_index: int = 255
+    image_dir: str = "{split}/images"
+    mask_dir: str = "{split}/masks"
+    split_file: Optional[str] = None
+    color_map: Optional[List[List[int]]] = None
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    batch_size: int = 8
+    num_workers: int = 2
+    bad_samples: str = "error"
+    synthetic: Optional[SyntheticConfig] = None
+
+
+@dataclass
+class AugmentConfig:
+    """Albumentations transforms in albumentations' own serialised form (``A.to_dict`` items).
+
+    Normalisation with ``data.mean``/``data.std`` and conversion to tensors are appended by the
+    data pipeline; masks are always resized nearest-neighbour.
+    """
+
+    train: List[Dict[str, Any]] = field(default_factory=list)
+    val: List[Dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    """A segmentation-models-pytorch model by name; ``encoder_weights`` is a local file or null."""
+
+    arch: str = "Unet"
+    encoder_name: str = "resnet18"
+    encoder_weights: Optional[str] = None
+    in_channels: int = 3
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    """``focal`` (segfocal's loss) or ``cross_entropy`` (``F.cross_entropy``), with class weights."""
+
+    name: str = "focal"
+    gamma: float = 2.0
+    alpha: Union[float, List[float], None] = None
+    weight: Union[str, List[float], None] = "enet"
+    normalize: str = "pixels"
+    poly_epsilon: float = 0.0
+    enet_c: float = 1.10
+    effective_beta: float = 0.9999
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule per optimiser step: ``poly``, ``cosine`` or ``constant``, after a linear warm-up."""
+
+    name: str = "poly"
+    warmup_iters: int = 0
+    power: float = 0.9
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    amp: str = "auto"
+    channels_last: bool = True
+    grad_clip: Optional[float] = None
+    accumulate: int = 1
+    val_every: int = 1
+    log_every: int = 10
+    log_images: int = 4
+    checkpoint_metric: str = "miou"
+    max_bad_steps: int = 10
+
+
+@dataclass
+class EvalConfig:
+    """Inference for validation and evaluation: ``whole`` image or ``slide`` window, optional flip TTA."""
+
+    mode: str = "whole"
+    crop_size: List[int] = field(default_factory=lambda: [512, 512])
+    stride: List[int] = field(default_factory=lambda: [341, 341])
+    flip: bool = False
+    batch_size: int = 4
+
+
+@dataclass
+class Config:
+    work_dir: str = "runs/default"
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Keys whose value must be one of a fixed set, checked when the config is loaded.
+CHOICES: Dict[str, tuple] = {
+    "device": ("auto", "cpu", "cuda"),
+    "data.bad_samples": ("error", "skip"),
+    "loss.name": ("focal", "cross_entropy"),
+    "loss.normalize": ("pixels", "weights"),
+    "optim.name": ("adamw", "sgd"),
+    "schedule.name": ("poly", "cosine", "constant"),
+    "train.amp": ("auto", "bf16", "fp16", "off"),
+    "eval.mode": ("whole", "slide"),
+}
