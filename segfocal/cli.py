@@ -1,0 +1,34 @@
+"""Shared command-line plumbing of the tools: config arguments and user-facing errors."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from typing import Iterator
+
+from .config import Config, ConfigError, load_config
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+    parser.add_argument("--work-dir", help="run directory (overrides the config's work_dir)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides) + ([f"work_dir={args.work_dir}"] if args.work_dir else [])
+    return load_config(args.config, overrides)
+
+
+@contextlib.contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """Turn errors caused by the user's config, data or checkpoint into a one-line message and exit 2."""
+    from .data import DataError
+    from .engine.checkpoint import CheckpointError
+
+    try:
+        yield
+    except (ConfigError, DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

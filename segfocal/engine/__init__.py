@@ -1,0 +1,1 @@
+"""Training and evaluation machinery: the loop, checkpoints, precision, logging, distribution."""

@@ -1,0 +1,71 @@
+"""Run a model over a data loader and accumulate segmentation metrics on the device."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..config import EvalConfig
+from ..evaluation import BinnedAUROC, ConfusionMatrix, predict_logits, segmentation_metrics
+from .precision import Precision
+
+
+@dataclass
+class EvalResult:
+    metrics: Dict[str, Any]
+    confusion: torch.Tensor
+    auroc: Optional[List[float]] = None
+    examples: List[tuple] = field(default_factory=list)  # (image, target, prediction) on the CPU
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    cfg: EvalConfig,
+    num_classes: int,
+    ignore_index: int,
+    device: torch.device,
+    precision: Precision,
+    with_auroc: bool = False,
+    num_examples: int = 0,
+    progress: bool = True,
+) -> EvalResult:
+    """Metrics of ``model`` on every batch of ``loader``.
+
+    The confusion matrix (and the AUROC histograms) accumulate on the device, with no per-batch
+    host synchronisation and no stored predictions; they are all-reduced across ranks at the end.
+    """
+    was_training = model.training
+    model.eval()
+    confusion = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
+    auroc = BinnedAUROC(num_classes, ignore_index=ignore_index, device=device) if with_auroc else None
+    examples: List[tuple] = []
+    for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with precision.autocast():
+            logits = predict_logits(
+                model, images, num_classes, mode=cfg.mode, crop_size=tuple(cfg.crop_size),
+                stride=tuple(cfg.stride), flip=cfg.flip,
+            )
+        predictions = logits.argmax(dim=1)
+        confusion.update(predictions, targets)
+        if auroc is not None:
+            auroc.update(logits.float().softmax(dim=1), targets)
+        for index in range(min(len(images), num_examples - len(examples))):
+            examples.append((images[index].cpu(), targets[index].cpu(), predictions[index].cpu()))
+    confusion.all_reduce()
+    if auroc is not None:
+        auroc.all_reduce()
+    model.train(was_training)
+    return EvalResult(
+        metrics=segmentation_metrics(confusion.matrix),
+        confusion=confusion.matrix.cpu(),
+        auroc=auroc.compute() if auroc is not None else None,
+        examples=examples,
+    )

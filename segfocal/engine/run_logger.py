@@ -1,0 +1,81 @@
+"""What a run records: TensorBoard scalars and images, and a JSON-lines metrics log."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import torch
+
+
+class RunLogger:
+    """Writes ``metrics.jsonl`` and TensorBoard events under the run directory (rank 0 only)."""
+
+    def __init__(self, work_dir: Path, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.writer = None
+        self.jsonl = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter  # tensorboard is only needed for training
+
+            self.writer = SummaryWriter(log_dir=str(work_dir / "tb"))
+            self.jsonl = open(work_dir / "metrics.jsonl", "a", encoding="utf-8")
+
+    def scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def record(self, entry: Dict[str, Any]) -> None:
+        """Append one JSON object (NaN written as null) to ``metrics.jsonl``."""
+        if self.jsonl is None:
+            return
+        self.jsonl.write(json.dumps(_nan_to_none(entry)) + "\n")
+        self.jsonl.flush()
+
+    def images(self, tag: str, images: torch.Tensor, step: int) -> None:
+        """``images``: uint8 ``[N, 3, H, W]``."""
+        if self.writer is not None and len(images):
+            self.writer.add_images(tag, images, step, dataformats="NCHW")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def overlay(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    palette: Sequence[Sequence[int]],
+    ignore_index: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    opacity: float = 0.5,
+) -> torch.Tensor:
+    """Normalised images ``[N, 3, H, W]`` blended with colour-coded masks ``[N, H, W]``, as uint8.
+
+    Ignored pixels are left uncoloured.
+    """
+    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    rgb = (images.float() * std_t + mean_t).clamp(0, 1) * 255
+    colours = torch.tensor(palette, dtype=torch.float32, device=images.device)
+    valid = (masks >= 0) & (masks < len(palette)) & (masks != ignore_index)
+    coloured = colours[torch.where(valid, masks, 0).long()].permute(0, 3, 1, 2)
+    blend = torch.where(valid.unsqueeze(1), (1 - opacity) * rgb + opacity * coloured, rgb)
+    return blend.round().to(torch.uint8)
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(item) for item in value]
+    return value

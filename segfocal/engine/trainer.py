@@ -1,0 +1,280 @@
+"""The training loop: epochs of optimiser steps, validation, checkpoints and resume.
+
+One plain, explicit loop in the style of torchvision's segmentation references. Each epoch
+re-seeds every random source from ``seed + epoch`` (data order, augmentation, dropout), so a run
+resumed from ``last.pt`` reaches the same weights as one that was never interrupted.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler, Subset
+from tqdm import tqdm
+
+from ..config import Config, ConfigError, save_config, to_dict
+from ..data import build_dataset, build_loader, default_palette
+from ..evaluation import format_table
+from ..models import build_model
+from .checkpoint import load_checkpoint, model_state_from, resume_path, save_checkpoint
+from .criterion import build_criterion
+from .distributed import DistContext, all_reduce_sum, barrier, init_distributed
+from .evaluate import EvalResult, evaluate
+from .optim import build_optimizer, build_scheduler
+from .precision import resolve_precision
+from .run_logger import RunLogger, overlay
+from .seeding import reseed_transform, seed_everything
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive optimiser steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainState:
+    """Progress saved in every checkpoint: completed epochs, optimiser steps, best metric so far."""
+
+    epoch: int = 0
+    step: int = 0
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+
+
+class Trainer:
+    """Trains ``cfg.model`` on ``cfg.data`` and writes a run directory.
+
+    The run directory holds ``config.yaml`` (the resolved config), ``last.pt`` (full state, after
+    every epoch), ``best.pt`` (by ``train.checkpoint_metric``), ``metrics.jsonl`` and ``tb/``.
+    """
+
+    def __init__(self, cfg: Config, resume: Optional[str] = None, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.work_dir = Path(cfg.work_dir)
+        self.progress = progress
+        self.dist: DistContext = init_distributed(cfg.device)
+        self.device = self.dist.device
+        data = cfg.data
+        seed_everything(cfg.seed, cfg.deterministic)
+
+        if self.dist.is_main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.work_dir / "config.yaml")
+        barrier()  # rank 0 may generate the synthetic dataset inside build_dataset
+        self.train_set = build_dataset(data, cfg.augment.train, data.train_split)
+        self.val_set = build_dataset(data, cfg.augment.val, data.val_split)
+        for dataset in (self.train_set, self.val_set):
+            dataset.validate(data.num_classes, data.ignore_index)
+        self.train_sampler = (
+            DistributedSampler(self.train_set, shuffle=True, seed=cfg.seed, drop_last=True) if self.dist.enabled else None
+        )
+        self.train_loader = build_loader(
+            self.train_set, data.batch_size, shuffle=self.train_sampler is None, num_workers=data.num_workers,
+            seed=cfg.seed, drop_last=True, sampler=self.train_sampler,
+        )
+        val_shard = Subset(self.val_set, range(self.dist.rank, len(self.val_set), self.dist.world_size))
+        self.val_loader = build_loader(
+            val_shard, cfg.eval.batch_size, shuffle=False, num_workers=data.num_workers, seed=cfg.seed, drop_last=False
+        )
+        if len(self.train_loader) == 0:
+            raise ConfigError(
+                f"data.batch_size={data.batch_size} exceeds the {len(self.train_set)} training images "
+                f"(per rank); lower it"
+            )
+
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        model = build_model(cfg.model, data.num_classes).to(self.device, memory_format=self.memory_format)
+        if self.dist.enabled:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.model = model
+        self.criterion = build_criterion(cfg.loss, data.ignore_index).to(self.device)
+        if self.dist.enabled and hasattr(self.criterion, "histogram_reducer"):
+            self.criterion.histogram_reducer = all_reduce_sum
+        self.precision = resolve_precision(cfg.train.amp, self.device)
+        self.scaler = self.precision.grad_scaler()
+        self.optimizer = build_optimizer(cfg.optim, model)
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.train.accumulate)
+        self.scheduler = build_scheduler(
+            cfg.schedule, self.optimizer, cfg.train.epochs * self.steps_per_epoch, cfg.optim.lr
+        )
+        self.class_names = data.class_names or [f"class_{index}" for index in range(data.num_classes)]
+        self.state = TrainState()
+        self.logger = RunLogger(self.work_dir, enabled=self.dist.is_main)
+
+        checkpoint = resume_path(self.work_dir, resume)
+        if checkpoint is not None:
+            self._load(checkpoint)
+
+    @property
+    def bare_model(self) -> nn.Module:
+        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+
+    def fit(self) -> Optional[EvalResult]:
+        """Train to ``train.epochs``; returns the evaluation of the best checkpoint on the val split."""
+        cfg = self.cfg.train
+        try:
+            for epoch in range(self.state.epoch, cfg.epochs):
+                self._seed_epoch(epoch)
+                started = time.perf_counter()
+                train_loss = self.train_one_epoch(epoch)
+                self.state.epoch = epoch + 1
+                entry: Dict[str, Any] = {"epoch": epoch + 1, "step": self.state.step, "train_loss": train_loss,
+                                         "epoch_seconds": time.perf_counter() - started}
+                if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+                    entry["val"] = self.validate()
+                self.logger.record(entry)
+                self._save("last.pt")
+            return self.final_evaluation()
+        finally:
+            self.logger.close()
+
+    def train_one_epoch(self, epoch: int) -> float:
+        """One pass over the training loader; returns the mean loss."""
+        cfg = self.cfg.train
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        interval_sum = torch.zeros((), device=self.device)
+        bad_steps = 0
+        batches = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                       disable=not (self.progress and self.dist.is_main))
+        for index, (images, targets) in enumerate(batches):
+            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            targets = targets.to(self.device, non_blocking=True)
+            with self.precision.autocast():
+                logits = self.model(images)
+            loss = self.criterion(logits, targets)
+            self.scaler.scale(loss / cfg.accumulate).backward()
+            loss_sum += loss.detach()
+            interval_sum += loss.detach()
+            if (index + 1) % cfg.accumulate and index + 1 != len(self.train_loader):
+                continue
+            bad_steps = self._optimizer_step(loss, bad_steps)
+            if self.state.step % cfg.log_every == 0:
+                interval_loss = interval_sum.item() / (cfg.log_every * cfg.accumulate)
+                interval_sum.zero_()
+                batches.set_postfix(loss=f"{interval_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                self._log_step(interval_loss)
+        return loss_sum.item() / len(self.train_loader)
+
+    def _optimizer_step(self, loss: torch.Tensor, bad_steps: int) -> int:
+        """Unscale, clip, step (unless the gradient is not finite); returns the consecutive bad-step count."""
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss.detach()))
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # the scaler itself skips non-finite steps and lowers its scale
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        if not finite and not self.scaler.is_enabled():
+            bad_steps += 1
+            if bad_steps > self.cfg.train.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"{bad_steps} consecutive steps had a non-finite loss or gradient (train.max_bad_steps="
+                    f"{self.cfg.train.max_bad_steps}); stopping. The last good checkpoint is "
+                    f"{self.work_dir / 'last.pt'}. Lower optim.lr, set train.grad_clip, or check the data."
+                )
+        elif finite:
+            bad_steps = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.state.step += 1
+        return bad_steps
+
+    def validate(self) -> Dict[str, Any]:
+        """Evaluate on the val split, log it, update ``best.pt``; returns the metrics."""
+        cfg, data = self.cfg, self.cfg.data
+        result = evaluate(
+            self.model, self.val_loader, cfg.eval, data.num_classes, data.ignore_index, self.device,
+            self.precision, num_examples=cfg.train.log_images if self.dist.is_main else 0,
+            progress=self.progress and self.dist.is_main,
+        )
+        metrics = result.metrics
+        if cfg.train.checkpoint_metric not in metrics:
+            options = [key for key, value in metrics.items() if isinstance(value, float)]
+            raise ConfigError(f"train.checkpoint_metric={cfg.train.checkpoint_metric!r} is not a metric; choose one of {options}")
+        step = self.state.step
+        self.logger.scalars("val", {k: v for k, v in metrics.items() if isinstance(v, float)}, step)
+        self.logger.scalars("val_iou", dict(zip(self.class_names, metrics["iou"])), step)
+        self._log_examples(result, step)
+        score = metrics[cfg.train.checkpoint_metric]
+        if not math.isnan(score) and score > self.state.best_metric:
+            self.state.best_metric = score
+            self.state.best_epoch = self.state.epoch
+            self._save("best.pt")
+        return metrics
+
+    def final_evaluation(self) -> Optional[EvalResult]:
+        """Evaluate ``best.pt`` (or the final weights) on the val split and print the per-class table."""
+        best = self.work_dir / "best.pt"
+        if best.is_file():
+            self.bare_model.load_state_dict(model_state_from(load_checkpoint(best, self.device)))
+        data = self.cfg.data
+        result = evaluate(self.model, self.val_loader, self.cfg.eval, data.num_classes, data.ignore_index,
+                          self.device, self.precision, progress=False)
+        if self.dist.is_main:
+            print(f"\nBest checkpoint (epoch {self.state.best_epoch}) on split '{data.val_split}':")
+            print(format_table(result.metrics, self.class_names))
+        return result
+
+    def _seed_epoch(self, epoch: int) -> None:
+        seed = self.cfg.seed + epoch
+        seed_everything(seed)
+        self.train_loader.generator.manual_seed(seed)
+        reseed_transform(self.train_set, seed)
+        if self.train_sampler is not None:
+            self.train_sampler.set_epoch(epoch)
+
+    def _log_step(self, interval_loss: float) -> None:
+        step = self.state.step
+        self.logger.scalars("train", {"loss": interval_loss, "lr": self.scheduler.get_last_lr()[0]}, step)
+        weights = getattr(self.criterion, "last_class_weights", None)
+        if weights is not None:
+            self.logger.scalars("class_weight", dict(zip(self.class_names, weights.tolist())), step)
+
+    def _log_examples(self, result: EvalResult, step: int) -> None:
+        if not result.examples:
+            return
+        data = self.cfg.data
+        images, targets, predictions = (torch.stack(parts) for parts in zip(*result.examples))
+        palette = default_palette(data.num_classes)
+        for tag, masks in (("label", targets), ("prediction", predictions)):
+            self.logger.images(f"val/{tag}", overlay(images, masks, palette, data.ignore_index, data.mean, data.std), step)
+        self.logger.images("val/input", overlay(images, torch.full_like(targets, data.ignore_index), palette,
+                                                data.ignore_index, data.mean, data.std), step)
+
+    def _save(self, name: str) -> None:
+        if not self.dist.is_main:
+            return
+        save_checkpoint(
+            {
+                "model": self.bare_model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "state": vars(self.state).copy(),
+                "config": to_dict(self.cfg),
+            },
+            self.work_dir / name,
+        )
+
+    def _load(self, path: Path) -> None:
+        checkpoint = load_checkpoint(path, map_location=self.device)
+        try:
+            self.bare_model.load_state_dict(model_state_from(checkpoint))
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            self.scaler.load_state_dict(checkpoint["scaler"])
+            self.state = TrainState(**checkpoint["state"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:
+            raise ConfigError(f"cannot resume from {path}: it does not match this config ({error})") from None
+        if self.dist.is_main:
+            print(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}")

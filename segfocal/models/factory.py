@@ -1,0 +1,46 @@
+"""Build a segmentation-models-pytorch model from a :class:`ModelConfig`, offline."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+from ..config import ConfigError, ModelConfig
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """The smp model ``cfg.arch`` with encoder ``cfg.encoder_name`` and ``num_classes`` outputs.
+
+    Nothing is downloaded: ``encoder_weights`` is a local state-dict file for the encoder (or
+    null for random initialisation).
+    """
+    try:
+        model = smp.create_model(
+            cfg.arch,
+            encoder_name=cfg.encoder_name,
+            encoder_weights=None,
+            in_channels=cfg.in_channels,
+            classes=num_classes,
+            **cfg.kwargs,
+        )
+    except (KeyError, ValueError, TypeError) as error:
+        raise ConfigError(f"model: cannot build arch={cfg.arch!r} encoder_name={cfg.encoder_name!r}: {error}") from None
+    if cfg.encoder_weights:
+        load_encoder_weights(model, Path(cfg.encoder_weights))
+    return model
+
+
+def load_encoder_weights(model: nn.Module, path: Path) -> None:
+    """Load a local encoder state dict (a plain state dict, or one nested under ``state_dict``/``model``)."""
+    if not path.is_file():
+        raise ConfigError(f"model.encoder_weights: file not found: {path} (weights are never downloaded)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    missing, unexpected = model.encoder.load_state_dict(state, strict=False)
+    loaded = len(model.encoder.state_dict()) - len(missing)
+    if loaded == 0:
+        raise ConfigError(f"model.encoder_weights: {path} holds no tensor of encoder {type(model.encoder).__name__}")

@@ -1,0 +1,33 @@
+"""Train a segmentation model from a YAML config.
+
+    python tools/train.py --config configs/synthetic_unet_focal.yaml [--set key.sub=value ...]
+                          [--resume auto|PATH] [--work-dir DIR]
+
+Runs as one process, or under ``torchrun --nproc_per_node=N`` with DistributedDataParallel.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from segfocal.cli import add_config_arguments, config_from_args, exit_on_user_error  # noqa: E402
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--resume", metavar="auto|PATH", help="continue from last.pt of the work dir (auto) or a checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars (logs, CI)")
+    args = parser.parse_args(argv)
+    with exit_on_user_error():
+        from segfocal.engine.trainer import Trainer
+
+        cfg = config_from_args(args)
+        Trainer(cfg, resume=args.resume, progress=not args.no_progress).fit()
+
+
+if __name__ == "__main__":
+    main()
