@@ -154,6 +154,6 @@ CHOICES: Dict[str, tuple] = {
     "loss.normalize": ("pixels", "weights"),
     "optim.name": ("adamw", "sgd"),
     "schedule.name": ("poly", "cosine", "constant"),
-    "train.amp": ("auto", "bf16", "fp16", "off"),
+    "train.amp": ("auto", "bf16", "fp16", "fp32"),
     "eval.mode": ("whole", "slide"),
 }

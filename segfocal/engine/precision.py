@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from ..config import ConfigError
+
 
 @dataclass(frozen=True)
 class Precision:
@@ -27,10 +29,10 @@ class Precision:
 
 def resolve_precision(mode: str, device: torch.device) -> Precision:
     """``auto``: bf16 on GPUs that support it, else fp16, and full precision on the CPU."""
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+    if mode == "fp32" or (mode == "auto" and device.type != "cuda"):
         return Precision(device.type, None)
     if mode == "auto":
         return Precision("cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     if mode == "fp16" and device.type != "cuda":
-        raise ValueError("train.amp='fp16' needs a CUDA device; use 'bf16' or 'off' on the CPU")
+        raise ConfigError("train.amp='fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
     return Precision(device.type, torch.bfloat16 if mode == "bf16" else torch.float16)

@@ -1,0 +1,51 @@
+"""Checkpoints: atomic writes that survive a failure mid-write, clear errors on bad files."""
+import pytest
+import torch
+
+from segfocal.engine.checkpoint import CheckpointError, load_checkpoint, model_state_from, resume_path, save_checkpoint
+
+
+def test_round_trip(tmp_path):
+    state = {"model": {"w": torch.arange(5.0)}, "state": {"epoch": 3}}
+    save_checkpoint(state, tmp_path / "last.pt")
+    loaded = load_checkpoint(tmp_path / "last.pt")
+    assert torch.equal(loaded["model"]["w"], torch.arange(5.0)) and loaded["state"]["epoch"] == 3
+
+
+def test_failed_write_keeps_the_previous_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"state": {"epoch": 1}}, path)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"state": {"epoch": 2}}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["state"]["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_truncated_file_gives_an_error_naming_it(tmp_path):
+    path = tmp_path / "broken.pt"
+    save_checkpoint({"model": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="broken.pt"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_model_state_from_strips_ddp_prefix_and_accepts_bare_state_dicts():
+    assert list(model_state_from({"model": {"module.conv.weight": 1}})) == ["conv.weight"]
+    assert list(model_state_from({"conv.weight": 1})) == ["conv.weight"]
+
+
+def test_resume_path(tmp_path):
+    assert resume_path(tmp_path, None) is None
+    assert resume_path(tmp_path, "auto") is None  # nothing to resume yet: start fresh
+    save_checkpoint({}, tmp_path / "last.pt")
+    assert resume_path(tmp_path, "auto") == tmp_path / "last.pt"
+    with pytest.raises(CheckpointError, match="nope.pt"):
+        resume_path(tmp_path, str(tmp_path / "nope.pt"))

@@ -1,0 +1,90 @@
+"""Config loading: _base_ inheritance, overrides, validation messages, the shipped recipes."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from segfocal.config import Config, ConfigError, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_base_inheritance_merges_nested_keys(tmp_path):
+    write(tmp_path / "base" / "root.yaml", {"seed": 1, "loss": {"gamma": 1.0, "weight": "median"}, "train": {"epochs": 3}})
+    write(tmp_path / "base" / "mid.yaml", {"_base_": "root.yaml", "loss": {"gamma": 3.0}})
+    child = write(tmp_path / "child.yaml", {"_base_": ["base/mid.yaml"], "train": {"epochs": 7}})
+    cfg = load_config(child)
+    assert cfg.seed == 1
+    assert cfg.loss.gamma == 3.0 and cfg.loss.weight == "median"  # merged, not replaced
+    assert cfg.train.epochs == 7
+
+
+def test_overrides_are_parsed_as_yaml_and_applied_last(tmp_path):
+    path = write(tmp_path / "c.yaml", {"loss": {"gamma": 2.0}})
+    cfg = load_config(path, ["loss.gamma=0.5", "loss.weight=null", "loss.alpha=[0.1, 0.2]", "train.amp=fp32"])
+    assert cfg.loss.gamma == 0.5 and cfg.loss.weight is None and cfg.loss.alpha == [0.1, 0.2]
+    assert cfg.train.amp == "fp32"
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    path = write(tmp_path / "c.yaml", {"loss": {"gama": 2.0}})
+    with pytest.raises(ConfigError, match=r"unknown key 'loss.gama'; did you mean 'loss.gamma'\?") as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_unknown_override_key_is_rejected(tmp_path):
+    path = write(tmp_path / "c.yaml", {})
+    with pytest.raises(ConfigError, match=r"train.epoch.*did you mean 'train.epochs'"):
+        load_config(path, ["train.epoch=3"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.gamma=two", r"loss.gamma must be of type float, got 'two'"),
+        ("train.epochs=2.5", r"train.epochs must be of type int"),
+        ("train.channels_last=1", r"train.channels_last must be of type bool"),
+        ("loss.name=dice", r"loss.name must be one of \['focal', 'cross_entropy'\], got 'dice'"),
+        ("train.amp=fp8", r"train.amp must be one of"),
+        ("data=3", r"data must be a mapping"),
+        ("no_equals_sign", r"must have the form key.sub=value"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, override, message):
+    path = write(tmp_path / "c.yaml", {})
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, [override])
+
+
+def test_missing_file_and_bad_yaml_and_cycles(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss: [unclosed")
+    with pytest.raises(ConfigError, match=r"bad.yaml: invalid YAML"):
+        load_config(bad)
+    write(tmp_path / "a.yaml", {"_base_": "b.yaml"})
+    write(tmp_path / "b.yaml", {"_base_": "a.yaml"})
+    with pytest.raises(ConfigError, match="_base_ cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(REPO / "configs" / "synthetic_unet_focal.yaml", ["loss.weight=[1.0, 2.0, 3.0, 1.0, 1.0, 1.0]"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(recipe):
+    cfg = load_config(recipe)
+    assert isinstance(cfg, Config)
+    assert len(cfg.data.class_names) == cfg.data.num_classes
