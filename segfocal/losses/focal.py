@@ -64,8 +64,10 @@ def focal_loss(
             check). Pass ``False`` under CUDA graphs or ``torch.compile``.
 
     The loss is computed in float32 whatever the logits' dtype (float64 stays float64), from
-    ``log_softmax`` and ``1 - p_t = -expm1(log p_t)``, so fp16/bf16 logits and saturated pixels
-    stay accurate. A batch whose pixels are all ignored gives 0 with a zero gradient.
+    ``log_softmax``, with ``1 - p_t`` as the sum of the other classes' probabilities and
+    ``-log p_t = -log1p(-(1 - p_t))`` where ``p_t > 1/2``, so fp16/bf16 logits and confidently
+    correct pixels stay accurate to relative rounding. A batch whose pixels are all ignored gives
+    0 with a zero gradient.
     """
     if validate:
         check_inputs(logits, target, ignore_index)
@@ -73,17 +75,31 @@ def focal_loss(
     num_classes = logits.shape[1]
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
 
-    valid = target != ignore_index
+    valid = _not_ignored(target, ignore_index)
     safe_target = torch.where(valid, target, 0).long()
+    index = safe_target.unsqueeze(1)
     log_p = F.log_softmax(logits, dim=1, dtype=compute_dtype)
-    log_pt = log_p.gather(1, safe_target.unsqueeze(1)).squeeze(1)
-    # 1 - p_t without cancellation; clamped above 0 so (1 - p_t)^gamma has a finite gradient for
-    # 0 < gamma < 1 on saturated pixels (the clamp passes no gradient there, and the term is ~0).
-    one_minus_pt = (-torch.expm1(log_pt)).clamp_min(torch.finfo(compute_dtype).tiny)
+    log_pt = log_p.gather(1, index).squeeze(1)
+    # As p_t -> 1, log p_t rounds to 0 (and -expm1(log p_t) with it) once 1 - p_t is below the
+    # rounding of 1. Accurate values: 1 - p_t as the sum of the other classes' probabilities and
+    # -log p_t = -log1p(-(1 - p_t)) where p_t > 1/2. They enter as values only (no [B, C, ...]
+    # tensor kept for backward); the gradient flows through log p_t with the exact derivatives
+    # d(1 - p_t) = -p_t d(log p_t) and d(-log p_t) = -d(log p_t); the added terms are exactly 0.
+    with torch.no_grad():
+        others = log_p.scatter(1, index, -torch.inf).exp_().sum(1)
+        neg_log_pt_value = torch.where(others < 0.5, -torch.log1p(-others.clamp_max(0.5)), -log_pt)
+    p_t_term = torch.expm1(log_pt)
+    one_minus_pt = others + (p_t_term.detach() - p_t_term)
+    neg_log_pt = neg_log_pt_value + (log_pt.detach() - log_pt)
+    # clamped above 0 so (1 - p_t)^gamma has a finite gradient for 0 < gamma < 1 on saturated
+    # pixels (the clamp passes no gradient there, and the term is ~0).
+    one_minus_pt = one_minus_pt.clamp_min(torch.finfo(compute_dtype).tiny)
 
-    pixel_loss = -log_pt if gamma == 0 else -one_minus_pt.pow(gamma) * log_pt
+    pixel_loss = neg_log_pt if gamma == 0 else one_minus_pt.pow(gamma) * neg_log_pt
+    # the histogram counts only non-ignored pixels, also when ignore_index lies in [0, C)
+    histogram_target = torch.where(valid, safe_target, -1)
     pixel_weight = _pixel_weight(
-        target, safe_target, num_classes, weight, alpha, enet_c, effective_beta, compute_dtype, logits.device
+        histogram_target, safe_target, num_classes, weight, alpha, enet_c, effective_beta, compute_dtype, logits.device
     )
     if pixel_weight is not None:
         pixel_loss = pixel_weight * pixel_loss
@@ -151,7 +167,12 @@ class FocalLoss(nn.Module):
             if self.validate:
                 check_inputs(logits, target, self.ignore_index)
             weight = class_weights(
-                target, logits.shape[1], self.weight_scheme, enet_c=self.enet_c, effective_beta=self.effective_beta
+                torch.where(_not_ignored(target, self.ignore_index), target.long(), -1),
+                logits.shape[1],
+                self.weight_scheme,
+                enet_c=self.enet_c,
+                effective_beta=self.effective_beta,
+                dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,
             )
             self.last_class_weights = weight.detach()
         return focal_loss(
@@ -208,13 +229,25 @@ def check_inputs(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) 
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
     num_classes = logits.shape[1]
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    bad = _not_ignored(target, ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         values = torch.unique(target[bad]).tolist()
         shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
         raise ValueError(
             f"target contains label(s) {shown} outside [0, {num_classes}) that are not ignore_index={ignore_index}"
         )
+
+
+def _not_ignored(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``target != ignore_index``, all true where ``ignore_index`` does not fit ``target``'s dtype.
+
+    (A plain comparison casts the index to the dtype: ``uint8 != -100`` would treat 156 as ignored.)
+    """
+    if not target.is_floating_point() and target.dtype != torch.bool:
+        info = torch.iinfo(target.dtype)
+        if not info.min <= ignore_index <= info.max:
+            return torch.ones_like(target, dtype=torch.bool)
+    return target != ignore_index
 
 
 def _per_class(
