@@ -6,21 +6,27 @@ Per non-ignored pixel with label ``y`` and softmax probability ``p_t`` of that l
 
 ``w`` are class weights (by default ENet weights from the batch's own label histogram), ``a`` the
 focal ``alpha`` per class. ``gamma = 0``, ``alpha = None``, ``poly_epsilon = 0`` is cross-entropy.
-This is the composite reference implementation: plain PyTorch ops, autograd for the gradient.
+
+Two implementations compute it: the fused one (:mod:`.fused`, a custom autograd function, used
+for ``"mean"`` and ``"sum"``) and the composite reference here (plain PyTorch ops and autograd,
+used for ``"none"`` and kept as the oracle the fused one is tested against).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .class_weights import WEIGHT_SCHEMES, class_weights
+from .class_weights import WEIGHT_SCHEMES, class_histogram, weights_from_histogram
+from .fused import fused_focal_loss
+from .labels import mean_denominator, not_ignored, sum_over_ranks
 
 REDUCTIONS = ("mean", "sum", "none")
 NORMALIZATIONS = ("pixels", "weights")
+IMPLEMENTATIONS = ("auto", "fused", "reference")
 
 WeightArg = Union[str, torch.Tensor, Sequence[float], None]
 AlphaArg = Union[float, torch.Tensor, Sequence[float], None]
@@ -39,6 +45,8 @@ def focal_loss(
     poly_epsilon: float = 0.0,
     enet_c: float = 1.10,
     effective_beta: float = 0.9999,
+    sync_histogram: bool = False,
+    implementation: str = "auto",
     validate: bool = True,
 ) -> torch.Tensor:
     """Softmax focal loss for logits ``[N, C]``, ``[B, C, H, W]`` or ``[B, C, D, H, W]``.
@@ -57,66 +65,30 @@ def focal_loss(
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-pixel map with 0 at ignored pixels).
         normalize: for ``"mean"``: ``"pixels"`` divides by the number of non-ignored pixels (the
             source write-ups' convention); ``"weights"`` divides by the sum of the pixels' weights
-            ``w[y] * a[y]``, as ``torch.nn.CrossEntropyLoss(weight=...)`` does.
+            ``w[y] * a[y]``, as ``torch.nn.CrossEntropyLoss(weight=...)`` does. The Poly-1 term is
+            not weighted but shares the denominator.
         poly_epsilon: coefficient of the Poly-1 term (Leng et al. 2022); 0 disables it.
         enet_c, effective_beta: parameters of the ``"enet"`` and ``"effective"`` schemes.
+        sync_histogram: under ``torch.distributed``, sum the label histogram over all ranks, so
+            every rank uses the weights (and the mean's denominator) of the global batch; with
+            DistributedDataParallel's gradient averaging, training then follows the loss of the
+            global batch exactly. Each rank's returned value is its share of that loss (their
+            average is the global loss). No effect without an initialised process group.
+        implementation: ``"auto"`` (fused for ``"mean"``/``"sum"``, reference for ``"none"``),
+            ``"fused"`` or ``"reference"``.
         validate: check shapes, dtypes and label range (one host synchronisation for the range
             check). Pass ``False`` under CUDA graphs or ``torch.compile``.
 
-    The loss is computed in float32 whatever the logits' dtype (float64 stays float64), from
-    ``log_softmax``, with ``1 - p_t`` as the sum of the other classes' probabilities and
-    ``-log p_t = -log1p(-(1 - p_t))`` where ``p_t > 1/2``, so fp16/bf16 logits and confidently
-    correct pixels stay accurate to relative rounding. A batch whose pixels are all ignored gives
-    0 with a zero gradient.
+    The loss is computed in float32 whatever the logits' dtype (float64 stays float64). ``1 - p_t``
+    is the sum of the other classes' probabilities and ``-log p_t = -log1p(-(1 - p_t))`` where
+    ``p_t > 1/2``, so fp16/bf16 logits and confidently correct pixels stay accurate to relative
+    rounding. A batch whose pixels are all ignored gives 0 with a zero gradient.
     """
-    if validate:
-        check_inputs(logits, target, ignore_index)
-        check_options(gamma=gamma, reduction=reduction, normalize=normalize, poly_epsilon=poly_epsilon)
-    num_classes = logits.shape[1]
-    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-    valid = _not_ignored(target, ignore_index)
-    safe_target = torch.where(valid, target, 0).long()
-    index = safe_target.unsqueeze(1)
-    log_p = F.log_softmax(logits, dim=1, dtype=compute_dtype)
-    log_pt = log_p.gather(1, index).squeeze(1)
-    # As p_t -> 1, log p_t rounds to 0 (and -expm1(log p_t) with it) once 1 - p_t is below the
-    # rounding of 1. Accurate values: 1 - p_t as the sum of the other classes' probabilities and
-    # -log p_t = -log1p(-(1 - p_t)) where p_t > 1/2. They enter as values only (no [B, C, ...]
-    # tensor kept for backward); the gradient flows through log p_t with the exact derivatives
-    # d(1 - p_t) = -p_t d(log p_t) and d(-log p_t) = -d(log p_t); the added terms are exactly 0.
-    with torch.no_grad():
-        others = log_p.scatter(1, index, -torch.inf).exp_().sum(1)
-        neg_log_pt_value = torch.where(others < 0.5, -torch.log1p(-others.clamp_max(0.5)), -log_pt)
-    p_t_term = torch.expm1(log_pt)
-    one_minus_pt = others + (p_t_term.detach() - p_t_term)
-    neg_log_pt = neg_log_pt_value + (log_pt.detach() - log_pt)
-    # clamped above 0 so (1 - p_t)^gamma has a finite gradient for 0 < gamma < 1 on saturated
-    # pixels (the clamp passes no gradient there, and the term is ~0).
-    one_minus_pt = one_minus_pt.clamp_min(torch.finfo(compute_dtype).tiny)
-
-    pixel_loss = neg_log_pt if gamma == 0 else one_minus_pt.pow(gamma) * neg_log_pt
-    # the histogram counts only non-ignored pixels, also when ignore_index lies in [0, C)
-    histogram_target = torch.where(valid, safe_target, -1)
-    pixel_weight = _pixel_weight(
-        histogram_target, safe_target, num_classes, weight, alpha, enet_c, effective_beta, compute_dtype, logits.device
-    )
-    if pixel_weight is not None:
-        pixel_loss = pixel_weight * pixel_loss
-    if poly_epsilon != 0:
-        pixel_loss = pixel_loss + poly_epsilon * one_minus_pt.pow(gamma + 1)
-    pixel_loss = torch.where(valid, pixel_loss, 0.0)
-
-    if reduction == "none":
-        return pixel_loss
-    total = pixel_loss.sum()
-    if reduction == "sum":
-        return total
-    if normalize == "weights" and pixel_weight is not None:
-        denominator = torch.where(valid, pixel_weight, 0.0).sum()
-    else:
-        denominator = valid.sum().to(compute_dtype)
-    return total / denominator.clamp_min(torch.finfo(compute_dtype).tiny)
+    return _focal_loss(
+        logits, target, gamma=gamma, alpha=alpha, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        normalize=normalize, poly_epsilon=poly_epsilon, enet_c=enet_c, effective_beta=effective_beta,
+        sync_histogram=sync_histogram, implementation=implementation, validate=validate,
+    )[0]
 
 
 class FocalLoss(nn.Module):
@@ -139,10 +111,13 @@ class FocalLoss(nn.Module):
         poly_epsilon: float = 0.0,
         enet_c: float = 1.10,
         effective_beta: float = 0.9999,
+        sync_histogram: bool = False,
+        implementation: str = "auto",
         validate: bool = True,
     ) -> None:
         super().__init__()
-        check_options(gamma=gamma, reduction=reduction, normalize=normalize, poly_epsilon=poly_epsilon)
+        check_options(gamma=gamma, reduction=reduction, normalize=normalize, poly_epsilon=poly_epsilon,
+                      implementation=implementation)
         self.gamma = float(gamma)
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -150,6 +125,8 @@ class FocalLoss(nn.Module):
         self.poly_epsilon = float(poly_epsilon)
         self.enet_c = enet_c
         self.effective_beta = effective_beta
+        self.sync_histogram = sync_histogram
+        self.implementation = implementation
         self.validate = validate
         self.weight_scheme = weight if isinstance(weight, str) else None
         if self.weight_scheme is not None and self.weight_scheme not in WEIGHT_SCHEMES:
@@ -162,31 +139,25 @@ class FocalLoss(nn.Module):
         self.last_class_weights: Optional[torch.Tensor] = None
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if self.weight_scheme is not None:
-            if self.validate:
-                check_inputs(logits, target, self.ignore_index)
-            weight = class_weights(
-                torch.where(_not_ignored(target, self.ignore_index), target.long(), -1),
-                logits.shape[1],
-                self.weight_scheme,
-                enet_c=self.enet_c,
-                effective_beta=self.effective_beta,
-                dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32,
-            )
-            self.last_class_weights = weight.detach()
-        return focal_loss(
+        loss, class_weight = _focal_loss(
             logits,
             target,
             gamma=self.gamma,
             alpha=self.alpha if self.alpha is not None else self.alpha_scalar,
-            weight=weight,
+            weight=self.weight if self.weight is not None else self.weight_scheme,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             normalize=self.normalize,
             poly_epsilon=self.poly_epsilon,
-            validate=self.validate and self.weight_scheme is None,
+            enet_c=self.enet_c,
+            effective_beta=self.effective_beta,
+            sync_histogram=self.sync_histogram,
+            implementation=self.implementation,
+            validate=self.validate,
         )
+        if self.weight_scheme is not None:
+            self.last_class_weights = class_weight.detach()
+        return loss
 
     def extra_repr(self) -> str:
         weight = self.weight_scheme if self.weight_scheme is not None else ("fixed" if self.weight is not None else None)
@@ -197,8 +168,123 @@ class FocalLoss(nn.Module):
         )
 
 
-def check_options(*, gamma: float, reduction: str, normalize: str, poly_epsilon: float) -> None:
-    """Raise ``ValueError`` naming the first invalid scalar option."""
+def _focal_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    gamma: float,
+    alpha: AlphaArg,
+    weight: WeightArg,
+    ignore_index: int,
+    reduction: str,
+    normalize: str,
+    poly_epsilon: float,
+    enet_c: float,
+    effective_beta: float,
+    sync_histogram: bool,
+    implementation: str,
+    validate: bool,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The loss and the class weights in use (``None`` when ``weight`` is ``None``)."""
+    check_options(gamma=gamma, reduction=reduction, normalize=normalize, poly_epsilon=poly_epsilon,
+                  implementation=implementation)
+    if validate:
+        check_inputs(logits, target, ignore_index)
+    num_classes = logits.shape[1]
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    scheme = weight if isinstance(weight, str) else None
+    if scheme is not None and scheme not in WEIGHT_SCHEMES:
+        raise ValueError(f"unknown weight {weight!r}; expected one of {WEIGHT_SCHEMES}, a tensor, or None")
+    fixed_weight = None if weight is None or scheme is not None else _per_class(weight, num_classes, "weight", dtype, logits.device)
+    alpha_per_class = _alpha_per_class(alpha, num_classes, dtype, logits.device)
+    if implementation == "fused" and reduction == "none":
+        raise ValueError("implementation='fused' reduces; use reduction='mean' or 'sum', or implementation='reference'")
+    if implementation == "fused" or (implementation == "auto" and reduction != "none"):
+        return fused_focal_loss(
+            logits, target, gamma=gamma, class_weight=fixed_weight, weight_scheme=scheme, alpha=alpha_per_class,
+            ignore_index=ignore_index, reduction=reduction, normalize=normalize, poly_epsilon=poly_epsilon,
+            enet_c=enet_c, effective_beta=effective_beta, sync_histogram=sync_histogram,
+        )
+    return _reference_focal_loss(
+        logits, target, gamma, fixed_weight, scheme, alpha_per_class, ignore_index, reduction, normalize,
+        poly_epsilon, enet_c, effective_beta, sync_histogram, dtype,
+    )
+
+
+def _reference_focal_loss(
+    logits, target, gamma, fixed_weight, scheme, alpha_per_class, ignore_index, reduction, normalize,
+    poly_epsilon, enet_c, effective_beta, sync_histogram, dtype,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The composite implementation: ``log_softmax``, ``gather`` and autograd."""
+    num_classes = logits.shape[1]
+    valid = not_ignored(target, ignore_index)
+    safe_target = torch.where(valid, target, 0).long()
+    index = safe_target.unsqueeze(1)
+    log_p = F.log_softmax(logits, dim=1, dtype=dtype)
+    log_pt = log_p.gather(1, index).squeeze(1)
+    # As p_t -> 1, log p_t rounds to 0 (and -expm1(log p_t) with it) once 1 - p_t is below the
+    # rounding of 1. Accurate values: 1 - p_t as the sum of the other classes' probabilities and
+    # -log p_t = -log1p(-(1 - p_t)) where p_t > 1/2. They enter as values only (no [B, C, ...]
+    # tensor kept for backward); the gradient flows through log p_t with the exact derivatives
+    # d(1 - p_t) = -p_t d(log p_t) and d(-log p_t) = -d(log p_t); the added terms are exactly 0.
+    with torch.no_grad():
+        others = log_p.scatter(1, index, -torch.inf).exp_().sum(1)
+        neg_log_pt_value = torch.where(others < 0.5, -torch.log1p(-others.clamp_max(0.5)), -log_pt)
+    p_t_term = torch.expm1(log_pt)
+    one_minus_pt = others + (p_t_term.detach() - p_t_term)
+    neg_log_pt = neg_log_pt_value + (log_pt.detach() - log_pt)
+    # clamped above 0 so (1 - p_t)^gamma has a finite gradient for 0 < gamma < 1 on saturated
+    # pixels (the clamp passes no gradient there, and the term is ~0).
+    one_minus_pt = one_minus_pt.clamp_min(torch.finfo(dtype).tiny)
+    pixel_loss = neg_log_pt if gamma == 0 else one_minus_pt.pow(gamma) * neg_log_pt
+
+    # the histogram counts only non-ignored pixels, also when ignore_index lies in [0, C)
+    counts = class_histogram(torch.where(valid, safe_target, -1), num_classes).to(dtype)
+    world_size = 1
+    if sync_histogram:
+        counts, world_size = sum_over_ranks(counts)
+    class_weight = (
+        weights_from_histogram(counts, scheme, enet_c=enet_c, effective_beta=effective_beta, dtype=dtype)
+        if scheme is not None else fixed_weight
+    )
+    pixel_factor = _combine(class_weight, alpha_per_class)
+    if pixel_factor is not None:
+        pixel_loss = pixel_factor[safe_target] * pixel_loss
+    if poly_epsilon != 0:
+        pixel_loss = pixel_loss + poly_epsilon * one_minus_pt.pow(gamma + 1)
+    pixel_loss = torch.where(valid, pixel_loss, 0.0)
+
+    if reduction == "none":
+        return pixel_loss, class_weight
+    total = pixel_loss.sum()
+    if reduction == "sum":
+        return total, class_weight
+    denominator = mean_denominator(counts, pixel_factor, normalize, world_size)
+    return total / denominator.clamp_min(torch.finfo(dtype).tiny), class_weight
+
+
+def _combine(class_weight: Optional[torch.Tensor], alpha_per_class: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Per-class factor ``w * a`` (either may be absent)."""
+    if class_weight is None:
+        return alpha_per_class
+    return class_weight if alpha_per_class is None else class_weight * alpha_per_class
+
+
+def _alpha_per_class(alpha: AlphaArg, num_classes: int, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+    """``alpha`` as ``[C]``: a float gives class 0 ``alpha`` and the others ``1 - alpha``."""
+    if alpha is None:
+        return None
+    if isinstance(alpha, (int, float)):
+        per_class = torch.full((num_classes,), 1.0 - float(alpha), dtype=dtype, device=device)
+        per_class[0] = float(alpha)
+        return per_class
+    return _per_class(alpha, num_classes, "alpha", dtype, device)
+
+
+def check_options(
+    *, gamma: float, reduction: str, normalize: str, poly_epsilon: float, implementation: str = "auto"
+) -> None:
+    """Raise ``ValueError`` naming the first invalid scalar option (no tensor is read)."""
     if not (isinstance(gamma, (int, float)) and 0 <= gamma < float("inf")):
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
     if not (isinstance(poly_epsilon, (int, float)) and abs(poly_epsilon) < float("inf")):
@@ -207,6 +293,8 @@ def check_options(*, gamma: float, reduction: str, normalize: str, poly_epsilon:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
 
 
 def check_inputs(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
@@ -229,25 +317,13 @@ def check_inputs(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) 
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
     num_classes = logits.shape[1]
-    bad = _not_ignored(target, ignore_index) & ((target < 0) | (target >= num_classes))
+    bad = not_ignored(target, ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         values = torch.unique(target[bad]).tolist()
         shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
         raise ValueError(
             f"target contains label(s) {shown} outside [0, {num_classes}) that are not ignore_index={ignore_index}"
         )
-
-
-def _not_ignored(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """``target != ignore_index``, all true where ``ignore_index`` does not fit ``target``'s dtype.
-
-    (A plain comparison casts the index to the dtype: ``uint8 != -100`` would treat 156 as ignored.)
-    """
-    if not target.is_floating_point() and target.dtype != torch.bool:
-        info = torch.iinfo(target.dtype)
-        if not info.min <= ignore_index <= info.max:
-            return torch.ones_like(target, dtype=torch.bool)
-    return target != ignore_index
 
 
 def _per_class(
@@ -257,32 +333,3 @@ def _per_class(
     if tensor.shape != (num_classes,):
         raise ValueError(f"{name} must have one value per class ({num_classes}), got shape {tuple(tensor.shape)}")
     return tensor
-
-
-def _pixel_weight(
-    target: torch.Tensor,
-    safe_target: torch.Tensor,
-    num_classes: int,
-    weight: WeightArg,
-    alpha: AlphaArg,
-    enet_c: float,
-    effective_beta: float,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> Optional[torch.Tensor]:
-    """Per-pixel product ``w[y] * a[y]``, or ``None`` when neither is set."""
-    per_class = None
-    if isinstance(weight, str):
-        if weight not in WEIGHT_SCHEMES:
-            raise ValueError(f"unknown weight {weight!r}; expected one of {WEIGHT_SCHEMES}, a tensor, or None")
-        per_class = class_weights(target, num_classes, weight, enet_c=enet_c, effective_beta=effective_beta, dtype=dtype)
-    elif weight is not None:
-        per_class = _per_class(weight, num_classes, "weight", dtype, device)
-    if alpha is not None:
-        if isinstance(alpha, (int, float)):
-            alpha_per_class = torch.full((num_classes,), 1.0 - float(alpha), dtype=dtype, device=device)
-            alpha_per_class[0] = float(alpha)
-        else:
-            alpha_per_class = _per_class(alpha, num_classes, "alpha", dtype, device)
-        per_class = alpha_per_class if per_class is None else per_class * alpha_per_class
-    return None if per_class is None else per_class[safe_target]

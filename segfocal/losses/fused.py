@@ -1,0 +1,201 @@
+"""Fused focal loss: one custom autograd function, processed in cache-sized chunks.
+
+Why: the composite implementation materialises ``log_softmax`` (``[B, C, H, W]`` float32) in the
+forward and a one-hot-shaped gradient plus the ``log_softmax`` gradient in the backward. This one
+reads the logits in place (any strides, any float dtype), chunk by chunk; per class it
+accumulates the label histogram and the sum of the focal terms in the same pass. The class
+weights, which depend on the whole batch's histogram, are applied afterwards to those per-class
+sums, so the forward is a single pass over the logits. Saved for backward: the logits and labels
+(references, not copies), ``C + 2`` scalars and four floats per pixel (log-normaliser, ``1 - p_t``
+and two slopes: ``4 / C`` of the logits' size), so the backward recomputes the softmax as
+``exp(z - log-normaliser)`` straight into the gradient, in one pass per chunk. No host
+synchronisation and no data-dependent shape.
+
+For a pixel with label ``y``, ``k = w[y] a[y] / D`` (``D`` the mean's denominator) and
+``e = poly_epsilon / D``, the gradient is ``H * (onehot(y) - softmax)`` with the scalar
+
+    H = k * (gamma (1-p)^gamma p log(p)/(1-p) - (1-p)^gamma)  -  e (gamma+1) (1-p)^gamma p
+
+which stays finite for saturated pixels (``log(p)/(1-p) -> -1``). As in the reference, ``1 - p``
+is the sum of the other classes' probabilities, accurate when ``p`` rounds to 1.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+from .class_weights import weights_from_histogram
+from .labels import mean_denominator, not_ignored, sum_over_ranks
+
+CHUNK_ELEMENTS = 1 << 18  # logits elements per chunk (1 MiB of float32): stays in L2 cache
+
+
+def fused_focal_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    gamma: float,
+    class_weight: Optional[torch.Tensor],
+    weight_scheme: Optional[str],
+    alpha: Optional[torch.Tensor],
+    ignore_index: int,
+    reduction: str,
+    normalize: str,
+    poly_epsilon: float,
+    enet_c: float,
+    effective_beta: float,
+    sync_histogram: bool,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The reduced loss (``"mean"`` or ``"sum"``) and the class weights used (``None`` if unweighted).
+
+    Inputs are validated by :func:`segfocal.losses.focal_loss`; ``class_weight`` and ``alpha``
+    are ``[C]`` tensors or ``None``; ``weight_scheme`` names an on-the-fly scheme or is ``None``.
+    """
+    loss, weight = _FusedFocal.apply(
+        logits, target, class_weight, alpha, gamma, weight_scheme, ignore_index, reduction, normalize,
+        poly_epsilon, enet_c, effective_beta, sync_histogram,
+    )
+    return loss, (weight if weight_scheme is not None or class_weight is not None else None)
+
+
+class _FusedFocal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, class_weight, alpha, gamma, weight_scheme, ignore_index, reduction,
+                normalize, poly_epsilon, enet_c, effective_beta, sync_histogram):
+        num_classes = logits.shape[1]
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        counts = torch.zeros(num_classes + 1, dtype=torch.float64, device=logits.device)
+        focal_sums = torch.zeros_like(counts)
+        poly_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
+        # per pixel, for the backward: log-normaliser, 1 - p_t, and the focal and Poly-1 slopes
+        saved = torch.empty((4,) + tuple(target.shape), dtype=dtype, device=logits.device)
+        for index in _chunk_indices(logits.shape):
+            labels = target[_target_index(index)]
+            log_normaliser, one_minus_pt, focal_slope, poly_slope = saved[(slice(None),) + _target_index(index)]
+            terms = _pixel_terms(logits[index], labels, num_classes, ignore_index, dtype, gamma, log_normaliser,
+                                 one_minus_pt, focal_slope, poly_slope)
+            valid, bins, focal, poly = terms
+            counts += _per_class_sum(bins, None, num_classes + 1)
+            focal_sums += _per_class_sum(bins, focal, num_classes + 1)
+            if poly_epsilon != 0:
+                poly_sum += torch.where(valid, poly, 0.0).sum(dtype=torch.float64)
+        counts, focal_sums = counts[:num_classes], focal_sums[:num_classes]
+        world_size = 1
+        if sync_histogram:
+            counts, world_size = sum_over_ranks(counts)
+
+        if weight_scheme is not None:
+            weight = weights_from_histogram(counts, weight_scheme, enet_c=enet_c, effective_beta=effective_beta,
+                                            dtype=torch.float64)
+        elif class_weight is not None:
+            weight = class_weight.to(torch.float64)
+        else:
+            weight = None
+        pixel_factor = weight if alpha is None else (alpha.double() if weight is None else weight * alpha.double())
+        weighted = focal_sums if pixel_factor is None else pixel_factor * focal_sums
+        total = weighted.sum() + poly_epsilon * poly_sum
+        if reduction == "sum":
+            scale = torch.ones((), dtype=torch.float64, device=logits.device)
+        else:  # 1 / denominator, and 0 when no pixel counts (the numerator is then 0 too)
+            denominator = mean_denominator(counts, pixel_factor, normalize, world_size)
+            scale = torch.where(denominator > 0, 1.0 / denominator, 0.0)
+        per_class = torch.ones_like(counts) if pixel_factor is None else pixel_factor
+        # the class coefficients, with a zero appended for ignored pixels (their bin is C)
+        coefficients = torch.cat([per_class * scale, per_class.new_zeros(1)]).to(dtype)
+        ctx.save_for_backward(logits, target, saved, coefficients, (poly_epsilon * scale).to(dtype))
+        ctx.ignore_index = ignore_index
+        used = weight if weight is not None else torch.ones_like(counts)
+        ctx.mark_non_differentiable(used)
+        return (total * scale).to(dtype), used.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_weight):
+        logits, target, saved, coefficients, poly_coefficient = ctx.saved_tensors
+        num_classes = logits.shape[1]
+        grad = torch.empty_like(logits)  # same dtype and memory format as the logits
+        for index in _chunk_indices(logits.shape):
+            pixels = _target_index(index)
+            labels = target[pixels]
+            log_normaliser, one_minus_pt, focal_slope, poly_slope = saved[(slice(None),) + pixels]
+            valid = not_ignored(labels, ctx.ignore_index)
+            safe = torch.where(valid, labels, 0).long().unsqueeze(1)
+            # H = dL/dp_t * p_t for this pixel; ignored pixels take the zero coefficient and Poly-1 slope
+            scalar = (coefficients[torch.where(valid, labels, num_classes).long()] * focal_slope
+                      + poly_coefficient * poly_slope) * grad_loss.to(focal_slope.dtype)
+            z, out = logits[index], grad[index]
+            softmax = torch.sub(z, log_normaliser.unsqueeze(1), out=out) if out.dtype == focal_slope.dtype \
+                else z.to(focal_slope.dtype) - log_normaliser.unsqueeze(1)
+            softmax.exp_().mul_(-scalar.unsqueeze(1))  # -H * softmax_j ...
+            softmax.scatter_(1, safe, (scalar * one_minus_pt).unsqueeze(1))  # ... and H (1 - p_t) at the label
+            if softmax is not out:
+                out.copy_(softmax)
+        return (grad,) + (None,) * 12
+
+
+def _pixel_terms(z, labels, num_classes, ignore_index, dtype, gamma, log_normaliser, one_minus_pt, focal_slope,
+                 poly_slope):
+    """One chunk's forward: fills the per-pixel buffers the backward reads; returns
+    (valid, histogram bin, focal term, Poly-1 term).
+
+    ``1 - p_t`` is the mass of the other classes (the label's ``exp`` zeroed before the sum), so it
+    has no cancellation when ``p_t`` rounds to 1; ``-log p_t = -log1p(-(1 - p_t))`` there.
+    """
+    valid = not_ignored(labels, ignore_index)
+    safe = torch.where(valid, labels, 0).long()
+    bins = torch.where(valid, safe, num_classes)
+    index = safe.unsqueeze(1)
+    z = z.to(dtype)
+    peak = z.amax(dim=1, keepdim=True)
+    label_shifted = z.gather(1, index) - peak
+    exps = (z - peak).exp_()
+    exps.scatter_(1, index, 0.0)
+    other_mass = exps.sum(1)
+    normaliser = other_mass + label_shifted.squeeze(1).exp()
+    torch.add(peak.squeeze(1), normaliser.log(), out=log_normaliser)
+    torch.div(other_mass, normaliser, out=one_minus_pt)
+    log_pt = (label_shifted.squeeze(1) - normaliser.log()).clamp_max(0.0)
+    neg_log_pt = torch.where(one_minus_pt < 0.5, -torch.log1p(-one_minus_pt.clamp_max(0.5)), -log_pt)
+    one_minus_pt.clamp_(min=torch.finfo(dtype).tiny)
+    modulated = one_minus_pt.pow(gamma) if gamma != 0 else torch.ones_like(one_minus_pt)
+    p_t = torch.exp(-neg_log_pt)
+    # focal: d/dp_t [-(1-p)^g log p] * p = g (1-p)^g p log(p)/(1-p) - (1-p)^g, finite as p -> 1
+    log_ratio = torch.where(one_minus_pt > torch.finfo(dtype).tiny, -neg_log_pt / one_minus_pt, -1.0)
+    torch.mul(gamma * modulated * p_t, log_ratio, out=focal_slope).sub_(modulated)
+    # Poly-1: d/dp_t [(1-p)^(g+1)] * p = -(g+1) (1-p)^g p
+    torch.mul(modulated, p_t, out=poly_slope).mul_(-(gamma + 1)).masked_fill_(~valid, 0.0)
+    focal = torch.where(valid, modulated * neg_log_pt, 0.0)
+    return valid, bins, focal, modulated * one_minus_pt
+
+
+def _per_class_sum(bins: torch.Tensor, values: Optional[torch.Tensor], size: int) -> torch.Tensor:
+    """float64 sum of ``values`` (or counts) per bin, without host synchronisation."""
+    bins = bins.reshape(-1)
+    if bins.device.type == "cpu":
+        weights = None if values is None else values.reshape(-1).to(torch.float64)
+        return torch.bincount(bins, weights=weights, minlength=size).to(torch.float64)
+    out = torch.zeros(size, dtype=torch.float64, device=bins.device)
+    source = torch.ones_like(bins, dtype=torch.float64) if values is None else values.reshape(-1).to(torch.float64)
+    return out.scatter_add_(0, bins, source)
+
+
+def _chunk_indices(shape: torch.Size) -> Iterator[tuple]:
+    """Index tuples that cut a ``[N, C]`` or ``[B, C, S0, ...]`` tensor into cache-sized chunks."""
+    num_classes = shape[1]
+    if len(shape) == 2:
+        rows = max(1, CHUNK_ELEMENTS // num_classes)
+        for start in range(0, shape[0], rows):
+            yield (slice(start, start + rows),)
+        return
+    plane = num_classes
+    for size in shape[3:]:
+        plane *= size
+    rows = max(1, CHUNK_ELEMENTS // plane)
+    for batch in range(shape[0]):
+        for start in range(0, shape[2], rows):
+            yield (slice(batch, batch + 1), slice(None), slice(start, start + rows))
+
+
+def _target_index(index: tuple) -> tuple:
+    """The chunk of the labels (no class dimension) matching a chunk index of the logits."""
+    return index if len(index) == 1 else (index[0],) + index[2:]

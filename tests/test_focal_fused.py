@@ -1,0 +1,109 @@
+"""The fused implementation against the composite reference (the oracle), values and gradients."""
+import pytest
+import torch
+
+import segfocal.losses.fused as fused_module
+from segfocal.losses import FocalLoss, focal_loss
+
+OPTIONS = [
+    dict(gamma=2.0),
+    dict(gamma=0.0, weight=None),
+    dict(gamma=0.5, weight="median", normalize="weights"),
+    dict(gamma=2.0, weight="inverse", alpha=0.25, poly_epsilon=1.0),
+    dict(gamma=1.0, weight="effective", alpha=[0.5, 1.0, 1.5, 2.0, 0.7], reduction="sum"),
+    dict(gamma=3.0, weight=[0.2, 1.0, 3.0, 0.5, 1.0], normalize="weights", poly_epsilon=-0.3),
+    dict(gamma=2.0, weight=None, alpha=0.75, normalize="weights"),
+]
+
+
+def batch(shape, seed=0, dtype=torch.float64, ignore_fraction=0.2, scale=3.0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+    target_shape = (shape[0],) + tuple(shape[2:])
+    target = torch.randint(0, shape[1], target_shape, generator=generator)
+    target[torch.rand(target_shape, generator=generator) < ignore_fraction] = 255
+    return logits, target
+
+
+def value_and_grad(logits, target, implementation, **options):
+    x = logits.detach().clone().requires_grad_(True)
+    loss = focal_loss(x, target, implementation=implementation, **options)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("shape", [(37, 5), (2, 5, 9, 11), (2, 5, 3, 4, 6)])
+def test_fused_equals_reference_in_float64(options, shape, monkeypatch):
+    monkeypatch.setattr(fused_module, "CHUNK_ELEMENTS", 64)  # many chunks, ragged last ones
+    logits, target = batch(shape, seed=len(shape))
+    fused_loss, fused_grad = value_and_grad(logits, target, "fused", **options)
+    ref_loss, ref_grad = value_and_grad(logits, target, "reference", **options)
+    torch.testing.assert_close(fused_loss, ref_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(fused_grad, ref_grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed"])
+def test_fused_reads_strided_logits_in_place(layout):
+    logits, target = batch((2, 6, 12, 10), dtype=torch.float32)
+    if layout == "channels_last":
+        strided = logits.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        wide = torch.zeros(2, 6, 12, 20)
+        wide[..., ::2] = logits
+        strided = wide[..., ::2]
+    else:
+        strided = logits.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not strided.is_contiguous()
+    ref_loss, ref_grad = value_and_grad(logits, target, "reference")
+    loss, grad = value_and_grad(strided, target, "fused")
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-8)
+    if layout == "channels_last":  # the gradient keeps the logits' memory format
+        x = strided.detach().requires_grad_(True)
+        focal_loss(x, target, implementation="fused").backward()
+        assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_agrees_with_reference_at_float32_precision(dtype):
+    logits, target = batch((2, 19, 64, 64), dtype=dtype, scale=4.0)
+    loss, grad = value_and_grad(logits, target, "fused")
+    ref_loss, ref_grad = value_and_grad(logits, target, "reference")
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-6, atol=0)
+    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-9)
+
+
+def test_fused_all_ignored_gives_zero_and_zero_gradient():
+    logits, target = batch((2, 4, 5, 5), ignore_fraction=1.0)
+    loss, grad = value_and_grad(logits, target, "fused", weight="median", normalize="weights", poly_epsilon=1.0)
+    assert loss.item() == 0.0 and torch.count_nonzero(grad) == 0
+
+
+def test_fused_saturated_pixels_keep_finite_gradients_for_small_gamma():
+    logits = torch.full((1, 3, 4, 4), -50.0)
+    logits[:, 1] = 50.0
+    target = torch.ones(1, 4, 4, dtype=torch.long)
+    for gamma in (0.25, 0.5):
+        _, grad = value_and_grad(logits, target, "fused", gamma=gamma)
+        assert torch.isfinite(grad).all()
+
+
+def test_fused_rejects_reduction_none_and_auto_falls_back():
+    logits, target = batch((2, 3, 4, 4))
+    with pytest.raises(ValueError, match="implementation='fused' reduces"):
+        focal_loss(logits, target, reduction="none", implementation="fused")
+    per_pixel = focal_loss(logits, target, reduction="none")
+    assert per_pixel.shape == target.shape
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        focal_loss(logits, target, implementation="triton")
+
+
+def test_module_reports_the_weights_the_fused_pass_used():
+    logits, target = batch((2, 5, 8, 8))
+    module = FocalLoss(weight="median")
+    module(logits, target)
+    reference = FocalLoss(weight="median", implementation="reference")
+    reference(logits, target)
+    torch.testing.assert_close(module.last_class_weights, reference.last_class_weights)
