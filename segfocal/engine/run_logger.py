@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping
 
 import torch
 
@@ -46,29 +46,6 @@ class RunLogger:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
-
-
-def overlay(
-    images: torch.Tensor,
-    masks: torch.Tensor,
-    palette: Sequence[Sequence[int]],
-    ignore_index: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    opacity: float = 0.5,
-) -> torch.Tensor:
-    """Normalised images ``[N, 3, H, W]`` blended with colour-coded masks ``[N, H, W]``, as uint8.
-
-    Ignored pixels are left uncoloured.
-    """
-    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    rgb = (images.float() * std_t + mean_t).clamp(0, 1) * 255
-    colours = torch.tensor(palette, dtype=torch.float32, device=images.device)
-    valid = (masks >= 0) & (masks < len(palette)) & (masks != ignore_index)
-    coloured = colours[torch.where(valid, masks, 0).long()].permute(0, 3, 1, 2)
-    blend = torch.where(valid.unsqueeze(1), (1 - opacity) * rgb + opacity * coloured, rgb)
-    return blend.round().to(torch.uint8)
 
 
 def _nan_to_none(value: Any) -> Any:

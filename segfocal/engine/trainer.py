@@ -22,13 +22,14 @@ from ..config import Config, ConfigError, save_config, to_dict
 from ..data import build_dataset, build_loader, default_palette
 from ..evaluation import format_table
 from ..models import build_model
+from ..visualize import denormalize, overlay_masks
 from .checkpoint import load_checkpoint, model_state_from, resume_path, save_checkpoint
 from .criterion import build_criterion
 from .distributed import DistContext, all_reduce_sum, barrier, init_distributed
 from .evaluate import EvalResult, evaluate
 from .optim import build_optimizer, build_scheduler
 from .precision import resolve_precision
-from .run_logger import RunLogger, overlay
+from .run_logger import RunLogger
 from .seeding import reseed_transform, seed_everything
 
 
@@ -246,10 +247,10 @@ class Trainer:
         data = self.cfg.data
         images, targets, predictions = (torch.stack(parts) for parts in zip(*result.examples))
         palette = default_palette(data.num_classes)
+        rgb = denormalize(images, data.mean, data.std)
+        self.logger.images("val/input", rgb, step)
         for tag, masks in (("label", targets), ("prediction", predictions)):
-            self.logger.images(f"val/{tag}", overlay(images, masks, palette, data.ignore_index, data.mean, data.std), step)
-        self.logger.images("val/input", overlay(images, torch.full_like(targets, data.ignore_index), palette,
-                                                data.ignore_index, data.mean, data.std), step)
+            self.logger.images(f"val/{tag}", overlay_masks(rgb, masks, palette, data.ignore_index), step)
 
     def _save(self, name: str) -> None:
         if not self.dist.is_main:

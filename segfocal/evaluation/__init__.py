@@ -1,0 +1,22 @@
+"""Evaluation: device-side confusion matrix and AUROC, metrics, dense inference, reports.
+
+Importing this package needs torch alone; matplotlib is imported only by ``plot_confusion_matrix``.
+"""
+from .auroc import BinnedAUROC
+from .confusion import ConfusionMatrix
+from .inference import model_size_divisor, predict, predict_logits, sliding_windows
+from .metrics import segmentation_metrics
+from .report import format_table, plot_confusion_matrix, write_json
+
+__all__ = [
+    "BinnedAUROC",
+    "ConfusionMatrix",
+    "format_table",
+    "model_size_divisor",
+    "plot_confusion_matrix",
+    "predict",
+    "predict_logits",
+    "segmentation_metrics",
+    "sliding_windows",
+    "write_json",
+]

@@ -1,0 +1,228 @@
+"""Forward+backward time and peak extra memory of dense focal losses, side by side.
+
+    python tools/benchmark_loss.py [--preset camvid|cityscapes|ade] [--batch N] [--dtype fp32|bf16|fp16]
+                                   [--layout nchw|channels_last] [--device cpu|cuda] [--rounds 15]
+
+Every implementation runs on the same logits and labels in one process, interleaved round by
+round after a warm-up, and the median of the rounds is reported with its ratio to segfocal's
+fused loss. Peak extra memory is what a forward+backward allocates beyond its inputs: on CUDA
+from the caching allocator's peak, on the CPU from the peak resident size of a fresh
+subprocess per implementation (the CPU allocator keeps no peak counter). On a GPU the memory
+traffic lower bound (logits read once, gradient written once, labels read once) is printed
+with each implementation's fraction of a measured device-to-device copy bandwidth.
+
+Peers: the two reference implementations of the source write-up (kept in ``tests/``),
+``F.cross_entropy`` with batch ENet weights (the stock floor), segmentation-models-pytorch's
+FocalLoss, and kornia's and MONAI's focal losses where installed (``pip install -e .[bench]``).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from segfocal.losses import class_weights, focal_loss  # noqa: E402
+
+PRESETS = {  # (batch, classes, height, width)
+    "camvid": (8, 12, 360, 480),
+    "cityscapes": (8, 19, 512, 1024),
+    "ade": (16, 150, 512, 512),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+IGNORE = 255
+
+
+def seed_references():
+    """The write-up's two implementations, loaded from the test suite where they are kept."""
+    spec = importlib.util.spec_from_file_location("reference_seeds", REPO / "tests" / "reference_seeds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def implementations(num_classes: int) -> Dict[str, Callable]:
+    """name -> loss(logits, target); all compute the mean class-balanced focal loss with gamma = 2
+    where they can (the write-up's and the peers' losses have no on-the-fly weights: unweighted)."""
+    seeds = seed_references()
+    impls = {
+        "segfocal fused": lambda x, t: focal_loss(x, t, implementation="fused", validate=False),
+        "segfocal reference": lambda x, t: focal_loss(x, t, implementation="reference", validate=False),
+        "F.cross_entropy weighted": lambda x, t: F.cross_entropy(
+            x, t, weight=class_weights(t, num_classes).to(x.dtype), ignore_index=IGNORE),
+        "write-up focal_loss_my": lambda x, t: seeds.focal_loss_my(x, t),
+        "write-up focal_loss_zhihu": lambda x, t: seeds.focal_loss_zhihu(x, t),
+    }
+    try:
+        from segmentation_models_pytorch.losses import FocalLoss as SmpFocal
+
+        smp_focal = SmpFocal("multiclass", gamma=2.0, ignore_index=IGNORE)
+        impls["smp FocalLoss"] = lambda x, t: smp_focal(x, t)
+    except ImportError:
+        pass
+    try:
+        from kornia.losses import focal_loss as kornia_focal
+
+        impls["kornia focal_loss"] = lambda x, t: kornia_focal(x, t, alpha=None, gamma=2.0, reduction="mean")
+    except ImportError:
+        pass
+    try:
+        from monai.losses import FocalLoss as MonaiFocal
+
+        monai_focal = MonaiFocal(gamma=2.0, use_softmax=True, to_onehot_y=True)
+        impls["MONAI FocalLoss"] = lambda x, t: monai_focal(x, t.unsqueeze(1))
+    except ImportError:
+        pass
+    return impls
+
+
+def make_inputs(shape, dtype, layout, device, seed=0):
+    batch, classes, height, width = shape
+    generator = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, classes, height, width, generator=generator) * 2).to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, classes, (batch, height, width), generator=generator)
+    target[:, : height // 20] = IGNORE  # a band of ignored pixels
+    return logits.requires_grad_(), target.to(device)
+
+
+def forward_backward(fn, logits, target):
+    loss = fn(logits, target)
+    loss.backward()
+    logits.grad = None
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_side_by_side(impls, logits, target, device, warmup, rounds) -> Dict[str, list]:
+    """Median-ready lists of seconds, implementations interleaved within each round."""
+    usable = {}
+    for name, fn in impls.items():
+        try:
+            for _ in range(warmup):
+                forward_backward(fn, logits, target)
+            usable[name] = fn
+        except Exception as error:  # a peer that cannot run this case is reported, not fatal
+            print(f"  skipped {name}: {type(error).__name__}: {str(error).splitlines()[0][:100]}")
+    times = {name: [] for name in usable}
+    for _ in range(rounds):
+        for name, fn in usable.items():
+            synchronize(device)
+            start = time.perf_counter()
+            forward_backward(fn, logits, target)
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def cuda_peak_extra(fn, logits, target) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    forward_backward(fn, logits, target)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def cpu_peak_extra(name: str, args: argparse.Namespace) -> float:
+    """Peak resident bytes added by one forward+backward, measured in a fresh subprocess."""
+    command = [sys.executable, __file__, "--measure-memory-of", name, "--preset", args.preset, "--dtype", args.dtype,
+               "--layout", args.layout, "--device", "cpu"] + (["--batch", str(args.batch)] if args.batch else [])
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return float(json.loads(output.strip().splitlines()[-1])["peak_extra_bytes"])
+
+
+def measure_memory_in_this_process(name: str, args: argparse.Namespace, shape) -> None:
+    logits, target = make_inputs(shape, DTYPES[args.dtype], args.layout, torch.device("cpu"))
+    fn = implementations(shape[1])[name]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    forward_backward(fn, logits, target)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_extra_bytes": after - before}))
+
+
+def copy_bandwidth(device, nbytes: int) -> float:
+    """Bytes per second of a device-to-device copy, counting bytes read and written."""
+    source = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    repeats = 20
+    for _ in range(repeats):
+        target.copy_(source)
+    torch.cuda.synchronize()
+    return 2 * source.numel() * 4 * repeats / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="camvid")
+    parser.add_argument("--batch", type=int, help="override the preset's batch size")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--measure-memory-of", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    batch, classes, height, width = PRESETS[args.preset]
+    shape = (args.batch or batch, classes, height, width)
+    if args.measure_memory_of:
+        measure_memory_in_this_process(args.measure_memory_of, args, shape)
+        return
+
+    device = torch.device(args.device)
+    logits, target = make_inputs(shape, DTYPES[args.dtype], args.layout, device)
+    impls = implementations(classes)
+    print(f"preset {args.preset} {tuple(shape)} {args.dtype} {args.layout} on {device_name(device)}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    times = time_side_by_side(impls, logits, target, device, args.warmup, args.rounds)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    gradient_bytes = logits.numel() * logits.element_size()
+    traffic = 2 * gradient_bytes + target.numel() * target.element_size()
+    bandwidth = copy_bandwidth(device, gradient_bytes) if device.type == "cuda" else None
+    reference = medians.get("segfocal fused")
+    print(f"{'implementation':<28}{'median ms':>11}{'vs fused':>10}{'peak extra MiB':>16}{'x gradient':>12}"
+          + (f"{'GB/s':>9}{'of copy':>9}" if bandwidth else ""))
+    for name, median in sorted(medians.items(), key=lambda item: item[1]):
+        peak = None
+        if not args.no_memory:
+            peak = cuda_peak_extra(impls[name], logits, target) if device.type == "cuda" else cpu_peak_extra(name, args)
+        row = f"{name:<28}{median * 1e3:>11.2f}{median / reference if reference else float('nan'):>10.2f}"
+        row += f"{peak / 2**20:>16.1f}{peak / gradient_bytes:>12.2f}" if peak is not None else f"{'-':>16}{'-':>12}"
+        if bandwidth:
+            row += f"{traffic / median / 1e9:>9.0f}{traffic / median / bandwidth:>9.2f}"
+        print(row)
+    if bandwidth:
+        print(f"memory-traffic lower bound {traffic / 2**20:.1f} MiB: {traffic / bandwidth * 1e3:.3f} ms at the "
+              f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU"
+
+
+if __name__ == "__main__":
+    main()
