@@ -74,7 +74,11 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """``focal`` (segfocal's loss) or ``cross_entropy`` (``F.cross_entropy``), with class weights."""
+    """``focal`` (segfocal's loss) or ``cross_entropy`` (``F.cross_entropy``), with class weights.
+
+    ``sync_histogram``: under DistributedDataParallel, compute the on-the-fly weights from the
+    label histogram of the global batch (summed over ranks), as one process would.
+    """
 
     name: str = "focal"
     gamma: float = 2.0
@@ -84,6 +88,7 @@ class LossConfig:
     poly_epsilon: float = 0.0
     enet_c: float = 1.10
     effective_beta: float = 0.9999
+    sync_histogram: bool = True
 
 
 @dataclass

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LossConfig
-from ..losses import FocalLoss, class_weights
+from ..losses import FocalLoss, class_histogram, weights_from_histogram
+from ..losses.labels import sum_over_ranks
 
 
 class CrossEntropy(nn.Module):
@@ -18,21 +19,25 @@ class CrossEntropy(nn.Module):
     :class:`FocalLoss` it keeps the weights of the last batch in :attr:`last_class_weights`.
     """
 
-    def __init__(self, weight: Union[str, list, None], ignore_index: int, enet_c: float, effective_beta: float):
+    def __init__(self, weight: Union[str, list, None], ignore_index: int, enet_c: float, effective_beta: float,
+                 sync_histogram: bool):
         super().__init__()
         self.weight_scheme = weight if isinstance(weight, str) else None
         self.register_buffer("weight", None if weight is None or isinstance(weight, str) else torch.tensor(weight))
         self.ignore_index = ignore_index
         self.enet_c = enet_c
         self.effective_beta = effective_beta
+        self.sync_histogram = sync_histogram
         self.last_class_weights: Optional[torch.Tensor] = None
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if self.weight_scheme is not None:
-            weight = class_weights(
-                target, logits.shape[1], self.weight_scheme, enet_c=self.enet_c, effective_beta=self.effective_beta
-            )
+            histogram = class_histogram(target, logits.shape[1], self.ignore_index)
+            if self.sync_histogram:
+                histogram, _ = sum_over_ranks(histogram)
+            weight = weights_from_histogram(histogram, self.weight_scheme, enet_c=self.enet_c,
+                                            effective_beta=self.effective_beta)
             self.last_class_weights = weight
         logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         weight = None if weight is None else weight.to(logits.dtype)
@@ -42,7 +47,7 @@ class CrossEntropy(nn.Module):
 def build_criterion(cfg: LossConfig, ignore_index: int) -> nn.Module:
     """The loss module for ``cfg`` (``focal`` or ``cross_entropy``)."""
     if cfg.name == "cross_entropy":
-        return CrossEntropy(cfg.weight, ignore_index, cfg.enet_c, cfg.effective_beta)
+        return CrossEntropy(cfg.weight, ignore_index, cfg.enet_c, cfg.effective_beta, cfg.sync_histogram)
     return FocalLoss(
         gamma=cfg.gamma,
         alpha=cfg.alpha,
@@ -52,4 +57,5 @@ def build_criterion(cfg: LossConfig, ignore_index: int) -> nn.Module:
         poly_epsilon=cfg.poly_epsilon,
         enet_c=cfg.enet_c,
         effective_beta=cfg.effective_beta,
+        sync_histogram=cfg.sync_histogram,
     )

@@ -25,7 +25,7 @@ from ..models import build_model
 from ..visualize import denormalize, overlay_masks
 from .checkpoint import load_checkpoint, model_state_from, resume_path, save_checkpoint
 from .criterion import build_criterion
-from .distributed import DistContext, all_reduce_sum, barrier, init_distributed
+from .distributed import DistContext, barrier, init_distributed
 from .evaluate import EvalResult, evaluate
 from .optim import build_optimizer, build_scheduler
 from .precision import resolve_precision
@@ -95,8 +95,6 @@ class Trainer:
             model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.model = model
         self.criterion = build_criterion(cfg.loss, data.ignore_index).to(self.device)
-        if self.dist.enabled and hasattr(self.criterion, "histogram_reducer"):
-            self.criterion.histogram_reducer = all_reduce_sum
         self.precision = resolve_precision(cfg.train.amp, self.device)
         self.scaler = self.precision.grad_scaler()
         self.optimizer = build_optimizer(cfg.optim, model)

@@ -24,19 +24,25 @@ weigh, and their formula would be infinite); ``"enet"`` is finite everywhere and
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
+
+from .labels import not_ignored
 
 WEIGHT_SCHEMES = ("enet", "inverse", "median", "effective")
 
 
-def class_histogram(target: torch.Tensor, num_classes: int) -> torch.Tensor:
+def class_histogram(target: torch.Tensor, num_classes: int, ignore_index: Optional[int] = None) -> torch.Tensor:
     """Pixel count per class, shape ``[num_classes]`` int64.
 
-    Labels outside ``[0, num_classes)`` — ``ignore_index`` among them — are not counted.
+    Pixels equal to ``ignore_index`` (also when it lies in ``[0, num_classes)``) and labels
+    outside ``[0, num_classes)`` are not counted.
     """
     flat = target.reshape(-1)
     in_range = (flat >= 0) & (flat < num_classes)
+    if ignore_index is not None:
+        in_range &= not_ignored(flat, ignore_index)
     bins = torch.where(in_range, flat, num_classes).long()
     if flat.device.type == "cpu":
         counts = torch.bincount(bins, minlength=num_classes + 1)
@@ -84,6 +90,7 @@ def class_weights(
     num_classes: int,
     scheme: str = "enet",
     *,
+    ignore_index: Optional[int] = None,
     enet_c: float = 1.10,
     effective_beta: float = 0.9999,
     dtype: torch.dtype = torch.float32,
@@ -91,10 +98,10 @@ def class_weights(
     """Class weights ``[num_classes]`` of ``scheme`` for the labels in ``target``.
 
     The helper the loss uses internally, public so that users can log or precompute weights.
-    Labels outside ``[0, num_classes)`` (``ignore_index`` among them) are not counted.
+    Pixels equal to ``ignore_index`` and labels outside ``[0, num_classes)`` are not counted.
     """
     return weights_from_histogram(
-        class_histogram(target, num_classes), scheme, enet_c=enet_c, effective_beta=effective_beta, dtype=dtype
+        class_histogram(target, num_classes, ignore_index), scheme, enet_c=enet_c, effective_beta=effective_beta, dtype=dtype
     )
 
 

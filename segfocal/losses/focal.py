@@ -238,8 +238,7 @@ def _reference_focal_loss(
     one_minus_pt = one_minus_pt.clamp_min(torch.finfo(dtype).tiny)
     pixel_loss = neg_log_pt if gamma == 0 else one_minus_pt.pow(gamma) * neg_log_pt
 
-    # the histogram counts only non-ignored pixels, also when ignore_index lies in [0, C)
-    counts = class_histogram(torch.where(valid, safe_target, -1), num_classes).to(dtype)
+    counts = class_histogram(target, num_classes, ignore_index).to(dtype)
     world_size = 1
     if sync_histogram:
         counts, world_size = sum_over_ranks(counts)
