@@ -23,10 +23,14 @@ def main(argv=None) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars (logs, CI)")
     args = parser.parse_args(argv)
     with exit_on_user_error():
-        from segfocal.engine.trainer import Trainer
+        from segfocal.engine.trainer import NonFiniteLossError, Trainer
 
         cfg = config_from_args(args)
-        Trainer(cfg, resume=args.resume, progress=not args.no_progress).fit()
+        try:
+            Trainer(cfg, resume=args.resume, progress=not args.no_progress).fit()
+        except NonFiniteLossError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(3)
 
 
 if __name__ == "__main__":

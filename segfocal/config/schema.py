@@ -112,6 +112,9 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
+    """The loop. ``find_unused_parameters`` is DistributedDataParallel's option: needed when part
+    of the model gets no gradient, e.g. an smp encoder with ``encoder_depth < 5``."""
+
     epochs: int = 10
     amp: str = "auto"
     channels_last: bool = True
@@ -122,6 +125,7 @@ class TrainConfig:
     log_images: int = 4
     checkpoint_metric: str = "miou"
     max_bad_steps: int = 10
+    find_unused_parameters: bool = False
 
 
 @dataclass

@@ -77,6 +77,7 @@ class Trainer:
         self.train_loader = build_loader(
             self.train_set, data.batch_size, shuffle=self.train_sampler is None, num_workers=data.num_workers,
             seed=cfg.seed, drop_last=True, sampler=self.train_sampler,
+            persistent_workers=False,  # workers re-seeded every epoch: a resumed run matches exactly
         )
         val_shard = Subset(self.val_set, range(self.dist.rank, len(self.val_set), self.dist.world_size))
         self.val_loader = build_loader(
@@ -91,8 +92,12 @@ class Trainer:
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         model = build_model(cfg.model, data.num_classes).to(self.device, memory_format=self.memory_format)
         if self.dist.enabled:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.device.type == "cuda":  # PyTorch's SyncBatchNorm runs on GPUs only
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=cfg.train.find_unused_parameters,
+            )
         self.model = model
         self.criterion = build_criterion(cfg.loss, data.ignore_index).to(self.device)
         self.precision = resolve_precision(cfg.train.amp, self.device)

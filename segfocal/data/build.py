@@ -1,0 +1,79 @@
+"""A configured dataset split and its DataLoader: the two calls the trainer and tools make.
+
+Images of one batch must share a size, so a training pipeline that feeds batches of more than one
+image must crop or resize to a fixed size (e.g. ``PadIfNeeded`` + ``RandomCrop``, or ``Resize``)
+unless all images already have one size, as in CamVid and the synthetic set.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..config import DataConfig
+from ..engine.seeding import reseed_transform, seed_augmentation_worker
+from .folder import SegmentationFolder
+from .synthetic import ensure_synthetic_dataset
+from .transforms import build_transform
+
+
+def build_dataset(data: DataConfig, augment_items: List[Dict[str, Any]], split: str) -> SegmentationFolder:
+    """The ``split`` (a folder split name such as ``data.train_split``) of ``data``, with
+    ``augment_items`` + normalisation as its transform; the synthetic set is generated first
+    when ``data.synthetic`` is set and ``data.root`` does not hold it yet.
+
+    Loaded masks are checked against ``data.num_classes``/``data.ignore_index``.
+    """
+    if data.synthetic is not None:
+        ensure_synthetic_dataset(Path(data.root), data.synthetic, data.num_classes, data.ignore_index)
+    transform = build_transform(augment_items, data.mean, data.std, ignore_index=data.ignore_index)
+    return SegmentationFolder(
+        data.root, split, image_dir=data.image_dir, mask_dir=data.mask_dir, split_file=data.split_file,
+        color_map=data.color_map, transform=transform, bad_samples=data.bad_samples,
+        num_classes=data.num_classes, ignore_index=data.ignore_index,
+    )
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int,
+    seed: int,
+    drop_last: bool,
+    sampler: Optional[Sampler] = None,
+    persistent_workers: Optional[bool] = None,
+) -> DataLoader:
+    """A reproducible DataLoader over ``dataset``.
+
+    Its ``generator`` (seeded with ``seed``; reseed it per epoch with ``loader.generator.manual_seed``)
+    decides the shuffle order and the workers' base seed; each worker seeds ``random``, NumPy and
+    its copy of the albumentations pipeline from it. Memory is pinned only when CUDA is available.
+    With a ``sampler`` (e.g. DistributedSampler) the sampler decides the order and ``shuffle`` is
+    ignored.
+
+    ``persistent_workers`` (default: ``num_workers > 0``) keeps workers across epochs: cheaper,
+    but workers are seeded once, so reseeding ``loader.generator`` later re-orders the samples
+    without re-seeding the workers' augmentations. Pass ``False`` where an epoch must be exactly
+    reproducible from its seed (resuming mid-run with ``num_workers > 0``).
+    """
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    if num_workers == 0:
+        reseed_transform(dataset, seed)  # the main process runs the pipeline: make it reproducible too
+    if persistent_workers is None:
+        persistent_workers = num_workers > 0
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=num_workers,
+        generator=generator,
+        worker_init_fn=seed_augmentation_worker if num_workers > 0 else None,
+        persistent_workers=bool(persistent_workers) and num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+    )

@@ -1,0 +1,286 @@
+"""A split of paired image/mask folders as a torch Dataset, matched by file stem.
+
+Layouts: ``root/{split}/images`` + ``root/{split}/masks`` (the synthetic set) or ``root/{split}`` +
+``root/{split}annot`` (CamVid as downloaded). Every problem with the files raises
+:class:`DataError` naming the path, or, with ``bad_samples="skip"``, skips the sample.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .errors import DataError
+from .masks import check_mask_values, read_mask
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MASK_SUFFIXES = IMAGE_SUFFIXES
+BAD_SAMPLE_MODES = ("error", "skip")
+_SHOWN = 5  # how many stems/files an error message lists
+
+Sample = Tuple[Path, Path]
+
+
+def read_image(path: Path) -> np.ndarray:
+    """The image at ``path`` as an (H, W, 3) uint8 RGB array; unreadable files raise DataError."""
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot read image {path}: {error}", path) from None
+
+
+def image_size(path: Path) -> Tuple[int, int]:
+    """(height, width) of the image at ``path`` from its header alone, without decoding pixels."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot read image {path}: {error}", path) from None
+    return height, width
+
+
+def index_folder(folder: Path, suffixes: Sequence[str], kind: str) -> Dict[str, Path]:
+    """Stem → file for the files of ``folder`` with one of ``suffixes`` (case-insensitive)."""
+    if not folder.is_dir():
+        raise DataError(f"{kind} folder not found: {folder}", folder)
+    found: Dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.suffix.lower() not in suffixes or not path.is_file():
+            continue
+        if path.stem in found:
+            raise DataError(f"two {kind} files share the stem '{path.stem}': {found[path.stem]} and {path}", path)
+        found[path.stem] = path
+    return found
+
+
+def _listed(stems: Sequence[str]) -> str:
+    more = f" and {len(stems) - _SHOWN} more" if len(stems) > _SHOWN else ""
+    return ", ".join(stems[:_SHOWN]) + more
+
+
+class SegmentationFolder(Dataset):
+    """Images and label masks of one split, paired by file stem.
+
+    ``image_dir``, ``mask_dir`` and ``split_file`` are relative to ``root`` with ``{split}``
+    replaced by ``split``. ``split_file`` lines are a stem (or file name), or an "image mask" pair
+    of paths such as CamVid's ``/SegNet/CamVid/train/x.png /SegNet/CamVid/trainannot/x.png``, of
+    which only the file stems are used to find the files in the folders. ``transform`` is an
+    albumentations pipeline called with ``image=`` and ``mask=``.
+
+    Items are ``(image float32 [3, H, W], mask int64 [H, W])``. With ``num_classes`` (and
+    ``ignore_index``) set, every loaded mask's values are checked too. ``bad_samples="skip"``
+    replaces a sample that cannot be used by the next good one and records it in ``skipped``
+    as ``(path, reason)``; in DataLoader workers that list is the worker's own copy, so call
+    :meth:`validate` first for a complete account.
+    """
+
+    def __init__(
+        self,
+        root: Union[str, Path],
+        split: str,
+        image_dir: str = "{split}/images",
+        mask_dir: str = "{split}/masks",
+        split_file: Optional[str] = None,
+        color_map: Optional[Sequence[Sequence[int]]] = None,
+        transform: Optional[Any] = None,
+        bad_samples: str = "error",
+        num_classes: Optional[int] = None,
+        ignore_index: Optional[int] = None,
+    ) -> None:
+        if bad_samples not in BAD_SAMPLE_MODES:
+            raise ValueError(f"bad_samples must be one of {BAD_SAMPLE_MODES}, got {bad_samples!r}")
+        self.root = Path(root)
+        self.split = split
+        self.image_folder = self.root / image_dir.format(split=split)
+        self.mask_folder = self.root / mask_dir.format(split=split)
+        self.split_file = self.root / split_file.format(split=split) if split_file else None
+        self.color_map = color_map
+        self.transform = transform
+        self.bad_samples = bad_samples
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.skipped: List[Tuple[str, str]] = []
+        self._bad: Set[Path] = set()
+        self.samples: List[Sample] = self._find_samples()
+
+    # -- discovery -------------------------------------------------------------------------
+    def _find_samples(self) -> List[Sample]:
+        images = index_folder(self.image_folder, IMAGE_SUFFIXES, "image")
+        masks = index_folder(self.mask_folder, MASK_SUFFIXES, "mask")
+        if self.split_file is not None:
+            return self._samples_from_split_file(images, masks)
+        if not images:
+            raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {self.image_folder}", self.image_folder)
+        unmatched = [stem for stem in images if stem not in masks]
+        if unmatched:
+            raise DataError(
+                f"{len(unmatched)} images in {self.image_folder} have no mask in {self.mask_folder}: "
+                f"{_listed(unmatched)}", images[unmatched[0]]
+            )
+        return [(images[stem], masks[stem]) for stem in images]
+
+    def _samples_from_split_file(self, images: Dict[str, Path], masks: Dict[str, Path]) -> List[Sample]:
+        path = self.split_file
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as error:
+            raise DataError(f"cannot read split file {path}: {error}", path) from None
+        samples: List[Sample] = []
+        missing_images: List[str] = []
+        missing_masks: List[str] = []
+        for number, line in enumerate(lines, start=1):
+            fields = line.split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            if len(fields) > 2:
+                raise DataError(f"{path}:{number}: expected a stem or an 'image mask' pair, got {line.strip()!r}", path)
+            image_stem = Path(fields[0]).stem
+            mask_stem = Path(fields[-1]).stem
+            if image_stem not in images:
+                missing_images.append(image_stem)
+            elif mask_stem not in masks:
+                missing_masks.append(mask_stem)
+            else:
+                samples.append((images[image_stem], masks[mask_stem]))
+        if missing_images:
+            raise DataError(f"{len(missing_images)} images listed in {path} are not in {self.image_folder}: "
+                            f"{_listed(missing_images)}", path)
+        if missing_masks:
+            raise DataError(f"{len(missing_masks)} masks listed in {path} are not in {self.mask_folder}: "
+                            f"{_listed(missing_masks)}", path)
+        if not samples:
+            raise DataError(f"split file {path} lists no samples", path)
+        return samples
+
+    # -- loading ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        count = len(self.samples)
+        if not -count <= index < count:
+            raise IndexError(f"index {index} out of range for {count} samples")
+        if self.bad_samples == "error":
+            return self._load(self.samples[index])
+        index %= count
+        for offset in range(count):
+            sample = self.samples[(index + offset) % count]
+            if sample[0] in self._bad:
+                continue
+            try:
+                return self._load(sample)
+            except DataError as error:
+                self._skip(sample, error)
+        raise DataError(f"every sample of split '{self.split}' in {self.image_folder} is bad "
+                        f"(bad_samples='skip'); first: {self.skipped[0][1] if self.skipped else '?'}",
+                        self.image_folder)
+
+    def _load(self, sample: Sample) -> Tuple[torch.Tensor, torch.Tensor]:
+        image_path, mask_path = sample
+        image = read_image(image_path)
+        mask = read_mask(mask_path, self.color_map)
+        if mask.shape != image.shape[:2]:
+            raise DataError(
+                f"{mask_path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from the size "
+                f"{image.shape[1]}x{image.shape[0]} of its image {image_path}", mask_path
+            )
+        if self.num_classes is not None:
+            check_mask_values(mask, mask_path, self.num_classes, _ignore(self.ignore_index))
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return _image_tensor(image), _mask_tensor(mask)
+
+    def _skip(self, sample: Sample, error: DataError) -> None:
+        self._bad.add(sample[0])
+        path = error.path or str(sample[0])
+        self.skipped.append((path, str(error)))
+        warnings.warn(f"skipping a bad sample (data.bad_samples='skip'): {error}", stacklevel=3)
+
+    # -- whole-split passes ----------------------------------------------------------------
+    def validate(self, num_classes: int, ignore_index: int) -> List[Tuple[str, str]]:
+        """Check every mask's values, readability and size against its image's header.
+
+        Reads each mask once and only the header of each image. With ``bad_samples="error"`` the
+        first problem raises :class:`DataError` naming the file (and the bad values); with
+        ``"skip"`` the bad samples are dropped from the split, recorded in ``skipped`` and returned.
+        Afterwards, loaded masks are checked against ``num_classes``/``ignore_index`` too.
+        """
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        good: List[Sample] = []
+        problems: List[Tuple[str, str]] = []
+        for sample in self.samples:
+            try:
+                mask = read_mask(sample[1], self.color_map)
+                check_mask_values(mask, sample[1], num_classes, ignore_index)
+                height, width = image_size(sample[0])
+                if mask.shape != (height, width):
+                    raise DataError(
+                        f"{sample[1]}: mask size {mask.shape[1]}x{mask.shape[0]} differs from the size "
+                        f"{width}x{height} of its image {sample[0]}", sample[1]
+                    )
+                good.append(sample)
+            except DataError as error:
+                if self.bad_samples == "error":
+                    raise
+                problems.append((error.path or str(sample[1]), str(error)))
+        if problems:
+            self.samples = good
+            self.skipped.extend(problems)
+            warnings.warn(f"split '{self.split}': dropped {len(problems)} bad samples (data.bad_samples='skip'); "
+                          f"first: {problems[0][1]}", stacklevel=2)
+            if not good:
+                raise DataError(f"every sample of split '{self.split}' in {self.image_folder} is bad; "
+                                f"first: {problems[0][1]}", problems[0][0])
+        return problems
+
+    def class_pixel_counts(self, num_classes: int) -> torch.Tensor:
+        """Pixels per class (int64 ``[num_classes]``) over all masks of the split, untransformed.
+
+        Labels outside ``0..num_classes-1`` and ``ignore_index`` (when set) are not counted.
+        """
+        counts = np.zeros(num_classes, dtype=np.int64)
+        for sample in self.samples:
+            try:
+                mask = read_mask(sample[1], self.color_map)
+            except DataError as error:
+                if self.bad_samples == "error":
+                    raise
+                self._skip(sample, error)
+                continue
+            values = mask.ravel()
+            values = values[(values >= 0) & (values < num_classes)].astype(np.intp)
+            counts += np.bincount(values, minlength=num_classes)[:num_classes]
+        if self.ignore_index is not None and 0 <= self.ignore_index < num_classes:
+            counts[self.ignore_index] = 0
+        return torch.from_numpy(counts)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(split={self.split!r}, samples={len(self)}, images={self.image_folder}, "
+                f"masks={self.mask_folder})")
+
+
+def _ignore(ignore_index: Optional[int]) -> int:
+    return -1 if ignore_index is None else ignore_index
+
+
+def _image_tensor(image: Any) -> torch.Tensor:
+    """A float32 [3, H, W] tensor from a transform's output (tensor or HWC array; uint8 → [0, 1])."""
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    if image.dtype == torch.uint8:
+        return image.float().div_(255.0)
+    return image.float()
+
+
+def _mask_tensor(mask: Any) -> torch.Tensor:
+    """An int64 [H, W] tensor from a transform's output mask (tensor or array)."""
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(np.ascontiguousarray(mask))
+    return mask.long()

@@ -1,0 +1,115 @@
+"""Faults during training: non-finite steps, SIGKILL at any moment, and a 2-process torchrun run."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from recipes import REPO, tiny_recipe
+
+from segfocal.config import load_config
+from segfocal.engine.checkpoint import load_checkpoint
+from segfocal.engine.trainer import NonFiniteLossError, Trainer
+
+
+def poison_loss(trainer, bad_steps):
+    """Make the loss NaN on the given (0-based) micro-batches."""
+    original = trainer.criterion.forward
+    calls = {"n": 0}
+
+    def forward(logits, target):
+        loss = original(logits, target)
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] - 1 in bad_steps else loss
+
+    trainer.criterion.forward = forward
+
+
+def test_a_few_non_finite_steps_are_skipped_without_touching_the_weights(tmp_path):
+    trainer = Trainer(load_config(tiny_recipe(tmp_path, train__epochs=1)), progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    poison_loss(trainer, bad_steps={0, 1})
+    trainer._seed_epoch(0)
+    trainer.model.train()
+    images, targets = next(iter(trainer.train_loader))
+    for _ in range(2):  # two poisoned steps: skipped, weights unchanged, counter at 2
+        loss = trainer.criterion(trainer.model(images), targets)
+        loss.backward()
+        bad = trainer._optimizer_step(loss, 0 if _ == 0 else bad)
+    assert bad == 2
+    for key, value in trainer.model.state_dict().items():
+        if value.is_floating_point() and "running" not in key:
+            assert torch.equal(value, before[key]), key
+    trainer.fit()  # the rest of the run trains normally
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["state"]["epoch"] == 1
+
+
+def test_too_many_non_finite_steps_stop_with_a_clear_message_and_keep_the_last_checkpoint(tmp_path):
+    trainer = Trainer(load_config(tiny_recipe(tmp_path, train__epochs=3, train__max_bad_steps=2)), progress=False)
+    steps_per_epoch = len(trainer.train_loader)
+    poison_loss(trainer, bad_steps=set(range(steps_per_epoch, 10 * steps_per_epoch)))  # from the second epoch on
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive steps .*train.max_bad_steps=2.*last.pt"):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["state"]["epoch"] == 1
+
+
+def weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def wait_for_new_checkpoint(path, previous_mtime, process, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if path.exists() and path.stat().st_mtime_ns != previous_mtime:
+            return
+        time.sleep(0.05)
+
+
+def test_sigkill_at_random_moments_never_corrupts_last_pt_and_resume_finishes_identically(tmp_path):
+    config = tiny_recipe(tmp_path / "killed", train__epochs=4, train__log_images=0)
+    Trainer(load_config(tiny_recipe(tmp_path / "straight", train__epochs=4, train__log_images=0)), progress=False).fit()
+    last = tmp_path / "killed" / "run" / "last.pt"
+    rng = random.Random(0)
+    command = [sys.executable, "tools/train.py", "--config", str(config), "--resume", "auto", "--no-progress"]
+    epochs_at_kill = []
+    for _ in range(3):  # each run is killed at a random moment after it wrote a new last.pt
+        mtime = last.stat().st_mtime_ns if last.exists() else None
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_new_checkpoint(last, mtime, process)
+        time.sleep(rng.uniform(0.0, 2.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        epochs_at_kill.append(load_checkpoint(last)["state"]["epoch"])  # never a torn file
+    assert epochs_at_kill[0] < 4  # killed mid-training, so the finishing run has epochs to redo
+    finish = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert finish.returncode == 0, finish.stderr[-3000:]
+    assert f"at epoch {epochs_at_kill[-1]}" in finish.stdout  # it resumed where the last kill left it
+    assert not [p for p in last.parent.iterdir() if p.name.endswith(".tmp")]  # no temp files left behind
+    expected, resumed = weights(tmp_path / "straight" / "run" / "last.pt"), weights(last)
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_torchrun_with_two_cpu_processes_trains_and_its_checkpoint_evaluates(tmp_path):
+    # the 3-level encoder leaves resnet18's last stages unused: DDP must be told
+    config = tiny_recipe(tmp_path, train__epochs=2, train__log_images=0, train__find_unused_parameters=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tools/train.py",
+         "--config", str(config), "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Best checkpoint") == 1  # rank 0 alone reports
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert checkpoint["state"]["epoch"] == 2
+    assert not any(key.startswith("module.") for key in checkpoint["model"])  # the bare model is saved
+    evaluation = subprocess.run(
+        [sys.executable, "tools/eval.py", "--config", str(config), "--checkpoint", str(tmp_path / "run" / "best.pt"),
+         "--split", "val", "--out", str(tmp_path / "eval")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert evaluation.returncode == 0, evaluation.stderr
