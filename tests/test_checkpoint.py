@@ -2,7 +2,14 @@
 import pytest
 import torch
 
-from segfocal.engine.checkpoint import CheckpointError, load_checkpoint, model_state_from, resume_path, save_checkpoint
+from segfocal.engine.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_state_from,
+    remove_stale_temporaries,
+    resume_path,
+    save_checkpoint,
+)
 
 
 def test_round_trip(tmp_path):
@@ -49,3 +56,12 @@ def test_resume_path(tmp_path):
     assert resume_path(tmp_path, "auto") == tmp_path / "last.pt"
     with pytest.raises(CheckpointError, match="nope.pt"):
         resume_path(tmp_path, str(tmp_path / "nope.pt"))
+
+
+def test_stale_temporaries_of_a_killed_save_are_removed(tmp_path):
+    save_checkpoint({"state": {"epoch": 1}}, tmp_path / "last.pt")
+    (tmp_path / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    removed = remove_stale_temporaries(tmp_path)
+    assert [p.name for p in removed] == [".last.pt.abc123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp"]

@@ -37,6 +37,17 @@ def save_checkpoint(state: Dict[str, Any], path: PathLike) -> None:
     _fsync_directory(path.parent)
 
 
+def remove_stale_temporaries(directory: PathLike) -> list:
+    """Delete temporary files that a run killed in the middle of :func:`save_checkpoint` left behind.
+
+    Call only while no other process writes checkpoints to ``directory`` (at the start of a run).
+    """
+    stale = sorted(Path(directory).glob(".*.pt.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (or a bare state dict)."""
     path = Path(path)

@@ -23,7 +23,7 @@ from ..data import build_dataset, build_loader, default_palette
 from ..evaluation import format_table
 from ..models import build_model
 from ..visualize import denormalize, overlay_masks
-from .checkpoint import load_checkpoint, model_state_from, resume_path, save_checkpoint
+from .checkpoint import load_checkpoint, model_state_from, remove_stale_temporaries, resume_path, save_checkpoint
 from .criterion import build_criterion
 from .distributed import DistContext, barrier, init_distributed
 from .evaluate import EvalResult, evaluate
@@ -65,6 +65,7 @@ class Trainer:
 
         if self.dist.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.work_dir)
             save_config(cfg, self.work_dir / "config.yaml")
         barrier()  # rank 0 may generate the synthetic dataset inside build_dataset
         self.train_set = build_dataset(data, cfg.augment.train, data.train_split)
