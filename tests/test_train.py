@@ -48,11 +48,12 @@ def final_weights(work_dir):
     return load_checkpoint(work_dir / "last.pt")["model"]
 
 
-def test_resume_after_an_interruption_reaches_the_same_weights(tmp_path, monkeypatch):
-    straight = load_config(tiny_recipe(tmp_path / "straight"))
+@pytest.mark.parametrize("momentum", [None, 0.9], ids=["batch-weights", "running-histogram"])
+def test_resume_after_an_interruption_reaches_the_same_weights(tmp_path, monkeypatch, momentum):
+    straight = load_config(tiny_recipe(tmp_path / "straight", loss__histogram_momentum=momentum))
     Trainer(straight, progress=False).fit()
 
-    interrupted = load_config(tiny_recipe(tmp_path / "interrupted"))
+    interrupted = load_config(tiny_recipe(tmp_path / "interrupted", loss__histogram_momentum=momentum))
     original = Trainer.train_one_epoch
 
     def crash_in_third_epoch(self, epoch):
@@ -79,6 +80,12 @@ def test_each_loss_of_the_ablation_trains(tmp_path, loss):
     config = load_config(tiny_recipe(tmp_path, loss__name=loss, train__epochs=1, train__log_images=0))
     result = Trainer(config, progress=False).fit()
     assert 0.0 <= result.metrics["miou"] <= 1.0
+
+
+def test_invalid_loss_option_exits_naming_the_loss_section(tmp_path):
+    result = run_tool("tools/train.py", "--config", str(tiny_recipe(tmp_path)), "--set", "loss.gamma=-1")
+    assert result.returncode == 2
+    assert "loss: gamma must be a finite number >= 0, got -1.0" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_unknown_config_key_exits_with_a_suggestion(tmp_path):

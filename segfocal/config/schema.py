@@ -78,6 +78,8 @@ class LossConfig:
 
     ``sync_histogram``: under DistributedDataParallel, compute the on-the-fly weights from the
     label histogram of the global batch (summed over ranks), as one process would.
+    ``histogram_momentum`` (focal only): weights from a running average of the batch histograms
+    instead of each batch's own (e.g. 0.9), smoothing them across steps.
     """
 
     name: str = "focal"
@@ -89,6 +91,7 @@ class LossConfig:
     enet_c: float = 1.10
     effective_beta: float = 0.9999
     sync_histogram: bool = True
+    histogram_momentum: Optional[float] = None
 
 
 @dataclass

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LossConfig
+from ..config import ConfigError, LossConfig
 from ..losses import FocalLoss, class_histogram, weights_from_histogram
 from ..losses.labels import sum_over_ranks
 
@@ -44,10 +44,19 @@ class CrossEntropy(nn.Module):
         return F.cross_entropy(logits, target.long(), weight=weight, ignore_index=self.ignore_index)
 
 
-def build_criterion(cfg: LossConfig, ignore_index: int) -> nn.Module:
+def build_criterion(cfg: LossConfig, num_classes: int, ignore_index: int) -> nn.Module:
     """The loss module for ``cfg`` (``focal`` or ``cross_entropy``)."""
     if cfg.name == "cross_entropy":
+        if cfg.histogram_momentum is not None:
+            raise ConfigError("loss.histogram_momentum applies to loss.name=focal only")
         return CrossEntropy(cfg.weight, ignore_index, cfg.enet_c, cfg.effective_beta, cfg.sync_histogram)
+    try:
+        return _focal(cfg, num_classes, ignore_index)
+    except ValueError as error:  # an option the loss rejects: name the config section
+        raise ConfigError(f"loss: {error}") from None
+
+
+def _focal(cfg: LossConfig, num_classes: int, ignore_index: int) -> FocalLoss:
     return FocalLoss(
         gamma=cfg.gamma,
         alpha=cfg.alpha,
@@ -58,4 +67,6 @@ def build_criterion(cfg: LossConfig, ignore_index: int) -> nn.Module:
         enet_c=cfg.enet_c,
         effective_beta=cfg.effective_beta,
         sync_histogram=cfg.sync_histogram,
+        histogram_momentum=cfg.histogram_momentum,
+        num_classes=num_classes,
     )

@@ -100,7 +100,7 @@ class Trainer:
                 find_unused_parameters=cfg.train.find_unused_parameters,
             )
         self.model = model
-        self.criterion = build_criterion(cfg.loss, data.ignore_index).to(self.device)
+        self.criterion = build_criterion(cfg.loss, data.num_classes, data.ignore_index).to(self.device)
         self.precision = resolve_precision(cfg.train.amp, self.device)
         self.scaler = self.precision.grad_scaler()
         self.optimizer = build_optimizer(cfg.optim, model)
@@ -262,6 +262,7 @@ class Trainer:
         save_checkpoint(
             {
                 "model": self.bare_model.state_dict(),
+                "criterion": self.criterion.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
@@ -275,6 +276,7 @@ class Trainer:
         checkpoint = load_checkpoint(path, map_location=self.device)
         try:
             self.bare_model.load_state_dict(model_state_from(checkpoint))
+            self.criterion.load_state_dict(checkpoint["criterion"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.scheduler.load_state_dict(checkpoint["scheduler"])
             self.scaler.load_state_dict(checkpoint["scaler"])

@@ -97,6 +97,11 @@ class FocalLoss(nn.Module):
     Fixed ``weight`` and per-class ``alpha`` tensors are buffers, so they follow ``.to(device)``
     and are saved in the state dict. With a weight scheme, the weights computed in the last
     forward are kept in :attr:`last_class_weights` (detached) for logging.
+
+    ``histogram_momentum`` (module only, needs ``num_classes``) smooths the on-the-fly weights
+    across steps: they come from a running average of the batches' label histograms,
+    ``h <- m h + (1 - m) h_batch`` (the first batch sets it), kept in the buffer
+    ``running_histogram`` so it is saved and restored with the state dict.
     """
 
     def __init__(
@@ -114,6 +119,8 @@ class FocalLoss(nn.Module):
         sync_histogram: bool = False,
         implementation: str = "auto",
         validate: bool = True,
+        histogram_momentum: Optional[float] = None,
+        num_classes: Optional[int] = None,
     ) -> None:
         super().__init__()
         check_options(gamma=gamma, reduction=reduction, normalize=normalize, poly_epsilon=poly_epsilon,
@@ -137,14 +144,25 @@ class FocalLoss(nn.Module):
         alpha_tensor = None if alpha is None or self.alpha_scalar is not None else torch.as_tensor(alpha, dtype=torch.float32)
         self.register_buffer("alpha", alpha_tensor)
         self.last_class_weights: Optional[torch.Tensor] = None
+        self.histogram_momentum = histogram_momentum
+        if histogram_momentum is not None:
+            if not 0.0 <= histogram_momentum < 1.0:
+                raise ValueError(f"histogram_momentum must lie in [0, 1), got {histogram_momentum}")
+            if self.weight_scheme is None or num_classes is None:
+                raise ValueError("histogram_momentum needs a weight scheme (e.g. weight='enet') and num_classes")
+            self.register_buffer("running_histogram", torch.zeros(num_classes, dtype=torch.float64))
+            self.register_buffer("histogram_updates", torch.zeros((), dtype=torch.int64))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.weight is not None else self.weight_scheme
+        if self.histogram_momentum is not None:
+            weight = self._running_weights(logits, target)
         loss, class_weight = _focal_loss(
             logits,
             target,
             gamma=self.gamma,
             alpha=self.alpha if self.alpha is not None else self.alpha_scalar,
-            weight=self.weight if self.weight is not None else self.weight_scheme,
+            weight=weight,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             normalize=self.normalize,
@@ -158,6 +176,21 @@ class FocalLoss(nn.Module):
         if self.weight_scheme is not None:
             self.last_class_weights = class_weight.detach()
         return loss
+
+    @torch.no_grad()
+    def _running_weights(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Fold this batch's label histogram into the running one; the weights of the result."""
+        if self.validate:
+            check_inputs(logits, target, self.ignore_index)
+        counts = class_histogram(target, logits.shape[1], self.ignore_index).to(torch.float64)
+        if self.sync_histogram:
+            counts, _ = sum_over_ranks(counts)
+        momentum = (self.histogram_updates > 0).to(torch.float64) * self.histogram_momentum  # 0 on the first batch
+        self.running_histogram.mul_(momentum).add_((1.0 - momentum) * counts)
+        self.histogram_updates += 1
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        return weights_from_histogram(self.running_histogram, self.weight_scheme, enet_c=self.enet_c,
+                                      effective_beta=self.effective_beta, dtype=dtype)
 
     def extra_repr(self) -> str:
         weight = self.weight_scheme if self.weight_scheme is not None else ("fixed" if self.weight is not None else None)
