@@ -39,19 +39,24 @@ def list_images(path: Path) -> list:
         return [path]
     if not path.is_dir():
         raise DataError(f"--input: no such file or directory: {path}")
-    images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not images:
         raise DataError(f"--input: no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+    by_stem = {}
+    for image in images:  # each writes <stem>.png: two with one stem would overwrite each other's mask
+        if image.stem in by_stem:
+            raise DataError(f"--input: two images share the stem '{image.stem}' and would write the same "
+                            f"{image.stem}.png: {by_stem[image.stem]} and {image}")
+        by_stem[image.stem] = image
     return images
 
 
 def run(args: argparse.Namespace) -> list:
-    import numpy as np
     import torch
     import torch.nn.functional as F
     from PIL import Image
 
-    from segfocal.data import DataError, build_transform, default_palette, write_palette_mask
+    from segfocal.data import build_transform, default_palette, read_image, write_palette_mask
     from segfocal.engine.distributed import resolve_device
     from segfocal.engine.precision import resolve_precision
     from segfocal.engine.restore import restore_model
@@ -72,10 +77,7 @@ def run(args: argparse.Namespace) -> list:
     output.mkdir(parents=True, exist_ok=True)
     written = []
     for path in list_images(Path(args.input)):
-        try:
-            rgb = np.asarray(Image.open(path).convert("RGB"))
-        except OSError as error:
-            raise DataError(f"cannot read image {path}: {error}") from None
+        rgb = read_image(path)  # DataError naming the file for any unreadable or oversized image
         image = transform(image=rgb)["image"].unsqueeze(0).to(device)
         with torch.no_grad(), precision.autocast():
             logits = predict_logits(model, image, data.num_classes, mode=ev.mode, crop_size=tuple(ev.crop_size),

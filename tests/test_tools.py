@@ -1,0 +1,468 @@
+"""The command-line tools on one tiny trained model: eval, predict and dataset_stats against numbers
+computed independently here (mask pixels, confusion matrices, logits, class weights), and their
+user-error exits.
+
+The tools are called in-process through their ``main(argv)``: importing torch, smp and
+albumentations costs ~10 s per subprocess on a shared CPU. An exception a tool fails to turn into
+its exit 2 therefore fails the test with the exception itself. ``--help`` of each tool runs as a
+real subprocess, for the scripts' entry points (test_train.py runs eval.py end to end too).
+"""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from segfocal.config import load_config
+from segfocal.engine.trainer import Trainer
+
+from recipes import REPO, tiny_recipe
+
+NUM_CLASSES = 6
+IGNORE = 255
+NUM_TEST = 5  # differs from the 8 val images, so a report of the wrong split shows
+
+
+def run_tool(*args, cwd=REPO):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"segfocal_tools_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TOOLS = {name: _load_tool(name) for name in ("eval", "predict", "dataset_stats")}
+
+
+def call(capsys, tool, *argv):
+    """Run ``tools/<tool>.py`` in-process; returns (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        TOOLS[tool].main([str(arg) for arg in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tools")
+    config = tiny_recipe(root, train__epochs=2, train__log_images=0, data__synthetic__num_test=NUM_TEST)
+    cfg = load_config(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small convolutions: fastest on one thread, and the CPU is shared
+    try:
+        Trainer(cfg, progress=False).fit()
+        yield SimpleNamespace(root=root, config=config, cfg=cfg, data=Path(cfg.data.root),
+                              best=Path(cfg.work_dir) / "best.pt")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def read_masks(data_root, split):
+    paths = sorted((data_root / split / "masks").glob("*.png"))
+    assert paths, f"no masks in {data_root / split / 'masks'}"
+    return [np.array(Image.open(path)) for path in paths]
+
+
+def labelled_pixels(data_root, split):
+    return sum(int((mask != IGNORE).sum()) for mask in read_masks(data_root, split))
+
+
+def class_counts(data_root, split):
+    counts = np.zeros(NUM_CLASSES, dtype=np.int64)
+    for mask in read_masks(data_root, split):
+        values = mask[mask != IGNORE].astype(np.int64)
+        assert values.size == 0 or values.max() < NUM_CLASSES
+        counts += np.bincount(values, minlength=NUM_CLASSES)
+    return counts
+
+
+def evaluate_tool(capsys, trained, out, *extra, checkpoint=None):
+    code, stdout, stderr = call(capsys, "eval", "--config", trained.config, "--checkpoint",
+                                checkpoint or trained.best, "--out", out, *extra)
+    assert code == 0, stderr
+    return json.loads((Path(out) / "metrics.json").read_text()), stdout
+
+
+def iou_from_confusion(matrix):
+    matrix = np.asarray(matrix, dtype=np.float64)
+    tp = np.diag(matrix)
+    union = matrix.sum(axis=0) + matrix.sum(axis=1) - tp
+    present = matrix.sum(axis=1) > 0
+    iou = np.where(present, tp / np.where(union > 0, union, 1), np.nan)
+    return iou, float(np.nanmean(iou))
+
+
+def reference_confusion(trained, split, **inference):
+    """The confusion matrix of ``best.pt`` on ``split``, computed here without the eval tool.
+
+    The split goes through the model as one batch, as eval.batch_size=8 makes the tool do.
+    """
+    from segfocal.data import build_dataset
+    from segfocal.engine.restore import restore_model
+    from segfocal.evaluation import predict_logits
+
+    cfg = trained.cfg
+    dataset = build_dataset(cfg.data, cfg.augment.val, split)
+    assert len(dataset) <= cfg.eval.batch_size
+    images = torch.stack([dataset[index][0] for index in range(len(dataset))])
+    targets = np.stack(read_masks(trained.data, split)).astype(np.int64)
+    model = restore_model(cfg, trained.best, torch.device("cpu"))
+    with torch.no_grad():
+        if inference:
+            logits = predict_logits(model, images, NUM_CLASSES, **inference)
+        else:
+            logits = model(images)
+    predictions = logits.argmax(dim=1).numpy()
+    keep = targets != IGNORE
+    pairs = targets[keep] * NUM_CLASSES + predictions[keep]
+    return np.bincount(pairs, minlength=NUM_CLASSES ** 2).reshape(NUM_CLASSES, NUM_CLASSES)
+
+
+def assert_same_predictions(matrix, expected):
+    """Equal up to a handful of pixels whose top two logits tie within float rounding."""
+    matrix = np.asarray(matrix)
+    assert matrix.sum() == expected.sum()
+    np.testing.assert_array_equal(matrix.sum(axis=1), expected.sum(axis=1))  # same ground truth
+    moved = np.abs(matrix - expected).sum() // 2  # each pixel predicted differently moves one count
+    assert moved <= max(2, expected.sum() // 2000), (matrix, expected)
+
+
+# -- tools/eval.py ---------------------------------------------------------------------------------
+
+def test_eval_confusion_matrix_counts_every_labelled_pixel_and_gives_the_reported_iou(capsys, trained, tmp_path):
+    report, stdout = evaluate_tool(capsys, trained, tmp_path / "eval", "--split", "val")
+    matrix = np.array(report["confusion_matrix"])
+    metrics = report["metrics"]
+    assert report["split"] == "val" and report["num_images"] == 8
+    assert report["class_names"] == trained.cfg.data.class_names
+    assert matrix.shape == (NUM_CLASSES, NUM_CLASSES)
+
+    labelled = labelled_pixels(trained.data, "val")
+    assert labelled < 8 * 32 * 32  # the synthetic masks do have ignored pixels to leave out
+    assert matrix.sum() == labelled == metrics["num_pixels"]
+    assert matrix.sum(axis=1).tolist() == metrics["support"] == class_counts(trained.data, "val").tolist()
+
+    iou, miou = iou_from_confusion(matrix)
+    assert metrics["miou"] == pytest.approx(miou, abs=1e-12)
+    for reported, expected in zip(metrics["iou"], iou):
+        assert (reported is None and np.isnan(expected)) or reported == pytest.approx(expected, abs=1e-12)
+    assert metrics["pixel_accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum(), abs=1e-12)
+
+    # the matrix is the model's: the same as predicting the split here
+    np.testing.assert_array_equal(matrix, reference_confusion(trained, "val"))
+    # the best checkpoint was chosen on this very split's mIoU
+    best = torch.load(trained.best, map_location="cpu", weights_only=True)
+    assert metrics["miou"] == pytest.approx(best["state"]["best_metric"], abs=1e-9)
+
+    assert f"{100 * miou:.2f}" in stdout and "background" in stdout  # the printed table
+    assert (tmp_path / "eval" / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_eval_of_the_test_split(capsys, trained, tmp_path):
+    images = sorted((trained.data / "test" / "images").iterdir())
+    assert len(images) == NUM_TEST
+    for extra, out in ((["--split", "test"], "explicit"), ([], "default")):  # data.test_split is the default
+        report, stdout = evaluate_tool(capsys, trained, tmp_path / out, *extra)
+        assert report["split"] == "test" and report["num_images"] == NUM_TEST
+        assert np.sum(report["confusion_matrix"]) == labelled_pixels(trained.data, "test")
+        assert f"{NUM_TEST} images of split 'test'" in stdout
+
+
+def test_eval_slide_mode_uses_the_configured_windows(capsys, trained, tmp_path):
+    report, _ = evaluate_tool(capsys, trained, tmp_path / "slide", "--split", "val", "--mode", "slide",
+                              "--set", "eval.crop_size=[16,16]", "--set", "eval.stride=[8,8]")
+    matrix = np.array(report["confusion_matrix"])
+    assert matrix.sum() == labelled_pixels(trained.data, "val")
+    expected = reference_confusion(trained, "val", mode="slide", crop_size=(16, 16), stride=(8, 8))
+    assert_same_predictions(matrix, expected)
+    _, miou = iou_from_confusion(matrix)
+    assert report["metrics"]["miou"] == pytest.approx(miou, abs=1e-12)
+
+
+def test_eval_flip_averages_with_the_mirrored_image(capsys, trained, tmp_path):
+    report, _ = evaluate_tool(capsys, trained, tmp_path / "flip", "--split", "val", "--flip")
+    matrix = np.array(report["confusion_matrix"])
+    assert matrix.sum() == labelled_pixels(trained.data, "val")
+    assert_same_predictions(matrix, reference_confusion(trained, "val", flip=True))
+
+
+def test_eval_auroc_is_written_and_printed(capsys, trained, tmp_path):
+    report, stdout = evaluate_tool(capsys, trained, tmp_path / "auroc", "--split", "val", "--auroc")
+    auroc = report["auroc"]
+    assert len(auroc) == NUM_CLASSES
+    assert all(value is None or 0.0 <= value <= 1.0 for value in auroc)
+    support = report["metrics"]["support"]
+    for value, count in zip(auroc, support):  # defined exactly where a class has pixels (and others too)
+        assert (value is None) == (count == 0)
+    line = next(line for line in stdout.splitlines() if line.startswith("AUROC: "))
+    for name, value in zip(report["class_names"], auroc):
+        assert f"{name} {'nan' if value is None else f'{value:.4f}'}" in line
+    # a trained model ranks the background's pixels better than chance
+    assert auroc[0] > 0.5
+
+
+def test_eval_of_a_bare_state_dict_matches_the_trainer_checkpoint(capsys, trained, tmp_path):
+    bare = tmp_path / "weights.pt"
+    torch.save(torch.load(trained.best, map_location="cpu", weights_only=True)["model"], bare)
+    from_checkpoint, _ = evaluate_tool(capsys, trained, tmp_path / "checkpoint", "--split", "val")
+    code, _, stderr = call(capsys, "eval", "--config", trained.config, "--checkpoint", bare, "--split", "val")
+    assert code == 0, stderr
+    from_bare = json.loads((tmp_path / "eval_val" / "metrics.json").read_text())  # default --out: beside it
+    assert from_bare["metrics"] == from_checkpoint["metrics"]
+    assert from_bare["confusion_matrix"] == from_checkpoint["confusion_matrix"]
+    assert from_bare["checkpoint"] == str(bare)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.encoder_name=resnet34"],  # more blocks: missing keys
+    ["model.kwargs.decoder_channels=[16,16,8]"],  # other shapes
+    # another class count (synthetic=null: the config's data are used as they are, not regenerated)
+    ["data.num_classes=7", "data.class_names=[a,b,c,d,e,f,g]", "data.synthetic=null"],
+], ids=["encoder", "decoder", "classes"])
+def test_eval_of_a_checkpoint_that_does_not_fit_the_config_exits_2(capsys, trained, tmp_path, overrides):
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    code, stdout, stderr = call(capsys, "eval", "--config", trained.config, "--checkpoint", trained.best,
+                                "--out", tmp_path, *sets)
+    assert code == 2
+    message = stderr.strip()
+    assert message.startswith("error: ") and "\n" not in message
+    assert str(trained.best) in message and "does not fit" in message
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_eval_with_a_missing_checkpoint_exits_2_naming_it(capsys, trained, tmp_path):
+    missing = tmp_path / "nowhere" / "best.pt"
+    code, _, stderr = call(capsys, "eval", "--config", trained.config, "--checkpoint", missing)
+    assert code == 2
+    assert stderr.strip() == f"error: checkpoint not found: {missing}"
+
+
+# -- tools/predict.py ------------------------------------------------------------------------------
+
+def random_image(rng, width, height):
+    """A smooth-ish RGB image (blocks of colour plus noise), so the model predicts more than one class."""
+    base = rng.integers(0, 256, size=(height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    image = np.kron(base, np.ones((8, 8, 1), dtype=np.uint8))[:height, :width]
+    noise = rng.integers(-20, 21, size=image.shape)
+    return np.clip(image.astype(np.int64) + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def new_images(tmp_path, trained):
+    """Images of sizes that are not multiples of 32 (PNG, JPEG, a grey PNG, a validation image), and a non-image."""
+    folder = tmp_path / "new"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(random_image(rng, 37, 53)).save(folder / "odd.png")
+    Image.fromarray(random_image(rng, 64, 48)).save(folder / "wide.png")
+    Image.fromarray(random_image(rng, 45, 29)).save(folder / "photo.jpg", quality=90)
+    Image.fromarray(random_image(rng, 33, 31)[..., 0]).save(folder / "grey.PNG")
+    val_image = sorted((trained.data / "val" / "images").iterdir())[0]
+    (folder / "scene.png").write_bytes(val_image.read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def expected_prediction(trained, rgb):
+    """Argmax of the model's logits for an (H, W, 3) uint8 image, computed here."""
+    from segfocal.engine.restore import restore_model
+
+    data = trained.cfg.data
+    normalised = (rgb.astype(np.float32) / 255.0 - np.float32(data.mean)) / np.float32(data.std)
+    image = torch.from_numpy(normalised.transpose(2, 0, 1)).unsqueeze(0).float()
+    model = restore_model(trained.cfg, trained.best, torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(image)  # smp's Unet takes any size; its output matches the input's
+    assert logits.shape == (1, NUM_CLASSES, *rgb.shape[:2])
+    return logits.argmax(dim=1)[0].numpy()
+
+
+def test_predict_writes_a_mask_and_an_overlay_of_each_image_size(capsys, trained, new_images, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, stderr = call(capsys, "predict", "--config", trained.config, "--checkpoint", trained.best,
+                                "--input", new_images, "--output", out)
+    assert code == 0, stderr
+    sizes = {"odd": (37, 53), "wide": (64, 48), "photo": (45, 29), "grey": (33, 31), "scene": (32, 32)}
+    assert sorted(path.name for path in out.iterdir()) == sorted(
+        [f"{stem}.png" for stem in sizes] + [f"{stem}_overlay.jpg" for stem in sizes])
+    assert f"wrote {len(sizes)} masks" in stdout
+    for stem, size in sizes.items():
+        with Image.open(out / f"{stem}.png") as mask:
+            assert mask.mode == "P" and mask.size == size
+            values = np.array(mask)
+        assert values.min() >= 0 and values.max() < NUM_CLASSES
+        with Image.open(out / f"{stem}_overlay.jpg") as overlay:
+            assert overlay.size == size and overlay.mode == "RGB"
+
+    for stem in ("odd", "scene"):  # equals the model's argmax, at the input's own size
+        rgb = np.array(Image.open(new_images / f"{stem}.png").convert("RGB"))
+        expected = expected_prediction(trained, rgb)
+        predicted = np.array(Image.open(out / f"{stem}.png"))
+        assert (predicted != expected).sum() <= 2, stem  # at most a float-rounding tie or two
+    # on a training-like image the trained model finds more than the background
+    assert len(np.unique(np.array(Image.open(out / "scene.png")))) > 1
+
+
+def test_predict_on_a_single_file(capsys, trained, new_images, tmp_path):
+    out = tmp_path / "single"
+    code, stdout, stderr = call(capsys, "predict", "--config", trained.config, "--checkpoint", trained.best,
+                                "--input", new_images / "photo.jpg", "--output", out)
+    assert code == 0, stderr
+    assert sorted(path.name for path in out.iterdir()) == ["photo.png", "photo_overlay.jpg"]
+    with Image.open(out / "photo.png") as mask:
+        assert mask.mode == "P" and mask.size == (45, 29)
+        predicted = np.array(mask)
+    rgb = np.array(Image.open(new_images / "photo.jpg").convert("RGB"))
+    assert (predicted != expected_prediction(trained, rgb)).sum() <= 2
+    assert "wrote 1 masks" in stdout
+
+
+def test_predict_on_a_folder_without_images_exits_2_naming_it(capsys, trained, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    code, _, stderr = call(capsys, "predict", "--config", trained.config, "--checkpoint", trained.best,
+                           "--input", empty, "--output", tmp_path / "out")
+    assert code == 2
+    assert stderr.startswith("error: ") and str(empty) in stderr and stderr.strip().count("\n") == 0
+
+    missing = tmp_path / "missing"
+    code, _, stderr = call(capsys, "predict", "--config", trained.config, "--checkpoint", trained.best,
+                           "--input", missing, "--output", tmp_path / "out")
+    assert code == 2 and str(missing) in stderr
+
+
+def _png_bytes(width, height):
+    from io import BytesIO
+
+    buffer = BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _decompression_bomb_png(width=20000, height=20000):
+    """A valid PNG header of more pixels than PIL opens (2 x Image.MAX_IMAGE_PIXELS), with no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grey
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("content", [
+    lambda: b"this is not a PNG",
+    lambda: _png_bytes(40, 30)[:200],  # truncated in its pixel data
+    lambda: b"",
+    _decompression_bomb_png,  # an image too large for PIL: DecompressionBombError, not an OSError
+], ids=["garbage", "truncated", "empty", "too-large"])
+def test_predict_on_a_corrupt_image_exits_2_naming_it(capsys, trained, new_images, tmp_path, content):
+    bad = new_images / "zz_bad.png"  # after the good ones
+    bad.write_bytes(content())
+    for source in (bad, new_images):
+        code, _, stderr = call(capsys, "predict", "--config", trained.config, "--checkpoint", trained.best,
+                               "--input", source, "--output", tmp_path / "out")
+        assert code == 2, stderr
+        message = stderr.strip()
+        assert message.startswith(f"error: cannot read image {bad}") and "\n" not in message
+
+
+def test_predict_refuses_two_inputs_that_would_write_the_same_mask(capsys, trained, new_images, tmp_path):
+    Image.fromarray(random_image(np.random.default_rng(2), 40, 40)).save(new_images / "odd.jpg")
+    out = tmp_path / "out"
+    code, _, stderr = call(capsys, "predict", "--config", trained.config, "--checkpoint", trained.best,
+                           "--input", new_images, "--output", out)
+    assert code == 2
+    assert str(new_images / "odd.png") in stderr and str(new_images / "odd.jpg") in stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+# -- tools/dataset_stats.py ------------------------------------------------------------------------
+
+def printed_counts(stdout, names):
+    rows = {line.split()[0]: line.split() for line in stdout.splitlines() if line.split()}
+    return [int(rows[name][1]) for name in names], {name: rows[name] for name in names}
+
+
+def test_dataset_stats_counts_the_training_masks(capsys, trained):
+    from segfocal.losses import WEIGHT_SCHEMES, weights_from_histogram
+
+    code, stdout, stderr = call(capsys, "dataset_stats", "--config", trained.config)
+    assert code == 0, stderr
+    names = trained.cfg.data.class_names
+    counts, rows = printed_counts(stdout, names)
+    expected = class_counts(trained.data, "train")
+    assert counts == expected.tolist()
+    assert expected.min() > 0  # every class occurs, so every weight below is defined
+    assert f"split 'train': 16 images, {expected.sum()} labelled pixels" in stdout
+    enet = weights_from_histogram(torch.from_numpy(expected), "enet", dtype=torch.float64)
+    column = 3 + WEIGHT_SCHEMES.index("enet")
+    for index, name in enumerate(names):
+        assert float(rows[name][2]) == pytest.approx(expected[index] / expected.sum(), abs=1e-4)
+        assert float(rows[name][column]) == pytest.approx(float(enet[index]), abs=1e-4)
+
+    code, stdout, _ = call(capsys, "dataset_stats", "--config", trained.config, "--split", "val")
+    assert code == 0
+    assert printed_counts(stdout, names)[0] == class_counts(trained.data, "val").tolist()
+
+
+@pytest.mark.parametrize("scheme", ["enet", "median"])
+def test_dataset_stats_writes_weights_that_a_config_can_use(capsys, trained, tmp_path, scheme):
+    from segfocal.losses import weights_from_histogram
+
+    fragment = trained.root / f"weights_{scheme}.yaml"  # beside tiny.yaml, for the relative _base_
+    argv = ["--config", trained.config, "--output", fragment] + ([] if scheme == "enet" else ["--scheme", scheme])
+    code, stdout, stderr = call(capsys, "dataset_stats", *argv)
+    assert code == 0, stderr
+    assert f"wrote {fragment}" in stdout
+    weights = yaml.safe_load(fragment.read_text())["loss"]["weight"]
+    expected = weights_from_histogram(torch.from_numpy(class_counts(trained.data, "train")), scheme,
+                                      dtype=torch.float64).tolist()
+    assert len(weights) == NUM_CLASSES and all(isinstance(w, float) for w in weights)
+    assert weights == pytest.approx(expected, abs=1e-6)
+    if scheme == "median":
+        assert sorted(weights)[2] <= 1.0 <= sorted(weights)[3]  # median class(es) around 1, rare ones above
+
+    recipe = trained.root / f"fixed_{scheme}.yaml"
+    recipe.write_text(yaml.safe_dump({"_base_": ["tiny.yaml", fragment.name]}))
+    cfg = load_config(recipe)
+    assert cfg.loss.weight == weights
+    assert cfg.data.num_classes == NUM_CLASSES and cfg.work_dir == trained.cfg.work_dir  # the rest is the recipe's
+
+    from segfocal.engine.criterion import build_criterion
+
+    criterion = build_criterion(cfg.loss, NUM_CLASSES, IGNORE)  # the loss takes them as fixed weights
+    assert criterion.weight_scheme is None
+    torch.testing.assert_close(criterion.weight, torch.tensor(weights, dtype=torch.float32), rtol=0, atol=0)
+
+
+def test_dataset_stats_unknown_scheme_exits_2(capsys, trained, tmp_path):
+    code, _, stderr = call(capsys, "dataset_stats", "--config", trained.config, "--scheme", "sqrt",
+                           "--output", tmp_path / "w.yaml")
+    assert code == 2
+    assert stderr.startswith("error: --scheme") and "'sqrt'" in stderr and "median" in stderr
+    assert not (tmp_path / "w.yaml").exists()
+
+
+# -- every tool's --help ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tool", ["train", "eval", "predict", "dataset_stats", "benchmark_loss"])
+def test_help_of_every_tool(tool):
+    result = run_tool(f"tools/{tool}.py", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: ") and "--help" in result.stdout
