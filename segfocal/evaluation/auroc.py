@@ -1,17 +1,17 @@
 """Per-class one-vs-rest AUROC of softmax scores from binned histograms (no stored predictions)."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 
-from ._distributed import all_reduce_sum_
+from .counts import DeviceCounts, check_positive_int
 
 # Pixels handled per scatter: bounds the temporary index tensor (``chunk * C`` int64 values).
 _CHUNK_ELEMENTS = 1 << 22
 
 
-class BinnedAUROC:
+class BinnedAUROC(DeviceCounts):
     """One-vs-rest AUROC of each class's score, from per-class score histograms on the device.
 
     A dense evaluation set has far too many pixels to keep their scores, so each ``update`` adds
@@ -31,28 +31,13 @@ class BinnedAUROC:
 
     def __init__(self, num_classes: int, num_bins: int = 1000, ignore_index: int = 255,
                  device: Optional[Union[str, torch.device]] = None) -> None:
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if not isinstance(num_bins, int) or isinstance(num_bins, bool) or num_bins < 1:
-            raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
+        check_positive_int("num_classes", num_classes)
+        check_positive_int("num_bins", num_bins)
         self.num_classes = num_classes
         self.num_bins = num_bins
         self.ignore_index = int(ignore_index)
-        self._device_fixed = device is not None
         # [all pixels: C x bins][positives: C x bins][one bin for excluded pixels]
-        self._counts = torch.zeros(2 * num_classes * num_bins + 1, dtype=torch.int64, device=device)
-
-    @property
-    def device(self) -> torch.device:
-        return self._counts.device
-
-    def to(self, device: Union[str, torch.device]) -> "BinnedAUROC":
-        self._counts = self._counts.to(device)
-        self._device_fixed = True
-        return self
-
-    def reset(self) -> None:
-        self._counts.zero_()
+        super().__init__(2 * num_classes * num_bins + 1, device)
 
     @property
     def histograms(self) -> torch.Tensor:
@@ -73,8 +58,7 @@ class BinnedAUROC:
             raise ValueError(f"probs must be floating point, got dtype {probs.dtype}")
         if target.is_floating_point() or target.is_complex():
             raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
-        if not self._device_fixed:
-            self.to(probs.device)
+        self._follow(probs)
         device = self.device
         scores = probs.to(device, non_blocking=True).movedim(1, -1).reshape(-1, num_classes)
         labels = target.to(device, non_blocking=True).reshape(-1).long()
@@ -94,10 +78,6 @@ class BinnedAUROC:
             index = torch.cat([every.reshape(-1), positive])
             self._counts.scatter_add_(0, index, torch.ones((), dtype=torch.int64, device=device).expand_as(index))
 
-    def all_reduce(self) -> None:
-        """Sum the histograms over ranks; a no-op without a process group. Call once, after the last update."""
-        all_reduce_sum_(self._counts)
-
     def compute(self) -> List[float]:
         """AUROC of each class (one-vs-rest); NaN for a class without positive or without negative pixels."""
         positives, negatives = self.histograms.to("cpu", torch.float64)
@@ -110,14 +90,8 @@ class BinnedAUROC:
         defined = (num_pos > 0) & (num_neg > 0)
         return torch.where(defined, auroc, torch.tensor(float("nan"), dtype=torch.float64)).tolist()
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"num_classes": self.num_classes, "num_bins": self.num_bins, "counts": self._counts.clone()}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if (state.get("num_classes"), state.get("num_bins")) != (self.num_classes, self.num_bins):
-            raise ValueError(f"state is for num_classes={state.get('num_classes')!r}, num_bins={state.get('num_bins')!r}; "
-                             f"this metric has {self.num_classes}, {self.num_bins}")
-        self._counts.copy_(state["counts"])
+    def _layout(self) -> Dict[str, int]:
+        return {"num_classes": self.num_classes, "num_bins": self.num_bins}
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(num_classes={self.num_classes}, num_bins={self.num_bins}, "

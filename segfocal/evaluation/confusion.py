@@ -1,14 +1,14 @@
 """A segmentation confusion matrix accumulated on the device, without host synchronisation."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 
-from ._distributed import all_reduce_sum_
+from .counts import DeviceCounts, check_positive_int
 
 
-class ConfusionMatrix:
+class ConfusionMatrix(DeviceCounts):
     """Pixel counts ``matrix[true, predicted]`` over every ``update``, for ``num_classes`` classes.
 
     ``update`` costs one ``scatter_add_`` of ``target * C + pred`` into ``int64`` counts on the
@@ -30,27 +30,11 @@ class ConfusionMatrix:
 
     def __init__(self, num_classes: int, ignore_index: int = 255,
                  device: Optional[Union[str, torch.device]] = None) -> None:
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        check_positive_int("num_classes", num_classes)
         self.num_classes = num_classes
         self.ignore_index = int(ignore_index)
-        self._device_fixed = device is not None
         # C*C cells, then one bin for ignored pixels and one for invalid labels/predictions.
-        self._counts = torch.zeros(num_classes * num_classes + 2, dtype=torch.int64, device=device)
-
-    @property
-    def device(self) -> torch.device:
-        return self._counts.device
-
-    def to(self, device: Union[str, torch.device]) -> "ConfusionMatrix":
-        """Move the counts to ``device`` (kept from then on); returns ``self``."""
-        self._counts = self._counts.to(device)
-        self._device_fixed = True
-        return self
-
-    def reset(self) -> None:
-        """Zero every count (the device is kept)."""
-        self._counts.zero_()
+        super().__init__(num_classes * num_classes + 2, device)
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -61,8 +45,7 @@ class ConfusionMatrix:
             if tensor.is_floating_point() or tensor.is_complex():
                 raise ValueError(f"{name} must hold integer class indices, got dtype {tensor.dtype} "
                                  f"(take the argmax of the logits first)")
-        if not self._device_fixed:
-            self.to(pred.device)
+        self._follow(pred)
         num_classes = self.num_classes
         pred = pred.reshape(-1).to(self.device, torch.int64, non_blocking=True)
         target = target.reshape(-1).to(self.device, torch.int64, non_blocking=True)
@@ -90,21 +73,8 @@ class ConfusionMatrix:
         """0-d ``int64`` tensor: pixels excluded for a target or prediction outside ``[0, C)``."""
         return self._counts[-1].clone()
 
-    def all_reduce(self) -> None:
-        """Sum the counts over ranks (``torch.distributed``); a no-op without a process group.
-
-        Call it once, after the last ``update`` on every rank: each call adds the other ranks' counts.
-        """
-        all_reduce_sum_(self._counts)
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"num_classes": self.num_classes, "counts": self._counts.clone()}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        counts = state["counts"]
-        if state.get("num_classes") != self.num_classes or counts.shape != self._counts.shape:
-            raise ValueError(f"state is for num_classes={state.get('num_classes')!r}, this matrix has {self.num_classes}")
-        self._counts.copy_(counts)
+    def _layout(self) -> Dict[str, int]:
+        return {"num_classes": self.num_classes}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_classes={self.num_classes}, ignore_index={self.ignore_index}, device={self.device})"
