@@ -75,6 +75,14 @@ def test_resume_after_an_interruption_reaches_the_same_weights(tmp_path, monkeyp
     assert [e["epoch"] for e in read_log(tmp_path / "interrupted" / "run")] == [1, 2, 3]
 
 
+def test_gradient_accumulation_steps_the_optimizer_once_per_group(tmp_path):
+    config = load_config(tiny_recipe(tmp_path, train__epochs=2, train__accumulate=3, train__log_images=0))
+    trainer = Trainer(config, progress=False)
+    batches = len(trainer.train_loader)  # 16 images / 4 = 4 batches: groups of 3 and 1
+    trainer.fit()
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["state"]["step"] == 2 * -(-batches // 3)
+
+
 @pytest.mark.parametrize("loss", ["cross_entropy", "focal"])
 def test_each_loss_of_the_ablation_trains(tmp_path, loss):
     config = load_config(tiny_recipe(tmp_path, loss__name=loss, train__epochs=1, train__log_images=0))

@@ -33,20 +33,29 @@ def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> Config
 
 def load_yaml_tree(path: Path, _seen: tuple = ()) -> Dict[str, Any]:
     """The merged dictionary of ``path`` and its ``_base_`` files."""
-    path = path.resolve()
+    try:
+        path = path.resolve()
+        found = path.is_file()
+    except (OSError, ValueError) as error:  # e.g. a NUL byte or an over-long name
+        raise ConfigError(f"invalid config path {str(path)!r}: {error}") from None
     if path in _seen:
         raise ConfigError(f"{path}: _base_ cycle through {' -> '.join(str(p) for p in _seen)}")
-    if not path.is_file():
+    if not found:
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read: {error}") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as error:  # ValueError: e.g. a date 2001-13-45
         raise ConfigError(f"{path}: invalid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     bases = data.pop("_base_", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(base, str) and base for base in bases):
+        raise ConfigError(f"{path}: _base_ must be a file name or a list of file names, got {bases!r}")
     merged: Dict[str, Any] = {}
-    for base in [bases] if isinstance(bases, str) else bases:
+    for base in bases:
         merged = deep_merge(merged, load_yaml_tree(path.parent / base, _seen + (path,)))
     return deep_merge(merged, data)
 
@@ -67,12 +76,15 @@ def apply_override(raw: Dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {override!r} must have the form key.sub=value")
+    parts = key.strip().split(".")
+    if not all(part.strip() for part in parts):
+        raise ConfigError(f"override {override!r}: empty key part in {key.strip()!r}")
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError as error:
+    except (yaml.YAMLError, ValueError, RecursionError) as error:  # ValueError: e.g. a date 2024-02-30
         raise ConfigError(f"override {override!r}: invalid YAML value: {error}") from None
     node = raw
-    *parents, leaf = key.strip().split(".")
+    *parents, leaf = parts
     for part in parents:
         child = node.get(part)
         if not isinstance(child, dict):
@@ -125,7 +137,7 @@ def _convert(hint: Any, value: Any, source: str, dotted: str) -> Any:
             try:
                 return _convert(option, value, source, dotted)
             except ConfigError as error:
-                errors.append(str(error))
+                errors.append(error)
         raise errors[0] if len(errors) == 1 else ConfigError(f"{source}: {dotted} has an invalid value {value!r}")
     if origin in (list, tuple) or hint in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -139,7 +151,10 @@ def _convert(hint: Any, value: Any, source: str, dotted: str) -> Any:
     if hint is Any:
         return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond the float range
+            raise ConfigError(f"{source}: {dotted} is too large for a float, got {value!r}") from None
     if hint in (int, str, bool) and type(value) is hint:
         return value
     raise ConfigError(f"{source}: {dotted} must be of type {getattr(hint, '__name__', hint)}, got {value!r}")

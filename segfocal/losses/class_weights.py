@@ -107,6 +107,8 @@ def class_weights(
 
 def _median_of_present(freq: torch.Tensor, present: torch.Tensor, num_present: torch.Tensor) -> torch.Tensor:
     """Median of ``freq`` over the present classes (mean of the two middle values for an even count)."""
+    if freq.numel() == 0:  # no classes: nothing to index
+        return freq.new_zeros(())
     ordered = torch.where(present, freq, torch.inf).sort().values
     last = freq.numel() - 1
     lower = ((num_present - 1).clamp_min(0) // 2).clamp_max(last)

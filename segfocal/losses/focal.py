@@ -146,10 +146,12 @@ class FocalLoss(nn.Module):
         self.last_class_weights: Optional[torch.Tensor] = None
         self.histogram_momentum = histogram_momentum
         if histogram_momentum is not None:
-            if not 0.0 <= histogram_momentum < 1.0:
-                raise ValueError(f"histogram_momentum must lie in [0, 1), got {histogram_momentum}")
+            if not (isinstance(histogram_momentum, (int, float)) and 0.0 <= histogram_momentum < 1.0):
+                raise ValueError(f"histogram_momentum must lie in [0, 1), got {histogram_momentum!r}")
             if self.weight_scheme is None or num_classes is None:
                 raise ValueError("histogram_momentum needs a weight scheme (e.g. weight='enet') and num_classes")
+            if not (isinstance(num_classes, int) and num_classes > 0):
+                raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
             self.register_buffer("running_histogram", torch.zeros(num_classes, dtype=torch.float64))
             self.register_buffer("histogram_updates", torch.zeros((), dtype=torch.int64))
 
@@ -182,6 +184,9 @@ class FocalLoss(nn.Module):
         """Fold this batch's label histogram into the running one; the weights of the result."""
         if self.validate:
             check_inputs(logits, target, self.ignore_index)
+        if logits.dim() < 2 or logits.shape[1] != self.running_histogram.numel():
+            raise ValueError(f"logits of shape {tuple(logits.shape)} do not have num_classes="
+                             f"{self.running_histogram.numel()} classes (dimension 1) of the running histogram")
         counts = class_histogram(target, logits.shape[1], self.ignore_index).to(torch.float64)
         if self.sync_histogram:
             counts, _ = sum_over_ranks(counts)
@@ -263,7 +268,7 @@ def _reference_focal_loss(
     with torch.no_grad():
         others = log_p.scatter(1, index, -torch.inf).exp_().sum(1)
         neg_log_pt_value = torch.where(others < 0.5, -torch.log1p(-others.clamp_max(0.5)), -log_pt)
-    p_t_term = torch.expm1(log_pt)
+    p_t_term = torch.exp(log_pt)  # only its gradient p_t is used; expm1's (result + 1) loses small p_t
     one_minus_pt = others + (p_t_term.detach() - p_t_term)
     neg_log_pt = neg_log_pt_value + (log_pt.detach() - log_pt)
     # clamped above 0 so (1 - p_t)^gamma has a finite gradient for 0 < gamma < 1 on saturated
@@ -292,7 +297,9 @@ def _reference_focal_loss(
     if reduction == "sum":
         return total, class_weight
     denominator = mean_denominator(counts, pixel_factor, normalize, world_size)
-    return total / denominator.clamp_min(torch.finfo(dtype).tiny), class_weight
+    # 0 when the denominator is not positive (as the fused pass), also when a Poly-1 term remains
+    mean = total / denominator.clamp_min(torch.finfo(dtype).tiny)
+    return torch.where(denominator > 0, mean, 0.0), class_weight
 
 
 def _combine(class_weight: Optional[torch.Tensor], alpha_per_class: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -338,6 +345,8 @@ def check_inputs(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) 
         raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
     if logits.dim() < 2:
         raise ValueError(f"logits must have a class dimension: [N, C], [B, C, H, W] or [B, C, D, H, W]; got shape {tuple(logits.shape)}")
+    if logits.shape[1] == 0:
+        raise ValueError(f"logits must have at least one class (dimension 1), got shape {tuple(logits.shape)}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
     expected = (logits.shape[0],) + tuple(logits.shape[2:])

@@ -40,7 +40,12 @@ def load_encoder_weights(model: nn.Module, path: Path) -> None:
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    missing, unexpected = model.encoder.load_state_dict(state, strict=False)
-    loaded = len(model.encoder.state_dict()) - len(missing)
-    if loaded == 0:
+    own = model.encoder.state_dict()
+    matching = {key: value for key, value in state.items() if key in own}
+    if not matching:
         raise ConfigError(f"model.encoder_weights: {path} holds no tensor of encoder {type(model.encoder).__name__}")
+    try:  # smp encoders override load_state_dict (dropping classifier keys) and return nothing
+        model.encoder.load_state_dict(matching, strict=False)
+    except RuntimeError as error:
+        raise ConfigError(f"model.encoder_weights: {path} does not fit encoder {type(model.encoder).__name__}: "
+                          f"{str(error).splitlines()[0]}") from None
