@@ -32,7 +32,9 @@ def test_training_lowers_the_loss_and_leaves_a_checkpoint_that_evaluates(tmp_pat
     assert "mIoU" in result.stdout and "background" in result.stdout  # the final per-class table
     for name in ("config.yaml", "last.pt", "best.pt"):
         assert (work_dir / name).is_file()
-    assert any((work_dir / "tb").iterdir())
+    assert_tensorboard_has(work_dir / "tb", scalars={"train/loss", "train/lr", "class_weight/square", "val/miou",
+                                                    "val_iou/line"},
+                           images={"val/input", "val/label", "val/prediction"})
     best = load_checkpoint(work_dir / "best.pt")
     assert best["state"]["best_metric"] == max(entry["val"]["miou"] for entry in log)
 
@@ -42,6 +44,35 @@ def test_training_lowers_the_loss_and_leaves_a_checkpoint_that_evaluates(tmp_pat
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert report["metrics"]["miou"] == pytest.approx(best["state"]["best_metric"], abs=1e-9)  # same model, same split
     assert (tmp_path / "eval" / "confusion_matrix.png").stat().st_size > 1000
+
+
+def assert_tensorboard_has(log_dir, scalars, images):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert scalars <= set(events.Tags()["scalars"])
+    assert images <= set(events.Tags()["images"])
+    weights = [event.value for event in events.Scalars("class_weight/square")]
+    assert all(w > 1.0 for w in weights)  # ENet weights of a rare class: 1 / ln(1.10 + f) > 1
+
+
+def test_bf16_autocast_trains_on_the_cpu(tmp_path):
+    config = load_config(tiny_recipe(tmp_path, train__epochs=2, train__amp="bf16", train__log_images=0))
+    trainer = Trainer(config, progress=False)
+    assert trainer.precision.autocast_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
+    trainer.fit()
+    log = read_log(tmp_path / "run")
+    assert all(entry["train_loss"] == entry["train_loss"] for entry in log)  # finite, not NaN
+    assert log[-1]["train_loss"] < log[0]["train_loss"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is valid where CUDA is available")
+def test_fp16_without_a_gpu_is_a_config_error(tmp_path):
+    from segfocal.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.amp='fp16' needs a CUDA device"):
+        Trainer(load_config(tiny_recipe(tmp_path, train__amp="fp16")), progress=False)
 
 
 def final_weights(work_dir):
