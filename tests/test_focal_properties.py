@@ -275,26 +275,16 @@ def focal_cases(draw):
     return batch, options
 
 
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 2e-5)], ids=["float64", "float32"])
 @HYPOTHESIS
-@given(focal_cases())
-def test_loss_matches_numpy_oracle(case):
+@given(case=focal_cases())
+def test_loss_matches_numpy_oracle(dtype, rtol, case):
     batch, options = case
-    logits, target = make_batch(**batch)
+    logits, target = make_batch(**batch, dtype=dtype)
     ours = focal_loss(logits, target, **options)
-    assert ours.dtype == torch.float64
+    assert ours.dtype == dtype
     expected, magnitude = oracle_focal(logits, target, **options)
-    assert_matches_oracle(ours, expected, magnitude, rtol=1e-9)
-
-
-@HYPOTHESIS
-@given(focal_cases())
-def test_float32_loss_matches_numpy_oracle(case):
-    batch, options = case
-    logits, target = make_batch(**batch, dtype=torch.float32)
-    ours = focal_loss(logits, target, **options)
-    assert ours.dtype == torch.float32
-    expected, magnitude = oracle_focal(logits, target, **options)
-    assert_matches_oracle(ours, expected, magnitude, rtol=2e-5)
+    assert_matches_oracle(ours, expected, magnitude, rtol=rtol)
 
 
 @HYPOTHESIS
