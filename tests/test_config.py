@@ -63,6 +63,23 @@ def test_bad_values_name_the_key(tmp_path, override, message):
         load_config(path, [override])
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.class_names=[a, b]", r"data.class_names has 2 names for data.num_classes=6"),
+        ("data.batch_size=0", r"data.batch_size must be at least 1, got 0"),
+        ("train.accumulate=0", r"train.accumulate must be at least 1"),
+        ("train.epochs=-1", r"train.epochs must not be negative"),
+        ("data.mean=[0.5]", r"data.mean needs one value per input channel \(model.in_channels=3\)"),
+        ("eval.crop_size=[512]", r"eval.crop_size must be \[height, width\]"),
+        ("optim.lr=0", r"optim.lr must be positive"),
+    ],
+)
+def test_inconsistent_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "configs" / "synthetic_unet_focal.yaml", [override])
+
+
 def test_missing_file_and_bad_yaml_and_cycles(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

@@ -106,6 +106,24 @@ def test_resume_after_an_interruption_reaches_the_same_weights(tmp_path, monkeyp
     assert [e["epoch"] for e in read_log(tmp_path / "interrupted" / "run")] == [1, 2, 3]
 
 
+def test_a_kill_between_logging_and_checkpointing_leaves_no_duplicate_log_entries(tmp_path, monkeypatch):
+    config = load_config(tiny_recipe(tmp_path, train__log_images=0))
+    original = Trainer._save
+
+    def killed_while_saving_epoch_two(self, name):
+        if name == "last.pt" and self.state.epoch == 2:
+            raise KeyboardInterrupt("killed")
+        original(self, name)
+
+    monkeypatch.setattr(Trainer, "_save", killed_while_saving_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config, progress=False).fit()
+    assert [e["epoch"] for e in read_log(tmp_path / "run")] == [1, 2]  # epoch 2 logged, not checkpointed
+    monkeypatch.setattr(Trainer, "_save", original)
+    Trainer(config, resume="auto", progress=False).fit()
+    assert [e["epoch"] for e in read_log(tmp_path / "run")] == [1, 2, 3]
+
+
 def test_gradient_accumulation_steps_the_optimizer_once_per_group(tmp_path):
     config = load_config(tiny_recipe(tmp_path, train__epochs=2, train__accumulate=3, train__log_images=0))
     trainer = Trainer(config, progress=False)

@@ -23,6 +23,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars (logs, CI)")
     args = parser.parse_args(argv)
     with exit_on_user_error():
+        from segfocal.engine.distributed import shutdown
         from segfocal.engine.trainer import NonFiniteLossError, Trainer
 
         cfg = config_from_args(args)
@@ -31,6 +32,8 @@ def main(argv=None) -> None:
         except NonFiniteLossError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(3)
+        finally:
+            shutdown()
 
 
 if __name__ == "__main__":

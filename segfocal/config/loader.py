@@ -28,7 +28,38 @@ def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> Config
     raw = load_yaml_tree(Path(path))
     for override in overrides:
         apply_override(raw, override)
-    return from_dict(Config, raw, source=str(path))
+    config = from_dict(Config, raw, source=str(path))
+    check_consistency(config, source=str(path))
+    return config
+
+
+def check_consistency(config: Config, source: str = "config") -> None:
+    """Checks that involve a value's range or several keys; raise :class:`ConfigError` naming the key."""
+    data, train = config.data, config.train
+    positive = {
+        "data.num_classes": data.num_classes, "data.batch_size": data.batch_size, "eval.batch_size": config.eval.batch_size,
+        "train.accumulate": train.accumulate, "train.val_every": train.val_every, "train.log_every": train.log_every,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{source}: {key} must be at least 1, got {value}")
+    for key, value in {"train.epochs": train.epochs, "data.num_workers": data.num_workers,
+                       "train.max_bad_steps": train.max_bad_steps, "train.log_images": train.log_images}.items():
+        if value < 0:
+            raise ConfigError(f"{source}: {key} must not be negative, got {value}")
+    if data.class_names and len(data.class_names) != data.num_classes:
+        raise ConfigError(f"{source}: data.class_names has {len(data.class_names)} names for "
+                          f"data.num_classes={data.num_classes}")
+    for key in ("mean", "std"):
+        if len(getattr(data, key)) != config.model.in_channels:
+            raise ConfigError(f"{source}: data.{key} needs one value per input channel "
+                              f"(model.in_channels={config.model.in_channels}), got {getattr(data, key)}")
+    for key in ("crop_size", "stride"):
+        value = getattr(config.eval, key)
+        if len(value) != 2 or min(value) < 1:
+            raise ConfigError(f"{source}: eval.{key} must be [height, width] of positive ints, got {value}")
+    if not config.optim.lr > 0:
+        raise ConfigError(f"{source}: optim.lr must be positive, got {config.optim.lr}")
 
 
 def load_yaml_tree(path: Path, _seen: tuple = ()) -> Dict[str, Any]:

@@ -50,11 +50,6 @@ def init_distributed(device_preference: str) -> DistContext:
     return DistContext(rank, world_size, local_rank, device)
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -20,7 +20,8 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter  # tensorboard is only needed for training
 
             self.writer = SummaryWriter(log_dir=str(work_dir / "tb"))
-            self.jsonl = open(work_dir / "metrics.jsonl", "a", encoding="utf-8")
+            self.jsonl_path = work_dir / "metrics.jsonl"
+            self.jsonl = open(self.jsonl_path, "a", encoding="utf-8")
 
     def scalars(self, prefix: str, values: Mapping[str, float], step: int) -> None:
         if self.writer is None:
@@ -35,6 +36,16 @@ class RunLogger:
             return
         self.jsonl.write(json.dumps(_nan_to_none(entry)) + "\n")
         self.jsonl.flush()
+
+    def forget_after(self, epoch: int) -> None:
+        """Drop ``metrics.jsonl`` entries of epochs after ``epoch`` (a resumed run logs them again)."""
+        if self.jsonl is None:
+            return
+        self.jsonl.close()
+        kept = [line for line in self.jsonl_path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("epoch", 0) <= epoch]
+        self.jsonl_path.write_text("".join(kept), encoding="utf-8")
+        self.jsonl = open(self.jsonl_path, "a", encoding="utf-8")
 
     def images(self, tag: str, images: torch.Tensor, step: int) -> None:
         """``images``: uint8 ``[N, 3, H, W]``."""

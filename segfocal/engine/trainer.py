@@ -25,7 +25,7 @@ from ..models import build_model
 from ..visualize import denormalize, overlay_masks
 from .checkpoint import load_checkpoint, model_state_from, remove_stale_temporaries, resume_path, save_checkpoint
 from .criterion import build_criterion
-from .distributed import DistContext, barrier, init_distributed
+from .distributed import DistContext, init_distributed
 from .evaluate import EvalResult, evaluate
 from .optim import build_optimizer, build_scheduler
 from .precision import resolve_precision
@@ -67,7 +67,6 @@ class Trainer:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.work_dir)
             save_config(cfg, self.work_dir / "config.yaml")
-        barrier()  # rank 0 may generate the synthetic dataset inside build_dataset
         self.train_set = build_dataset(data, cfg.augment.train, data.train_split)
         self.val_set = build_dataset(data, cfg.augment.val, data.val_split)
         for dataset in (self.train_set, self.val_set):
@@ -283,5 +282,6 @@ class Trainer:
             self.state = TrainState(**checkpoint["state"])
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
             raise ConfigError(f"cannot resume from {path}: it does not match this config ({error})") from None
+        self.logger.forget_after(self.state.epoch)  # epochs logged after this checkpoint are redone
         if self.dist.is_main:
             print(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}")
