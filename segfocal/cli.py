@@ -16,8 +16,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", help="run directory (overrides the config's work_dir)")
 
 
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--mode`` and ``--flip``, shortcuts for the ``eval.mode`` and ``eval.flip`` keys."""
+    parser.add_argument("--mode", choices=["whole", "slide"], help="inference mode (default: eval.mode)")
+    parser.add_argument("--flip", action="store_true", help="horizontal-flip test-time augmentation")
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
-    overrides = list(args.overrides) + ([f"work_dir={args.work_dir}"] if args.work_dir else [])
+    """The config of ``--config`` with the command line's shortcuts, then ``--set`` (which wins), applied."""
+    shortcuts = [f"eval.mode={args.mode}"] if getattr(args, "mode", None) else []
+    shortcuts += ["eval.flip=true"] if getattr(args, "flip", False) else []
+    overrides = shortcuts + list(args.overrides) + ([f"work_dir={args.work_dir}"] if args.work_dir else [])
     return load_config(args.config, overrides)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from segfocal.cli import add_config_arguments, config_from_args, exit_on_user_error  # noqa: E402
+from segfocal.cli import add_config_arguments, add_inference_arguments, config_from_args, exit_on_user_error  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -23,8 +23,7 @@ def main(argv=None) -> None:
     add_config_arguments(parser)
     parser.add_argument("--checkpoint", required=True, help="trainer checkpoint (last.pt/best.pt) or state-dict file")
     parser.add_argument("--split", help="dataset split (default: data.test_split)")
-    parser.add_argument("--mode", choices=["whole", "slide"], help="inference mode (default: eval.mode)")
-    parser.add_argument("--flip", action="store_true", help="horizontal-flip test-time augmentation")
+    add_inference_arguments(parser)
     parser.add_argument("--auroc", action="store_true", help="also per-class one-vs-rest AUROC of the softmax scores")
     parser.add_argument("--out", help="output directory")
     args = parser.parse_args(argv)
@@ -40,9 +39,6 @@ def run(args: argparse.Namespace) -> dict:
     from segfocal.engine.restore import restore_model
     from segfocal.evaluation import format_table, plot_confusion_matrix, write_json
 
-    overrides = [f"eval.mode={args.mode}"] if args.mode else []
-    overrides += ["eval.flip=true"] if args.flip else []
-    args.overrides = overrides + args.overrides
     cfg = config_from_args(args)
     data = cfg.data
     split = args.split or data.test_split

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from segfocal.cli import add_config_arguments, config_from_args, exit_on_user_error  # noqa: E402
+from segfocal.cli import add_config_arguments, add_inference_arguments, config_from_args, exit_on_user_error  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -25,8 +25,7 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint", required=True, help="trainer checkpoint or state-dict file")
     parser.add_argument("--input", required=True, help="an image file or a directory of images")
     parser.add_argument("--output", required=True, help="directory for the masks and overlays")
-    parser.add_argument("--mode", choices=["whole", "slide"], help="inference mode (default: eval.mode)")
-    parser.add_argument("--flip", action="store_true", help="horizontal-flip test-time augmentation")
+    add_inference_arguments(parser)
     args = parser.parse_args(argv)
     with exit_on_user_error():
         run(args)
@@ -63,9 +62,6 @@ def run(args: argparse.Namespace) -> list:
     from segfocal.evaluation import predict_logits
     from segfocal.visualize import overlay_masks
 
-    overrides = [f"eval.mode={args.mode}"] if args.mode else []
-    overrides += ["eval.flip=true"] if args.flip else []
-    args.overrides = overrides + args.overrides
     cfg = config_from_args(args)
     data, ev = cfg.data, cfg.eval
     device = resolve_device(cfg.device)

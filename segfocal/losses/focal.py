@@ -22,7 +22,7 @@ from torch import nn
 
 from .class_weights import WEIGHT_SCHEMES, class_histogram, weights_from_histogram
 from .fused import fused_focal_loss
-from .labels import mean_denominator, not_ignored, sum_over_ranks
+from .labels import mean_denominator, not_ignored, per_class_factor, sum_over_ranks
 
 REDUCTIONS = ("mean", "sum", "none")
 NORMALIZATIONS = ("pixels", "weights")
@@ -284,7 +284,7 @@ def _reference_focal_loss(
         weights_from_histogram(counts, scheme, enet_c=enet_c, effective_beta=effective_beta, dtype=dtype)
         if scheme is not None else fixed_weight
     )
-    pixel_factor = _combine(class_weight, alpha_per_class)
+    pixel_factor = per_class_factor(class_weight, alpha_per_class)
     if pixel_factor is not None:
         pixel_loss = pixel_factor[safe_target] * pixel_loss
     if poly_epsilon != 0:
@@ -300,13 +300,6 @@ def _reference_focal_loss(
     # 0 when the denominator is not positive (as the fused pass), also when a Poly-1 term remains
     mean = total / denominator.clamp_min(torch.finfo(dtype).tiny)
     return torch.where(denominator > 0, mean, 0.0), class_weight
-
-
-def _combine(class_weight: Optional[torch.Tensor], alpha_per_class: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Per-class factor ``w * a`` (either may be absent)."""
-    if class_weight is None:
-        return alpha_per_class
-    return class_weight if alpha_per_class is None else class_weight * alpha_per_class
 
 
 def _alpha_per_class(alpha: AlphaArg, num_classes: int, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:

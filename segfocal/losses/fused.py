@@ -26,7 +26,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from .class_weights import weights_from_histogram
-from .labels import mean_denominator, not_ignored, sum_over_ranks
+from .labels import mean_denominator, not_ignored, per_class_factor, sum_over_ranks
 
 CHUNK_ELEMENTS = 1 << 20  # logits elements per chunk (4 MiB of float32): cache-sized, few Python-level ops
 
@@ -92,7 +92,7 @@ class _FusedFocal(torch.autograd.Function):
             weight = class_weight.to(torch.float64)
         else:
             weight = None
-        pixel_factor = weight if alpha is None else (alpha.double() if weight is None else weight * alpha.double())
+        pixel_factor = per_class_factor(weight, None if alpha is None else alpha.double())
         weighted = focal_sums if pixel_factor is None else pixel_factor * focal_sums
         total = weighted.sum() + poly_epsilon * poly_sum
         if reduction == "sum":

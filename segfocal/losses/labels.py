@@ -43,3 +43,10 @@ def mean_denominator(
     else:
         denominator = counts.sum()
     return denominator / world_size
+
+
+def per_class_factor(class_weight: Optional[torch.Tensor], alpha: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The factor ``w * a`` that weighs each class's pixels (either may be absent; ``None`` if both are)."""
+    if class_weight is None:
+        return alpha
+    return class_weight if alpha is None else class_weight * alpha
