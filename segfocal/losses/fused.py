@@ -11,6 +11,10 @@ and two slopes: ``4 / C`` of the logits' size), so the backward recomputes the s
 ``exp(z - log-normaliser)`` straight into the gradient, in one pass per chunk. No host
 synchronisation and no data-dependent shape.
 
+On CUDA (float16, bfloat16, float32, with Triton installed) :mod:`.triton_kernels` does both
+passes instead, in one kernel each: the forward accumulates the same per-class sums and saves
+nothing per pixel; the backward recomputes the softmax from the logits.
+
 For a pixel with label ``y``, ``k = w[y] a[y] / D`` (``D`` the mean's denominator) and
 ``e = poly_epsilon / D``, the gradient is ``H * (onehot(y) - softmax)`` with the scalar
 
@@ -21,6 +25,7 @@ is the sum of the other classes' probabilities, accurate when ``p`` rounds to 1.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -29,6 +34,7 @@ from .class_weights import weights_from_histogram
 from .labels import mean_denominator, not_ignored, per_class_factor, sum_over_ranks
 
 CHUNK_ELEMENTS = 1 << 20  # logits elements per chunk (4 MiB of float32): cache-sized, few Python-level ops
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def fused_focal_loss(
@@ -63,24 +69,13 @@ class _FusedFocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, class_weight, alpha, gamma, weight_scheme, ignore_index, reduction,
                 normalize, poly_epsilon, enet_c, effective_beta, sync_histogram):
-        num_classes = logits.shape[1]
+        kernels = _triton_kernels(logits)
+        if kernels is not None:
+            counts, focal_sums, poly_sum = kernels.pixel_sums(logits, target, gamma, ignore_index)
+            saved = None
+        else:
+            counts, focal_sums, poly_sum, saved = _chunked_sums(logits, target, gamma, ignore_index, poly_epsilon)
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        counts = torch.zeros(num_classes + 1, dtype=torch.float64, device=logits.device)
-        focal_sums = torch.zeros_like(counts)
-        poly_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
-        # per pixel, for the backward: log-normaliser, 1 - p_t, and the focal and Poly-1 slopes
-        saved = torch.empty((4,) + tuple(target.shape), dtype=dtype, device=logits.device)
-        for index in _chunk_indices(logits.shape):
-            labels = target[_target_index(index)]
-            log_normaliser, one_minus_pt, focal_slope, poly_slope = saved[(slice(None),) + _target_index(index)]
-            terms = _pixel_terms(logits[index], labels, num_classes, ignore_index, dtype, gamma, log_normaliser,
-                                 one_minus_pt, focal_slope, poly_slope)
-            valid, bins, focal, poly = terms
-            counts += _per_class_sum(bins, None, num_classes + 1)
-            focal_sums += _per_class_sum(bins, focal, num_classes + 1)
-            if poly_epsilon != 0:
-                poly_sum += torch.where(valid, poly, 0.0).sum(dtype=torch.float64)
-        counts, focal_sums = counts[:num_classes], focal_sums[:num_classes]
         world_size = 1
         if sync_histogram:
             counts, world_size = sum_over_ranks(counts)
@@ -104,7 +99,7 @@ class _FusedFocal(torch.autograd.Function):
         # the class coefficients, with a zero appended for ignored pixels (their bin is C)
         coefficients = torch.cat([per_class * scale, per_class.new_zeros(1)]).to(dtype)
         ctx.save_for_backward(logits, target, saved, coefficients, (poly_epsilon * scale).to(dtype))
-        ctx.ignore_index = ignore_index
+        ctx.use_triton, ctx.gamma, ctx.ignore_index = kernels is not None, gamma, ignore_index
         used = weight if weight is not None else torch.ones_like(counts)
         ctx.mark_non_differentiable(used)
         return (total * scale).to(dtype), used.to(dtype)
@@ -112,25 +107,68 @@ class _FusedFocal(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_weight):
         logits, target, saved, coefficients, poly_coefficient = ctx.saved_tensors
-        num_classes = logits.shape[1]
-        grad = torch.empty_like(logits)  # same dtype and memory format as the logits
-        for index in _chunk_indices(logits.shape):
-            pixels = _target_index(index)
-            labels = target[pixels]
-            log_normaliser, one_minus_pt, focal_slope, poly_slope = saved[(slice(None),) + pixels]
-            valid = not_ignored(labels, ctx.ignore_index)
-            safe = torch.where(valid, labels, 0).long().unsqueeze(1)
-            # H = dL/dp_t * p_t for this pixel; ignored pixels take the zero coefficient and Poly-1 slope
-            scalar = (coefficients[torch.where(valid, labels, num_classes).long()] * focal_slope
-                      + poly_coefficient * poly_slope) * grad_loss.to(focal_slope.dtype)
-            z, out = logits[index], grad[index]
-            softmax = torch.sub(z, log_normaliser.unsqueeze(1), out=out) if out.dtype == focal_slope.dtype \
-                else z.to(focal_slope.dtype) - log_normaliser.unsqueeze(1)
-            softmax.exp_().mul_(-scalar.unsqueeze(1))  # -H * softmax_j ...
-            softmax.scatter_(1, safe, (scalar * one_minus_pt).unsqueeze(1))  # ... and H (1 - p_t) at the label
-            if softmax is not out:
-                out.copy_(softmax)
+        if ctx.use_triton:
+            grad = _triton_kernels(logits).gradient(logits, target, coefficients, poly_coefficient, grad_loss,
+                                                    ctx.gamma, ctx.ignore_index)
+        else:
+            grad = _chunked_gradient(logits, target, saved, coefficients, poly_coefficient, grad_loss,
+                                     ctx.ignore_index)
         return (grad,) + (None,) * 12
+
+
+def _triton_kernels(logits: torch.Tensor):
+    """The Triton kernel module for float16/bfloat16/float32 CUDA logits when Triton is installed,
+    else ``None`` (the chunked PyTorch implementation; also for float64, kept exact)."""
+    if not (logits.is_cuda and logits.dtype != torch.float64 and _HAS_TRITON):
+        return None
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def _chunked_sums(logits, target, gamma, ignore_index, poly_epsilon):
+    """The forward pass in chunks: float64 per-class counts and focal sums ``[C]``, the Poly-1 sum, and
+    the per-pixel buffers the backward reads (log-normaliser, ``1 - p_t``, focal and Poly-1 slopes)."""
+    num_classes = logits.shape[1]
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    counts = torch.zeros(num_classes + 1, dtype=torch.float64, device=logits.device)
+    focal_sums = torch.zeros_like(counts)
+    poly_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
+    saved = torch.empty((4,) + tuple(target.shape), dtype=dtype, device=logits.device)
+    for index in _chunk_indices(logits.shape):
+        labels = target[_target_index(index)]
+        log_normaliser, one_minus_pt, focal_slope, poly_slope = saved[(slice(None),) + _target_index(index)]
+        valid, bins, focal, poly = _pixel_terms(logits[index], labels, num_classes, ignore_index, dtype, gamma,
+                                                log_normaliser, one_minus_pt, focal_slope, poly_slope)
+        counts += _per_class_sum(bins, None, num_classes + 1)
+        focal_sums += _per_class_sum(bins, focal, num_classes + 1)
+        if poly_epsilon != 0:
+            poly_sum += torch.where(valid, poly, 0.0).sum(dtype=torch.float64)
+    return counts[:num_classes], focal_sums[:num_classes], poly_sum, saved
+
+
+def _chunked_gradient(logits, target, saved, coefficients, poly_coefficient, grad_loss, ignore_index):
+    """The backward pass in chunks: the softmax recomputed from the saved log-normaliser straight into
+    the gradient (the logits' dtype and memory format)."""
+    num_classes = logits.shape[1]
+    grad = torch.empty_like(logits)
+    for index in _chunk_indices(logits.shape):
+        pixels = _target_index(index)
+        labels = target[pixels]
+        log_normaliser, one_minus_pt, focal_slope, poly_slope = saved[(slice(None),) + pixels]
+        valid = not_ignored(labels, ignore_index)
+        safe = torch.where(valid, labels, 0).long().unsqueeze(1)
+        # H = dL/dp_t * p_t for this pixel; ignored pixels take the zero coefficient and Poly-1 slope
+        scalar = (coefficients[torch.where(valid, labels, num_classes).long()] * focal_slope
+                  + poly_coefficient * poly_slope) * grad_loss.to(focal_slope.dtype)
+        z, out = logits[index], grad[index]
+        softmax = torch.sub(z, log_normaliser.unsqueeze(1), out=out) if out.dtype == focal_slope.dtype \
+            else z.to(focal_slope.dtype) - log_normaliser.unsqueeze(1)
+        softmax.exp_().mul_(-scalar.unsqueeze(1))  # -H * softmax_j ...
+        softmax.scatter_(1, safe, (scalar * one_minus_pt).unsqueeze(1))  # ... and H (1 - p_t) at the label
+        if softmax is not out:
+            out.copy_(softmax)
+    return grad
 
 
 def _pixel_terms(z, labels, num_classes, ignore_index, dtype, gamma, log_normaliser, one_minus_pt, focal_slope,

@@ -1,0 +1,162 @@
+"""The Triton kernel pair against the float64 composite reference, in value and gradient.
+
+On a CUDA machine the kernels run compiled on the GPU; elsewhere they run in Triton's interpreter
+(``TRITON_INTERPRET=1``, set by ``conftest.py``) on CPU tensors: the same kernel code, run with NumPy.
+"""
+import importlib
+import os
+
+import pytest
+import torch
+
+import segfocal.losses.fused as fused_module
+from segfocal.losses import focal_loss
+
+pytest.importorskip("triton")
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The kernel module: compiled on CUDA, run by the interpreter elsewhere (``tests/conftest.py``)."""
+    if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    return importlib.import_module("segfocal.losses.triton_kernels")
+
+
+@pytest.fixture
+def triton_fused(kernels, monkeypatch):
+    """Route every non-float64 fused call through the Triton kernels, whatever the device."""
+    monkeypatch.setattr(fused_module, "_triton_kernels",
+                        lambda logits: None if logits.dtype == torch.float64 else kernels)
+    return kernels
+
+
+def batch(shape, seed=0, ignore_fraction=0.2, scale=3.0, ignore_index=255):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(shape, generator=generator, dtype=torch.float64) * scale
+    target_shape = (shape[0],) + tuple(shape[2:])
+    target = torch.randint(0, shape[1], target_shape, generator=generator)
+    target[torch.rand(target_shape, generator=generator) < ignore_fraction] = ignore_index
+    return logits.to(DEVICE), target.to(DEVICE)
+
+
+def value_and_grad(logits, target, implementation, upstream=1.0, **options):
+    x = logits.detach().clone().requires_grad_(True)
+    loss = focal_loss(x, target, implementation=implementation, **options)
+    (grad,) = torch.autograd.grad(loss * upstream, x)
+    return loss.detach(), grad
+
+
+def check_against_reference(logits, target, rtol=2e-5, **options):
+    """Triton on ``logits`` (their dtype and layout) against the float64 reference on the same values."""
+    loss, grad = value_and_grad(logits, target, "fused", **options)
+    ref_loss, ref_grad = value_and_grad(logits.double(), target, "reference", **options)
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=1e-7)
+    scale = ref_grad.abs().max()
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=rtol * float(scale))
+    return grad
+
+
+OPTIONS = [
+    dict(gamma=2.0),
+    dict(gamma=0.0, weight=None),
+    dict(gamma=0.5, weight="median", normalize="weights"),
+    dict(gamma=2.0, weight="inverse", alpha=0.25, poly_epsilon=1.0),
+    dict(gamma=1.0, weight="effective", alpha=[0.5, 1.0, 1.5, 2.0, 0.7], reduction="sum"),
+    dict(gamma=3.0, weight=[0.2, 1.0, 3.0, 0.5, 1.0], normalize="weights", poly_epsilon=-0.3),
+    dict(gamma=2.0, weight=None, alpha=0.75, normalize="weights", upstream=3.5),
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("shape", [(37, 5), (2, 5, 9, 11), (2, 5, 3, 4, 6)])
+def test_triton_equals_reference(options, shape, triton_fused):
+    logits, target = batch(shape, seed=len(shape))
+    check_against_reference(logits.float(), target, **options)
+
+
+def test_programs_loop_over_several_blocks(triton_fused, monkeypatch):
+    monkeypatch.setattr(triton_fused, "MAX_PROGRAMS", 3)  # each program accumulates many blocks
+    logits, target = batch((3, 4, 17, 23), seed=1)
+    check_against_reference(logits.float(), target, poly_epsilon=1.0)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "channels_last_3d", "sliced", "transposed"])
+def test_triton_reads_strided_logits_and_writes_a_gradient_it_can_address(layout, triton_fused):
+    shape = (2, 6, 5, 12, 10) if layout == "channels_last_3d" else (2, 6, 12, 10)
+    logits, target = batch(shape)
+    logits = logits.float()
+    if layout == "channels_last":
+        strided = logits.contiguous(memory_format=torch.channels_last)
+    elif layout == "channels_last_3d":
+        strided = logits.contiguous(memory_format=torch.channels_last_3d)
+    elif layout == "sliced":
+        wide = torch.zeros(2, 6, 12, 20, device=DEVICE)
+        wide[..., ::2] = logits
+        strided = wide[..., ::2]
+    else:  # dense, but height and width cannot be merged into one stride
+        strided = logits.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not strided.is_contiguous()
+    grad = check_against_reference(strided, target)
+    if layout.startswith("channels_last"):
+        assert grad.stride() == strided.stride()
+
+
+def test_many_classes_and_a_large_class_tile(triton_fused):
+    logits, target = batch((2, 150, 6, 7), seed=3)
+    check_against_reference(logits.float(), target)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits_are_computed_in_float32(dtype, triton_fused):
+    logits, target = batch((2, 5, 9, 11), seed=4)
+    half = logits.to(dtype)
+    loss, grad = value_and_grad(half, target, "fused", poly_epsilon=1.0)
+    ref_loss, ref_grad = value_and_grad(half.double(), target, "reference", poly_epsilon=1.0)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2, atol=1e-2 * float(ref_grad.abs().max()))
+
+
+@pytest.mark.parametrize("target_dtype,ignore_index", [(torch.uint8, 255), (torch.int32, 2), (torch.uint8, -100)])
+def test_label_dtypes_and_ignore_index(target_dtype, ignore_index, triton_fused):
+    logits, target = batch((2, 5, 9, 11), seed=5, ignore_index=ignore_index if ignore_index >= 0 else 0)
+    target = target.to(target_dtype)
+    check_against_reference(logits.float(), target, ignore_index=ignore_index, weight="enet")
+
+
+def test_all_ignored_gives_zero_and_zero_gradient(triton_fused):
+    logits, _ = batch((2, 5, 4, 4))
+    target = torch.full((2, 4, 4), 255, device=DEVICE)
+    loss, grad = value_and_grad(logits.float(), target, "fused", poly_epsilon=1.0)
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_saturated_pixels_keep_finite_accurate_gradients(triton_fused):
+    logits, target = batch((2, 4, 6, 6), seed=6, ignore_fraction=0.0)
+    onehot = torch.nn.functional.one_hot(target, 4).movedim(-1, 1).double()
+    saturated = logits + 40.0 * onehot  # p_t rounds to 1 in float32
+    for gamma in (0.5, 2.0):
+        grad = check_against_reference(saturated.float(), target, gamma=gamma, rtol=1e-4)
+        assert torch.isfinite(grad).all()
+
+
+def test_the_module_uses_the_kernels_and_reports_its_weights(triton_fused):
+    from segfocal.losses import FocalLoss
+
+    logits, target = batch((2, 5, 9, 11), seed=7)
+    criterion = FocalLoss(weight="enet")
+    loss = criterion(logits.float(), target)
+    reference = FocalLoss(weight="enet", implementation="reference")(logits, target)
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=0)
+    torch.testing.assert_close(criterion.last_class_weights.double(),
+                               reference.new_tensor(1.0) / torch.log(1.10 + _shares(target, 5)), rtol=1e-6, atol=0)
+
+
+def _shares(target, num_classes):
+    counts = torch.bincount(target[target != 255].flatten(), minlength=num_classes).double()
+    return counts / counts.sum()
