@@ -1,0 +1,92 @@
+"""tools/loss_ablation.py: each variant trains with its own loss settings, is tested on the test
+split, lands in the table with the figures eval.py wrote, and is not retrained once done.
+
+train.py and eval.py run in-process here (their own behaviour is tested in test_train.py and
+test_tools.py); the ablation's subprocess call is swapped for their ``main(argv)``.
+"""
+import importlib.util
+import json
+
+import pytest
+import yaml
+
+from recipes import REPO, tiny_recipe
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"segfocal_tools_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ABLATION = _load_tool("loss_ablation")
+IN_PROCESS = {name: _load_tool(name) for name in ("train", "eval")}
+
+
+def call_in_process(script, *arguments):
+    IN_PROCESS[script.stem].main(list(arguments))
+
+
+@pytest.fixture(scope="module")
+def ablated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablation")
+    config = tiny_recipe(root, train__epochs=1, train__log_images=0)
+    out = root / "runs"
+    patch = pytest.MonkeyPatch()
+    patch.setattr(ABLATION, "_call", call_in_process)
+    try:
+        ABLATION.main(["--config", str(config), "--out", str(out), "--rare", "line", "square",
+                       "--set", "train.val_every=1"])
+    finally:
+        patch.undo()
+    return config, out
+
+
+def test_each_variant_trains_with_its_own_loss(ablated):
+    _, out = ablated
+    expected = {
+        "cross_entropy": ("cross_entropy", None, 0.0),
+        "weighted_cross_entropy": ("cross_entropy", "enet", 0.0),
+        "focal": ("focal", None, 0.0),
+        "cb_focal": ("focal", "enet", 0.0),
+        "cb_focal_poly1": ("focal", "enet", 1.0),
+    }
+    for name, (loss, weight, poly) in expected.items():
+        resolved = yaml.safe_load((out / name / "config.yaml").read_text())["loss"]
+        assert (resolved["name"], resolved["weight"], resolved["poly_epsilon"]) == (loss, weight, poly), name
+        assert (out / name / "eval_test" / "metrics.json").is_file()
+
+
+def test_the_table_reports_what_eval_wrote_on_the_test_split(ablated):
+    _, out = ablated
+    rows = [line for line in (out / "ablation.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == list(ABLATION.VARIANTS)
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        report = json.loads((out / cells[0] / "eval_test" / "metrics.json").read_text())
+        assert report["split"] == "test"
+        metrics, names = report["metrics"], report["class_names"]
+        figures = [metrics["miou"], metrics["mean_accuracy"], metrics["pixel_accuracy"],
+                   metrics["iou"][names.index("line")], metrics["iou"][names.index("square")]]
+        assert cells[1:6] == ["-" if value is None else f"{100 * value:.1f}" for value in figures]
+        assert cells[6].endswith(" min")
+
+
+def test_a_finished_variant_is_read_back_not_retrained(ablated, monkeypatch, capsys):
+    config, out = ablated
+    before = (out / "ablation.md").read_text()
+
+    def refuse(script, *arguments):
+        raise AssertionError(f"{script.name} ran again")
+
+    monkeypatch.setattr(ABLATION, "_call", refuse)
+    ABLATION.main(["--config", str(config), "--out", str(out), "--rare", "line", "square"])
+    assert (out / "ablation.md").read_text() == before
+    assert before.strip() in capsys.readouterr().out
+
+
+def test_an_unknown_rare_class_is_named(ablated, monkeypatch):
+    config, out = ablated
+    with pytest.raises(SystemExit, match="'Pole'"):
+        ABLATION.main(["--config", str(config), "--out", str(out), "--only", "focal", "--rare", "Pole"])
