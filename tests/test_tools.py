@@ -41,7 +41,7 @@ def _load_tool(name):
     return module
 
 
-TOOLS = {name: _load_tool(name) for name in ("eval", "predict", "dataset_stats")}
+TOOLS = {name: _load_tool(name) for name in ("eval", "predict", "dataset_stats", "benchmark_train")}
 
 
 def call(capsys, tool, *argv):
@@ -459,9 +459,24 @@ def test_dataset_stats_unknown_scheme_exits_2(capsys, trained, tmp_path):
     assert not (tmp_path / "w.yaml").exists()
 
 
+# -- benchmark_train -------------------------------------------------------------------------------
+
+def test_benchmark_train_times_every_loss_on_the_same_model(capsys):
+    code, out, _ = call(capsys, "benchmark_train", "--size", "32", "32", "--batch", "2", "--classes", "4",
+                        "--steps", "2", "--rounds", "1", "--layout", "nchw")
+    assert code == 0
+    rows = {line[:34].strip(): line[34:].split() for line in out.splitlines()[2:]}
+    assert set(rows) == {"segfocal FocalLoss (batch ENet)", "smp FocalLoss", "F.cross_entropy",
+                         "F.cross_entropy (batch ENet)"}
+    assert rows["segfocal FocalLoss (batch ENet)"][1] == "1.00"
+    for images_per_second, _, last_loss in rows.values():
+        assert float(images_per_second) > 0 and 0 < float(last_loss) < 100
+
+
 # -- every tool's --help ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("tool", ["train", "eval", "predict", "dataset_stats", "benchmark_loss"])
+@pytest.mark.parametrize("tool", ["train", "eval", "predict", "dataset_stats", "benchmark_loss", "benchmark_train",
+                                  "loss_ablation"])
 def test_help_of_every_tool(tool):
     result = run_tool(f"tools/{tool}.py", "--help")
     assert result.returncode == 0, result.stderr
