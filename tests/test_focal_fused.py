@@ -107,3 +107,16 @@ def test_module_reports_the_weights_the_fused_pass_used():
     reference = FocalLoss(weight="median", implementation="reference")
     reference(logits, target)
     torch.testing.assert_close(module.last_class_weights, reference.last_class_weights)
+
+
+def test_fused_compiles_as_one_graph_and_matches_eager():
+    """``torch.compile(fullgraph=True)`` fails on any graph break (e.g. a data-dependent shape)."""
+    logits, target = batch((2, 5, 8, 8), dtype=torch.float32)
+    options = dict(weight="enet", alpha=0.25, poly_epsilon=1.0, validate=False)
+    compiled = torch.compile(lambda x, t: focal_loss(x, t, implementation="fused", **options), fullgraph=True)
+    x = logits.clone().requires_grad_(True)
+    loss = compiled(x, target)
+    (grad,) = torch.autograd.grad(loss, x)
+    eager_loss, eager_grad = value_and_grad(logits, target, "fused", **options)
+    torch.testing.assert_close(loss.detach(), eager_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-8)

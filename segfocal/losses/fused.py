@@ -207,9 +207,13 @@ def _pixel_terms(z, labels, num_classes, ignore_index, dtype, gamma, log_normali
 
 
 def _per_class_sum(bins: torch.Tensor, values: Optional[torch.Tensor], size: int) -> torch.Tensor:
-    """float64 sum of ``values`` (or counts) per bin, without host synchronisation."""
+    """float64 sum of ``values`` (or counts) per bin, without host synchronisation.
+
+    ``bincount`` is the fastest on the CPU, but its output size depends on the data, which
+    ``torch.compile`` cannot trace without a graph break; ``scatter_add_`` has a fixed size.
+    """
     bins = bins.reshape(-1)
-    if bins.device.type == "cpu":
+    if bins.device.type == "cpu" and not torch.compiler.is_compiling():
         weights = None if values is None else values.reshape(-1).to(torch.float64)
         return torch.bincount(bins, weights=weights, minlength=size).to(torch.float64)
     out = torch.zeros(size, dtype=torch.float64, device=bins.device)
