@@ -109,9 +109,10 @@ def test_module_reports_the_weights_the_fused_pass_used():
     torch.testing.assert_close(module.last_class_weights, reference.last_class_weights)
 
 
-def test_fused_compiles_as_one_graph_and_matches_eager():
+def test_fused_compiles_as_one_graph_and_matches_eager(monkeypatch):
     """``torch.compile(fullgraph=True)`` fails on any graph break (e.g. a data-dependent shape)."""
-    logits, target = batch((2, 5, 8, 8), dtype=torch.float32)
+    monkeypatch.setattr(fused_module, "CHUNK_ELEMENTS", 90)  # 3 + 1 rows of 5 x 6 per image: strided chunks
+    logits, target = batch((2, 5, 4, 6), dtype=torch.float32)
     options = dict(weight="enet", alpha=0.25, poly_epsilon=1.0, validate=False)
     compiled = torch.compile(lambda x, t: focal_loss(x, t, implementation="fused", **options), fullgraph=True)
     x = logits.clone().requires_grad_(True)

@@ -162,7 +162,10 @@ def _chunked_gradient(logits, target, saved, coefficients, poly_coefficient, gra
         scalar = (coefficients[torch.where(valid, labels, num_classes).long()] * focal_slope
                   + poly_coefficient * poly_slope) * grad_loss.to(focal_slope.dtype)
         z, out = logits[index], grad[index]
-        softmax = torch.sub(z, log_normaliser.unsqueeze(1), out=out) if out.dtype == focal_slope.dtype \
+        # straight into the gradient, except where a cast follows or under torch.compile (which
+        # rejects a non-contiguous out= and fuses the copy anyway)
+        direct = out.dtype == focal_slope.dtype and not torch.compiler.is_compiling()
+        softmax = torch.sub(z, log_normaliser.unsqueeze(1), out=out) if direct \
             else z.to(focal_slope.dtype) - log_normaliser.unsqueeze(1)
         softmax.exp_().mul_(-scalar.unsqueeze(1))  # -H * softmax_j ...
         softmax.scatter_(1, safe, (scalar * one_minus_pt).unsqueeze(1))  # ... and H (1 - p_t) at the label
