@@ -160,3 +160,34 @@ def test_the_module_uses_the_kernels_and_reports_its_weights(triton_fused):
 def _shares(target, num_classes):
     counts = torch.bincount(target[target != 255].flatten(), minlength=num_classes).double()
     return counts / counts.sum()
+
+
+def test_the_forward_writes_the_gradient_and_float16_recomputes_it(triton_fused, monkeypatch):
+    calls = []
+    original = triton_fused.gradient
+    monkeypatch.setattr(triton_fused, "gradient", lambda *args: calls.append(args[0].dtype) or original(*args))
+    logits, target = batch((2, 5, 9, 11), seed=8)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        value_and_grad(logits.to(dtype), target, "fused")
+    assert calls == [torch.float16]
+
+
+def test_a_second_backward_through_the_same_graph_recomputes(triton_fused):
+    logits, target = batch((2, 5, 9, 11), seed=9)
+    x = logits.float().requires_grad_(True)
+    loss = focal_loss(x, target, implementation="fused", poly_epsilon=1.0)
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    (2.0 * loss).backward(retain_graph=True)
+    (3.0 * loss).backward()
+    _, ref_grad = value_and_grad(logits, target, "reference", poly_epsilon=1.0)
+    torch.testing.assert_close(first.double(), ref_grad, rtol=2e-5, atol=2e-5 * float(ref_grad.abs().max()))
+    torch.testing.assert_close(x.grad.double(), 6 * ref_grad, rtol=2e-5, atol=1e-4 * float(ref_grad.abs().max()))
+
+
+def test_without_a_gradient_the_loss_is_the_same(triton_fused):
+    logits, target = batch((2, 5, 9, 11), seed=10)
+    with torch.no_grad():
+        loss = focal_loss(logits.float(), target, implementation="fused", poly_epsilon=1.0)
+    reference = focal_loss(logits, target, implementation="reference", poly_epsilon=1.0)
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=0)

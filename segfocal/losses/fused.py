@@ -11,9 +11,10 @@ and two slopes: ``4 / C`` of the logits' size), so the backward recomputes the s
 ``exp(z - log-normaliser)`` straight into the gradient, in one pass per chunk. No host
 synchronisation and no data-dependent shape.
 
-On CUDA (float16, bfloat16, float32, with Triton installed) :mod:`.triton_kernels` does both
-passes instead, in one kernel each: the forward accumulates the same per-class sums and saves
-nothing per pixel; the backward recomputes the softmax from the logits.
+On CUDA (float16, bfloat16, float32, with Triton installed) :mod:`.triton_kernels` runs instead:
+a label-only histogram pass, then one pass over the logits that accumulates the same sums and
+writes the gradient (the weights are known by then); the backward only scales it by the upstream
+gradient. Nothing per pixel is saved.
 
 For a pixel with label ``y``, ``k = w[y] a[y] / D`` (``D`` the mean's denominator) and
 ``e = poly_epsilon / D``, the gradient is ``H * (onehot(y) - softmax)`` with the scalar
@@ -69,51 +70,71 @@ class _FusedFocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, class_weight, alpha, gamma, weight_scheme, ignore_index, reduction,
                 normalize, poly_epsilon, enet_c, effective_beta, sync_histogram):
+        num_classes = logits.shape[1]
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        options = (class_weight, alpha, weight_scheme, reduction, normalize, poly_epsilon, enet_c, effective_beta,
+                   sync_histogram, dtype)
         kernels = _triton_kernels(logits)
-        if kernels is not None:
-            counts, focal_sums, poly_sum = kernels.pixel_sums(logits, target, gamma, ignore_index)
+        if kernels is not None:  # histogram first, so the one pass over the logits can write the gradient
+            weight, pixel_factor, scale, coefficients, poly_coefficient = _coefficients(
+                kernels.histogram(target, num_classes, ignore_index), *options)
+            write_grad = ctx.needs_input_grad[0] and logits.dtype != torch.float16
+            focal_sums, poly_sum, grad = kernels.forward(logits, target, coefficients, poly_coefficient, gamma,
+                                                         ignore_index, write_grad)
             saved = None
         else:
             counts, focal_sums, poly_sum, saved = _chunked_sums(logits, target, gamma, ignore_index, poly_epsilon)
-        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        world_size = 1
-        if sync_histogram:
-            counts, world_size = sum_over_ranks(counts)
-
-        if weight_scheme is not None:
-            weight = weights_from_histogram(counts, weight_scheme, enet_c=enet_c, effective_beta=effective_beta,
-                                            dtype=torch.float64)
-        elif class_weight is not None:
-            weight = class_weight.to(torch.float64)
-        else:
-            weight = None
-        pixel_factor = per_class_factor(weight, None if alpha is None else alpha.double())
+            weight, pixel_factor, scale, coefficients, poly_coefficient = _coefficients(counts, *options)
+            grad = None
         weighted = focal_sums if pixel_factor is None else pixel_factor * focal_sums
         total = weighted.sum() + poly_epsilon * poly_sum
-        if reduction == "sum":
-            scale = torch.ones((), dtype=torch.float64, device=logits.device)
-        else:  # 1 / denominator, and 0 when no pixel counts (the numerator is then 0 too)
-            denominator = mean_denominator(counts, pixel_factor, normalize, world_size)
-            scale = torch.where(denominator > 0, 1.0 / denominator, 0.0)
-        per_class = torch.ones_like(counts) if pixel_factor is None else pixel_factor
-        # the class coefficients, with a zero appended for ignored pixels (their bin is C)
-        coefficients = torch.cat([per_class * scale, per_class.new_zeros(1)]).to(dtype)
-        ctx.save_for_backward(logits, target, saved, coefficients, (poly_epsilon * scale).to(dtype))
+        ctx.save_for_backward(logits, target, saved, coefficients, poly_coefficient)
         ctx.use_triton, ctx.gamma, ctx.ignore_index = kernels is not None, gamma, ignore_index
-        used = weight if weight is not None else torch.ones_like(counts)
+        ctx.grad = grad  # the gradient for an upstream 1, written by the forward pass (Triton), or None
+        used = weight if weight is not None else torch.ones_like(focal_sums)
         ctx.mark_non_differentiable(used)
         return (total * scale).to(dtype), used.to(dtype)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_weight):
         logits, target, saved, coefficients, poly_coefficient = ctx.saved_tensors
-        if ctx.use_triton:
+        if ctx.grad is not None:  # consumed once: a second backward (retain_graph) recomputes
+            grad, ctx.grad = ctx.grad, None
+            grad = _triton_kernels(logits).scale_(grad, grad_loss)
+        elif ctx.use_triton:
             grad = _triton_kernels(logits).gradient(logits, target, coefficients, poly_coefficient, grad_loss,
                                                     ctx.gamma, ctx.ignore_index)
         else:
             grad = _chunked_gradient(logits, target, saved, coefficients, poly_coefficient, grad_loss,
                                      ctx.ignore_index)
         return (grad,) + (None,) * 12
+
+
+def _coefficients(counts, class_weight, alpha, weight_scheme, reduction, normalize, poly_epsilon, enet_c,
+                  effective_beta, sync_histogram, dtype):
+    """From the batch's class histogram: the class weights used (or ``None``), the per-class factor
+    ``w a`` (or ``None``), the reduction's scale ``1 / D`` (1 for ``"sum"``), each class's gradient
+    coefficient ``w a / D`` with a zero appended for ignored pixels (their bin is C), and the
+    Poly-1 coefficient ``poly_epsilon / D``."""
+    world_size = 1
+    if sync_histogram:
+        counts, world_size = sum_over_ranks(counts)
+    if weight_scheme is not None:
+        weight = weights_from_histogram(counts, weight_scheme, enet_c=enet_c, effective_beta=effective_beta,
+                                        dtype=torch.float64)
+    elif class_weight is not None:
+        weight = class_weight.to(torch.float64)
+    else:
+        weight = None
+    pixel_factor = per_class_factor(weight, None if alpha is None else alpha.double())
+    if reduction == "sum":
+        scale = torch.ones((), dtype=torch.float64, device=counts.device)
+    else:  # 1 / denominator, and 0 when no pixel counts (the numerator is then 0 too)
+        denominator = mean_denominator(counts, pixel_factor, normalize, world_size)
+        scale = torch.where(denominator > 0, 1.0 / denominator, 0.0)
+    per_class = torch.ones_like(counts) if pixel_factor is None else pixel_factor
+    coefficients = torch.cat([per_class * scale, per_class.new_zeros(1)]).to(dtype)
+    return weight, pixel_factor, scale, coefficients, (poly_epsilon * scale).to(dtype)
 
 
 def _triton_kernels(logits: torch.Tensor):
