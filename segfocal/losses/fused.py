@@ -78,7 +78,9 @@ class _FusedFocal(torch.autograd.Function):
         if kernels is not None:  # histogram first, so the one pass over the logits can write the gradient
             weight, pixel_factor, scale, coefficients, poly_coefficient = _coefficients(
                 kernels.histogram(target, num_classes, ignore_index), *options)
-            write_grad = ctx.needs_input_grad[0] and logits.dtype != torch.float16
+            # not for float16 (see triton_kernels), nor under torch.compile, which traces a plain backward
+            write_grad = ctx.needs_input_grad[0] and logits.dtype != torch.float16 \
+                and not torch.compiler.is_compiling()
             focal_sums, poly_sum, grad = kernels.forward(logits, target, coefficients, poly_coefficient, gamma,
                                                          ignore_index, write_grad)
             saved = None
