@@ -115,13 +115,16 @@ def oracle_focal(logits, target, *, gamma=2.0, alpha=None, weight="enet", ignore
 
 
 def assert_matches_oracle(ours, expected, magnitude, rtol=1e-9):
+    """Relative agreement, except below the smallest normal number of ``ours``'s dtype, where a
+    value cannot be represented with relative precision (an exact 1e-48 is 0 in float32)."""
+    floor = torch.finfo(ours.dtype).tiny
     ours = ours.detach().cpu().to(torch.float64).numpy()
     expected = np.asarray(expected, dtype=np.float64)
     magnitude = np.asarray(magnitude, dtype=np.float64)
     assert ours.shape == expected.shape
     assert np.all(np.isfinite(ours))
     error = np.abs(ours - expected)
-    bound = rtol * np.maximum(np.abs(expected), magnitude) + 1e-300
+    bound = rtol * np.maximum(np.abs(expected), magnitude) + floor
     worst = np.argmax(error / bound) if error.size else 0
     assert np.all(error <= bound), (
         f"max relative error {float(np.max(error / np.maximum(bound, 1e-300)) * rtol):.3g}: "
