@@ -1,4 +1,5 @@
-"""A tiny synthetic-data recipe that trains in seconds on the CPU (imported by the tests)."""
+"""Test helpers: a tiny synthetic-data recipe that trains in seconds on the CPU, and the tools as modules."""
+import importlib.util
 from pathlib import Path
 
 import yaml
@@ -36,3 +37,11 @@ def tiny_recipe(tmp_path: Path, **overrides) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` as a module, to call its ``main(argv)`` in-process."""
+    spec = importlib.util.spec_from_file_location(f"segfocal_tools_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

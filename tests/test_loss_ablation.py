@@ -4,24 +4,15 @@ split, lands in the table with the figures eval.py wrote, and is not retrained o
 train.py and eval.py run in-process here (their own behaviour is tested in test_train.py and
 test_tools.py); the ablation's subprocess call is swapped for their ``main(argv)``.
 """
-import importlib.util
 import json
 
 import pytest
 import yaml
 
-from recipes import REPO, tiny_recipe
+from recipes import load_tool, tiny_recipe
 
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"segfocal_tools_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ABLATION = _load_tool("loss_ablation")
-IN_PROCESS = {name: _load_tool(name) for name in ("train", "eval")}
+ABLATION = load_tool("loss_ablation")
+IN_PROCESS = {name: load_tool(name) for name in ("train", "eval")}
 
 
 def call_in_process(script, *arguments):

@@ -7,7 +7,6 @@ albumentations costs ~10 s per subprocess on a shared CPU. An exception a tool f
 its exit 2 therefore fails the test with the exception itself. ``--help`` of each tool runs as a
 real subprocess, for the scripts' entry points (test_train.py runs eval.py end to end too).
 """
-import importlib.util
 import json
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from PIL import Image
 from segfocal.config import load_config
 from segfocal.engine.trainer import Trainer
 
-from recipes import REPO, tiny_recipe
+from recipes import REPO, load_tool, tiny_recipe
 
 NUM_CLASSES = 6
 IGNORE = 255
@@ -34,14 +33,7 @@ def run_tool(*args, cwd=REPO):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"segfocal_tools_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TOOLS = {name: _load_tool(name) for name in ("eval", "predict", "dataset_stats", "benchmark_train")}
+TOOLS = {name: load_tool(name) for name in ("eval", "predict", "dataset_stats", "benchmark_train")}
 
 
 def call(capsys, tool, *argv):
