@@ -5,34 +5,10 @@ import torch
 import segfocal.losses.fused as fused_module
 from segfocal.losses import FocalLoss, focal_loss
 
-OPTIONS = [
-    dict(gamma=2.0),
-    dict(gamma=0.0, weight=None),
-    dict(gamma=0.5, weight="median", normalize="weights"),
-    dict(gamma=2.0, weight="inverse", alpha=0.25, poly_epsilon=1.0),
-    dict(gamma=1.0, weight="effective", alpha=[0.5, 1.0, 1.5, 2.0, 0.7], reduction="sum"),
-    dict(gamma=3.0, weight=[0.2, 1.0, 3.0, 0.5, 1.0], normalize="weights", poly_epsilon=-0.3),
-    dict(gamma=2.0, weight=None, alpha=0.75, normalize="weights"),
-]
+from focal_cases import OPTIONS, batch, options_id, value_and_grad
 
 
-def batch(shape, seed=0, dtype=torch.float64, ignore_fraction=0.2, scale=3.0):
-    generator = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
-    target_shape = (shape[0],) + tuple(shape[2:])
-    target = torch.randint(0, shape[1], target_shape, generator=generator)
-    target[torch.rand(target_shape, generator=generator) < ignore_fraction] = 255
-    return logits, target
-
-
-def value_and_grad(logits, target, implementation, **options):
-    x = logits.detach().clone().requires_grad_(True)
-    loss = focal_loss(x, target, implementation=implementation, **options)
-    (grad,) = torch.autograd.grad(loss, x)
-    return loss.detach(), grad
-
-
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("options", OPTIONS, ids=options_id)
 @pytest.mark.parametrize("shape", [(37, 5), (2, 5, 9, 11), (2, 5, 3, 4, 6)])
 def test_fused_equals_reference_in_float64(options, shape, monkeypatch):
     monkeypatch.setattr(fused_module, "CHUNK_ELEMENTS", 64)  # many chunks, ragged last ones

@@ -3,6 +3,7 @@
 On a CUDA machine the kernels run compiled on the GPU; elsewhere they run in Triton's interpreter
 (``TRITON_INTERPRET=1``, set by ``conftest.py``) on CPU tensors: the same kernel code, run with NumPy.
 """
+import functools
 import importlib
 import os
 
@@ -11,6 +12,9 @@ import torch
 
 import segfocal.losses.fused as fused_module
 from segfocal.losses import focal_loss
+
+import focal_cases
+from focal_cases import OPTIONS, options_id, value_and_grad
 
 pytest.importorskip("triton")
 CUDA = torch.cuda.is_available()
@@ -33,20 +37,7 @@ def triton_fused(kernels, monkeypatch):
     return kernels
 
 
-def batch(shape, seed=0, ignore_fraction=0.2, scale=3.0, ignore_index=255):
-    generator = torch.Generator().manual_seed(seed)
-    logits = torch.randn(shape, generator=generator, dtype=torch.float64) * scale
-    target_shape = (shape[0],) + tuple(shape[2:])
-    target = torch.randint(0, shape[1], target_shape, generator=generator)
-    target[torch.rand(target_shape, generator=generator) < ignore_fraction] = ignore_index
-    return logits.to(DEVICE), target.to(DEVICE)
-
-
-def value_and_grad(logits, target, implementation, upstream=1.0, **options):
-    x = logits.detach().clone().requires_grad_(True)
-    loss = focal_loss(x, target, implementation=implementation, **options)
-    (grad,) = torch.autograd.grad(loss * upstream, x)
-    return loss.detach(), grad
+batch = functools.partial(focal_cases.batch, device=DEVICE)
 
 
 def check_against_reference(logits, target, rtol=2e-5, **options):
@@ -60,18 +51,7 @@ def check_against_reference(logits, target, rtol=2e-5, **options):
     return grad
 
 
-OPTIONS = [
-    dict(gamma=2.0),
-    dict(gamma=0.0, weight=None),
-    dict(gamma=0.5, weight="median", normalize="weights"),
-    dict(gamma=2.0, weight="inverse", alpha=0.25, poly_epsilon=1.0),
-    dict(gamma=1.0, weight="effective", alpha=[0.5, 1.0, 1.5, 2.0, 0.7], reduction="sum"),
-    dict(gamma=3.0, weight=[0.2, 1.0, 3.0, 0.5, 1.0], normalize="weights", poly_epsilon=-0.3),
-    dict(gamma=2.0, weight=None, alpha=0.75, normalize="weights", upstream=3.5),
-]
-
-
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("options", OPTIONS, ids=options_id)
 @pytest.mark.parametrize("shape", [(37, 5), (2, 5, 9, 11), (2, 5, 3, 4, 6)])
 def test_triton_equals_reference(options, shape, triton_fused):
     logits, target = batch(shape, seed=len(shape))
