@@ -74,7 +74,7 @@ class _FusedFocal(torch.autograd.Function):
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         options = (class_weight, alpha, weight_scheme, reduction, normalize, poly_epsilon, enet_c, effective_beta,
                    sync_histogram, dtype)
-        kernels = _triton_kernels(logits)
+        kernels = _kernels(logits)
         if kernels is not None:  # histogram first, so the one pass over the logits can write the gradient
             weight, pixel_factor, scale, coefficients, poly_coefficient = _coefficients(
                 kernels.histogram(target, num_classes, ignore_index), *options)
@@ -91,8 +91,8 @@ class _FusedFocal(torch.autograd.Function):
         weighted = focal_sums if pixel_factor is None else pixel_factor * focal_sums
         total = weighted.sum() + poly_epsilon * poly_sum
         ctx.save_for_backward(logits, target, saved, coefficients, poly_coefficient)
-        ctx.use_triton, ctx.gamma, ctx.ignore_index = kernels is not None, gamma, ignore_index
-        ctx.grad = grad  # the gradient for an upstream 1, written by the forward pass (Triton), or None
+        ctx.kernels, ctx.gamma, ctx.ignore_index = kernels, gamma, ignore_index
+        ctx.grad = grad  # the gradient for an upstream 1, written by the forward pass (kernels), or None
         used = weight if weight is not None else torch.ones_like(focal_sums)
         ctx.mark_non_differentiable(used)
         return (total * scale).to(dtype), used.to(dtype)
@@ -102,9 +102,9 @@ class _FusedFocal(torch.autograd.Function):
         logits, target, saved, coefficients, poly_coefficient = ctx.saved_tensors
         if ctx.grad is not None:  # consumed once: a second backward (retain_graph) recomputes
             grad, ctx.grad = ctx.grad, None
-            grad = _triton_kernels(logits).scale_(grad, grad_loss)
-        elif ctx.use_triton:
-            grad = _triton_kernels(logits).gradient(logits, target, coefficients, poly_coefficient, grad_loss,
+            grad = ctx.kernels.scale_(grad, grad_loss)
+        elif ctx.kernels is not None:
+            grad = ctx.kernels.gradient(logits, target, coefficients, poly_coefficient, grad_loss,
                                                     ctx.gamma, ctx.ignore_index)
         else:
             grad = _chunked_gradient(logits, target, saved, coefficients, poly_coefficient, grad_loss,
@@ -139,14 +139,25 @@ def _coefficients(counts, class_weight, alpha, weight_scheme, reduction, normali
     return weight, pixel_factor, scale, coefficients, (poly_epsilon * scale).to(dtype)
 
 
-def _triton_kernels(logits: torch.Tensor):
-    """The Triton kernel module for float16/bfloat16/float32 CUDA logits when Triton is installed,
-    else ``None`` (the chunked PyTorch implementation; also for float64, kept exact)."""
-    if not (logits.is_cuda and logits.dtype != torch.float64 and _HAS_TRITON):
-        return None
-    from . import triton_kernels
+def _kernels(logits: torch.Tensor):
+    """The kernel module for these logits, or ``None`` for the chunked PyTorch implementation:
 
-    return triton_kernels
+    * :mod:`.triton_kernels` for float16/bfloat16/float32 CUDA logits when Triton is installed;
+    * :mod:`.cpu_kernels` for float32/bfloat16 CPU logits when its C++ kernel could be built, except
+      under ``torch.compile`` (which cannot trace a foreign call and fuses the chunked ops itself);
+    * ``None`` for float64 (kept exact: the implementations are tested against it) and otherwise.
+    """
+    if logits.is_cuda:
+        if not _HAS_TRITON or logits.dtype == torch.float64:
+            return None
+        from . import triton_kernels
+
+        return triton_kernels
+    if torch.compiler.is_compiling():
+        return None
+    from . import cpu_kernels
+
+    return cpu_kernels if cpu_kernels.supports(logits) else None
 
 
 def _chunked_sums(logits, target, gamma, ignore_index, poly_epsilon):

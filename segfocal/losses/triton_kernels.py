@@ -26,6 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import empty_gradient, flat_labels, flat_logits, ignore_index_fits
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the logits' dtypes it takes
 MAX_PROGRAMS = 4096  # programs loop over pixel blocks, so the float64 atomics stay few per class
 SCALE_BLOCK = 4096
 FLOAT32_TINY = 1.1754943508222875e-38  # float32's smallest normal
@@ -171,12 +174,12 @@ def _scale_kernel(grad_ptr, numel, grad_loss_ptr, BLOCK: tl.constexpr):
 def histogram(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
     """float64 pixel count of each class ``[C]`` (ignored and out-of-range labels are not counted)."""
     counts = torch.zeros(num_classes, dtype=torch.float64, device=target.device)
-    labels, label_strides, num_pixels, spatial = _flat_labels(target)
+    labels, label_strides, num_pixels, spatial = flat_labels(target)
     block_p, block_c = _blocks(num_classes)
     if num_pixels > 0:
         _histogram_kernel[(_programs(num_pixels, block_p),)](
             labels, counts, num_pixels, spatial, *label_strides, num_classes, ignore_index,
-            HAS_IGNORE=_fits(ignore_index, target.dtype), BLOCK_P=block_p, BLOCK_C=block_c)
+            HAS_IGNORE=ignore_index_fits(ignore_index, target.dtype), BLOCK_P=block_p, BLOCK_C=block_c)
     return counts
 
 
@@ -192,15 +195,16 @@ def forward(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tens
     num_classes = logits.shape[1]
     focal_sums = torch.zeros(num_classes, dtype=torch.float64, device=logits.device)
     poly_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
-    flat_logits, strides = _flat_logits(logits)
-    labels, label_strides, num_pixels, spatial = _flat_labels(target)
-    grad, flat_grad, grad_strides = _empty_gradient(logits) if write_grad else (None, flat_logits, strides)
+    logits_view, strides = flat_logits(logits)
+    labels, label_strides, num_pixels, spatial = flat_labels(target)
+    grad, flat_grad, grad_strides = empty_gradient(logits) if write_grad else (None, logits_view, strides)
     block_p, block_c = _blocks(num_classes)
     if num_pixels > 0:
         _forward_kernel[(_programs(num_pixels, block_p),)](
-            flat_logits, labels, flat_grad, coefficients.float(), poly_coefficient.float(), focal_sums, poly_sum,
+            logits_view, labels, flat_grad, coefficients.float(), poly_coefficient.float(), focal_sums, poly_sum,
             num_pixels, spatial, *strides, *label_strides, *grad_strides, num_classes, ignore_index, float(gamma),
-            HAS_IGNORE=_fits(ignore_index, target.dtype), WRITE_GRAD=write_grad, BLOCK_P=block_p, BLOCK_C=block_c)
+            HAS_IGNORE=ignore_index_fits(ignore_index, target.dtype), WRITE_GRAD=write_grad,
+            BLOCK_P=block_p, BLOCK_C=block_c)
     return focal_sums, poly_sum, grad
 
 
@@ -209,15 +213,15 @@ def gradient(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Ten
     """The logits' gradient recomputed from the logits (their dtype and memory format), with the
     upstream gradient folded in; ``coefficients`` as for :func:`forward`."""
     num_classes = logits.shape[1]
-    grad, flat_grad, grad_strides = _empty_gradient(logits)
-    flat_logits, strides = _flat_logits(logits)
-    labels, label_strides, num_pixels, spatial = _flat_labels(target)
+    grad, flat_grad, grad_strides = empty_gradient(logits)
+    logits_view, strides = flat_logits(logits)
+    labels, label_strides, num_pixels, spatial = flat_labels(target)
     block_p, block_c = _blocks(num_classes)
     if num_pixels > 0:
         _backward_kernel[(triton.cdiv(num_pixels, block_p),)](
-            flat_logits, labels, flat_grad, coefficients.float(), poly_coefficient.float(), grad_loss,
+            logits_view, labels, flat_grad, coefficients.float(), poly_coefficient.float(), grad_loss,
             num_pixels, spatial, *strides, *label_strides, *grad_strides, num_classes, ignore_index, float(gamma),
-            HAS_IGNORE=_fits(ignore_index, target.dtype), BLOCK_P=block_p, BLOCK_C=block_c)
+            HAS_IGNORE=ignore_index_fits(ignore_index, target.dtype), BLOCK_P=block_p, BLOCK_C=block_c)
     return grad
 
 
@@ -229,31 +233,6 @@ def scale_(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-def _empty_gradient(logits: torch.Tensor):
-    """A gradient buffer in the logits' memory format (contiguous where that would not flatten to
-    ``[B, C, S]`` without a copy), its ``[B, C, S]`` view and that view's strides."""
-    grad = torch.empty_like(logits)
-    flat, strides = _flat_logits(grad)
-    if flat.untyped_storage().data_ptr() != grad.untyped_storage().data_ptr():  # flattening copied
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        flat, strides = _flat_logits(grad)
-    return grad, flat, strides
-
-
-def _flat_logits(tensor: torch.Tensor):
-    """``tensor`` as ``[B, C, S]`` (``[N, C]`` as ``B = 1``; a view when its spatial dims merge,
-    else a copy) and the strides of B, C and S."""
-    flat = tensor.t().unsqueeze(0) if tensor.ndim == 2 else tensor.flatten(2)
-    return flat, flat.stride()
-
-
-def _flat_labels(target: torch.Tensor):
-    """The labels as ``[B, S]``, their strides, the pixel count and ``S``."""
-    labels = target.reshape(1, -1) if target.ndim == 1 else target.reshape(target.shape[0], -1)
-    batch, spatial = labels.shape
-    return labels, labels.stride(), batch * spatial, spatial
-
-
 def _blocks(num_classes: int) -> Tuple[int, int]:
     """Tile sizes: all classes of a pixel in one row (a power of two), about 4096 elements per tile."""
     block_c = triton.next_power_of_2(num_classes)
@@ -262,9 +241,3 @@ def _blocks(num_classes: int) -> Tuple[int, int]:
 
 def _programs(num_pixels: int, block_p: int) -> int:
     return min(triton.cdiv(num_pixels, block_p), MAX_PROGRAMS)
-
-
-def _fits(ignore_index: int, dtype: torch.dtype) -> bool:
-    """Whether ``ignore_index`` is a value ``dtype`` can hold (otherwise no label is ignored)."""
-    info = torch.iinfo(dtype)
-    return info.min <= ignore_index <= info.max

@@ -1,11 +1,14 @@
-"""The Triton kernel pair against the float64 composite reference, in value and gradient.
+"""The kernel back ends of the fused loss against the float64 composite reference, in value and gradient.
 
-On a CUDA machine the kernels run compiled on the GPU; elsewhere they run in Triton's interpreter
-(``TRITON_INTERPRET=1``, set by ``conftest.py``) on CPU tensors: the same kernel code, run with NumPy.
+Every test runs for each back end: the C++ CPU kernel (``segfocal.losses.cpu_kernels``, built on
+first use) and the Triton kernels. On a CUDA machine the Triton kernels run compiled on the GPU;
+elsewhere they run in Triton's interpreter (``TRITON_INTERPRET=1``, set by ``conftest.py``) on CPU
+tensors: the same kernel code, run with NumPy.
 """
-import functools
 import importlib
 import os
+import shutil
+import types
 
 import pytest
 import torch
@@ -16,28 +19,48 @@ from segfocal.losses import focal_loss
 import focal_cases
 from focal_cases import OPTIONS, options_id, value_and_grad
 
-pytest.importorskip("triton")
 CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    """The kernel module: compiled on CUDA, run by the interpreter elsewhere (``tests/conftest.py``)."""
+def cpu_backend():
+    from segfocal.losses import cpu_kernels
+
+    if cpu_kernels.library() is None:
+        if shutil.which(os.environ.get("CXX") or "c++") is not None:
+            pytest.fail("a C++ compiler is installed but the CPU kernel did not build (see the warning)")
+        pytest.skip("no C++ compiler")
+    def split_finely(monkeypatch):  # 3 threads over 16-pixel tiles
+        monkeypatch.setattr(cpu_kernels, "TILE", 16)
+        monkeypatch.setattr(cpu_kernels, "GRAIN", 1)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+
+    return types.SimpleNamespace(module=cpu_kernels, device="cpu", split_finely=split_finely)
+
+
+def triton_backend():
+    pytest.importorskip("triton")
     if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU and TRITON_INTERPRET is not 1")
-    return importlib.import_module("segfocal.losses.triton_kernels")
+    module = importlib.import_module("segfocal.losses.triton_kernels")
+
+    def split_finely(monkeypatch):  # 3 programs, each looping over many pixel blocks
+        monkeypatch.setattr(module, "MAX_PROGRAMS", 3)
+
+    return types.SimpleNamespace(module=module, device="cuda" if CUDA else "cpu", split_finely=split_finely)
 
 
-@pytest.fixture
-def triton_fused(kernels, monkeypatch):
-    """Route every non-float64 fused call through the Triton kernels, whatever the device."""
-    monkeypatch.setattr(fused_module, "_triton_kernels",
-                        lambda logits: None if logits.dtype == torch.float64 else kernels)
-    return kernels
+@pytest.fixture(params=["cpu", "triton"])
+def backend(request, monkeypatch):
+    """A kernel back end (``.module``, ``.device``), with every fused call on logits of a dtype it
+    takes routed through it, whatever the device."""
+    chosen = cpu_backend() if request.param == "cpu" else triton_backend()
+    monkeypatch.setattr(fused_module, "_kernels",
+                        lambda logits: chosen.module if logits.dtype in chosen.module.DTYPES else None)
+    return chosen
 
 
-batch = functools.partial(focal_cases.batch, device=DEVICE)
+def batch(backend, shape, **kwargs):
+    return focal_cases.batch(shape, device=backend.device, **kwargs)
 
 
 def check_against_reference(logits, target, rtol=2e-5, **options):
@@ -53,28 +76,28 @@ def check_against_reference(logits, target, rtol=2e-5, **options):
 
 @pytest.mark.parametrize("options", OPTIONS, ids=options_id)
 @pytest.mark.parametrize("shape", [(37, 5), (2, 5, 9, 11), (2, 5, 3, 4, 6)])
-def test_triton_equals_reference(options, shape, triton_fused):
-    logits, target = batch(shape, seed=len(shape))
+def test_kernels_equal_reference(options, shape, backend):
+    logits, target = batch(backend, shape, seed=len(shape))
     check_against_reference(logits.float(), target, **options)
 
 
-def test_programs_loop_over_several_blocks(triton_fused, monkeypatch):
-    monkeypatch.setattr(triton_fused, "MAX_PROGRAMS", 3)  # each program accumulates many blocks
-    logits, target = batch((3, 4, 17, 23), seed=1)
+def test_work_split_in_many_pieces_adds_up(backend, monkeypatch):
+    backend.split_finely(monkeypatch)
+    logits, target = batch(backend, (3, 4, 17, 23), seed=1)
     check_against_reference(logits.float(), target, poly_epsilon=1.0)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "channels_last_3d", "sliced", "transposed"])
-def test_triton_reads_strided_logits_and_writes_a_gradient_it_can_address(layout, triton_fused):
+def test_kernels_read_strided_logits_and_write_a_gradient_they_can_address(layout, backend):
     shape = (2, 6, 5, 12, 10) if layout == "channels_last_3d" else (2, 6, 12, 10)
-    logits, target = batch(shape)
+    logits, target = batch(backend, shape)
     logits = logits.float()
     if layout == "channels_last":
         strided = logits.contiguous(memory_format=torch.channels_last)
     elif layout == "channels_last_3d":
         strided = logits.contiguous(memory_format=torch.channels_last_3d)
     elif layout == "sliced":
-        wide = torch.zeros(2, 6, 12, 20, device=DEVICE)
+        wide = torch.zeros(2, 6, 12, 20, device=backend.device)
         wide[..., ::2] = logits
         strided = wide[..., ::2]
     else:  # dense, but height and width cannot be merged into one stride
@@ -85,14 +108,14 @@ def test_triton_reads_strided_logits_and_writes_a_gradient_it_can_address(layout
         assert grad.stride() == strided.stride()
 
 
-def test_many_classes_and_a_large_class_tile(triton_fused):
-    logits, target = batch((2, 150, 6, 7), seed=3)
+def test_many_classes_and_a_large_class_tile(backend):
+    logits, target = batch(backend, (2, 150, 6, 7), seed=3)
     check_against_reference(logits.float(), target)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_logits_are_computed_in_float32(dtype, triton_fused):
-    logits, target = batch((2, 5, 9, 11), seed=4)
+def test_half_precision_logits_are_computed_in_float32(dtype, backend):
+    logits, target = batch(backend, (2, 5, 9, 11), seed=4)
     half = logits.to(dtype)
     loss, grad = value_and_grad(half, target, "fused", poly_epsilon=1.0)
     ref_loss, ref_grad = value_and_grad(half.double(), target, "reference", poly_epsilon=1.0)
@@ -102,22 +125,22 @@ def test_half_precision_logits_are_computed_in_float32(dtype, triton_fused):
 
 
 @pytest.mark.parametrize("target_dtype,ignore_index", [(torch.uint8, 255), (torch.int32, 2), (torch.uint8, -100)])
-def test_label_dtypes_and_ignore_index(target_dtype, ignore_index, triton_fused):
-    logits, target = batch((2, 5, 9, 11), seed=5, ignore_index=ignore_index if ignore_index >= 0 else 0)
+def test_label_dtypes_and_ignore_index(target_dtype, ignore_index, backend):
+    logits, target = batch(backend, (2, 5, 9, 11), seed=5, ignore_index=ignore_index if ignore_index >= 0 else 0)
     target = target.to(target_dtype)
     check_against_reference(logits.float(), target, ignore_index=ignore_index, weight="enet")
 
 
-def test_all_ignored_gives_zero_and_zero_gradient(triton_fused):
-    logits, _ = batch((2, 5, 4, 4))
-    target = torch.full((2, 4, 4), 255, device=DEVICE)
+def test_all_ignored_gives_zero_and_zero_gradient(backend):
+    logits, _ = batch(backend, (2, 5, 4, 4))
+    target = torch.full((2, 4, 4), 255, device=backend.device)
     loss, grad = value_and_grad(logits.float(), target, "fused", poly_epsilon=1.0)
     assert loss.item() == 0.0
     assert torch.count_nonzero(grad) == 0
 
 
-def test_saturated_pixels_keep_finite_accurate_gradients(triton_fused):
-    logits, target = batch((2, 4, 6, 6), seed=6, ignore_fraction=0.0)
+def test_saturated_pixels_keep_finite_accurate_gradients(backend):
+    logits, target = batch(backend, (2, 4, 6, 6), seed=6, ignore_fraction=0.0)
     onehot = torch.nn.functional.one_hot(target, 4).movedim(-1, 1).double()
     saturated = logits + 40.0 * onehot  # p_t rounds to 1 in float32
     for gamma in (0.5, 2.0):
@@ -125,10 +148,10 @@ def test_saturated_pixels_keep_finite_accurate_gradients(triton_fused):
         assert torch.isfinite(grad).all()
 
 
-def test_the_module_uses_the_kernels_and_reports_its_weights(triton_fused):
+def test_the_module_uses_the_kernels_and_reports_its_weights(backend):
     from segfocal.losses import FocalLoss
 
-    logits, target = batch((2, 5, 9, 11), seed=7)
+    logits, target = batch(backend, (2, 5, 9, 11), seed=7)
     criterion = FocalLoss(weight="enet")
     loss = criterion(logits.float(), target)
     reference = FocalLoss(weight="enet", implementation="reference")(logits, target)
@@ -142,18 +165,18 @@ def _shares(target, num_classes):
     return counts / counts.sum()
 
 
-def test_the_forward_writes_the_gradient_and_float16_recomputes_it(triton_fused, monkeypatch):
+def test_the_forward_writes_the_gradient_and_float16_recomputes_it(backend, monkeypatch):
     calls = []
-    original = triton_fused.gradient
-    monkeypatch.setattr(triton_fused, "gradient", lambda *args: calls.append(args[0].dtype) or original(*args))
-    logits, target = batch((2, 5, 9, 11), seed=8)
+    original = backend.module.gradient
+    monkeypatch.setattr(backend.module, "gradient", lambda *args: calls.append(args[0].dtype) or original(*args))
+    logits, target = batch(backend, (2, 5, 9, 11), seed=8)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         value_and_grad(logits.to(dtype), target, "fused")
-    assert calls == [torch.float16]
+    assert calls == [dtype for dtype in (torch.float16,) if dtype in backend.module.DTYPES]
 
 
-def test_a_second_backward_through_the_same_graph_recomputes(triton_fused):
-    logits, target = batch((2, 5, 9, 11), seed=9)
+def test_a_second_backward_through_the_same_graph_recomputes(backend):
+    logits, target = batch(backend, (2, 5, 9, 11), seed=9)
     x = logits.float().requires_grad_(True)
     loss = focal_loss(x, target, implementation="fused", poly_epsilon=1.0)
     loss.backward(retain_graph=True)
@@ -165,8 +188,8 @@ def test_a_second_backward_through_the_same_graph_recomputes(triton_fused):
     torch.testing.assert_close(x.grad.double(), 6 * ref_grad, rtol=2e-5, atol=1e-4 * float(ref_grad.abs().max()))
 
 
-def test_without_a_gradient_the_loss_is_the_same(triton_fused):
-    logits, target = batch((2, 5, 9, 11), seed=10)
+def test_without_a_gradient_the_loss_is_the_same(backend):
+    logits, target = batch(backend, (2, 5, 9, 11), seed=10)
     with torch.no_grad():
         loss = focal_loss(logits.float(), target, implementation="fused", poly_epsilon=1.0)
     reference = focal_loss(logits, target, implementation="reference", poly_epsilon=1.0)

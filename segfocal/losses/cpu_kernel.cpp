@@ -1,0 +1,381 @@
+// The fused focal loss on the CPU: one pass over [B, C, S] logits of any strides.
+//
+// Built on first use by segfocal/losses/cpu_kernels.py and called through ctypes (plain C entry
+// points, no Python or PyTorch headers, so it compiles in about a second). Pixels are cut into
+// tiles; each tile's logits are staged as float32 in a small [C][P] buffer (L1/L2-sized), so the
+// logits are read from memory once and the gradient is written once, whatever the layout. The
+// loops over the P pixels of a tile have no branches and call only the inline exp/log below, so
+// the compiler vectorises them. Threads own contiguous ranges of tiles and their own float64
+// sums, which are added in thread order: the result does not depend on scheduling.
+//
+// Arithmetic matches the Triton kernels (triton_kernels.py): 1 - p_t is the other classes' mass,
+// -log p_t uses log1p below p_t = 1/2, and the gradient is H * (onehot - softmax).
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace {
+
+constexpr float kTiny = 1.17549435e-38f;  // float32's smallest normal
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline float from_bits(uint32_t bits) { float value; std::memcpy(&value, &bits, 4); return value; }
+inline uint32_t to_bits(float value) { uint32_t bits; std::memcpy(&bits, &value, 4); return bits; }
+
+// Round to the nearest integer (|x| < 2^22) with the 1.5 * 2^23 trick: no floor() call to vectorise.
+inline float round_nearest(float x) { return (x + 12582912.0f) - 12582912.0f; }
+
+// e^x for x <= 88 (the uses here have x <= 0): Cody-Waite reduction by ln 2 and a degree-6
+// polynomial on [-ln2/2, ln2/2] (Cephes' minimax coefficients), about 1 ulp. Results below
+// float32's normal range flush to 0; NaN stays NaN.
+inline float exp_approx(float x) {
+  float clamped = x < -87.33654f ? -87.33654f : (x > 88.0f ? 88.0f : x);
+  float n = round_nearest(clamped * 1.44269504088896341f);
+  n = n == n ? n : 0.0f;
+  float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  float result = p * from_bits(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  return x < -87.33654f ? 0.0f : result;
+}
+
+// ln x for positive normal x (the uses here), +inf and NaN: x = m 2^e with m in [sqrt(1/2),
+// sqrt(2)), and a degree-9 polynomial in m - 1 (Cephes' coefficients), about 1 ulp.
+inline float log_approx(float x) {
+  uint32_t bits = to_bits(x);
+  float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 126);
+  float m = from_bits((bits & 0x007fffffu) | 0x3f000000u);  // in [0.5, 1)
+  float low = m < 0.70710678118654752f ? 1.0f : 0.0f;  // then use 2m in [sqrt(1/2), 1) and e - 1
+  e -= low;
+  m = m + low * m - 1.0f;
+  float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z - 2.12194440e-4f * e - 0.5f * z;
+  float result = m + y + 0.693359375f * e;
+  return x < kInf ? result : x;  // +inf and NaN pass through
+}
+
+struct Float32 {
+  using type = float;
+  static float load(float value) { return value; }
+  static float store(float value) { return value; }
+};
+
+struct BFloat16 {  // bfloat16 is the upper half of a float32; stores round to nearest even
+  using type = uint16_t;
+  static float load(uint16_t value) { return from_bits(static_cast<uint32_t>(value) << 16); }
+  static uint16_t store(float value) {
+    uint32_t bits = to_bits(value);
+    uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    return value == value ? static_cast<uint16_t>(rounded) : static_cast<uint16_t>(0x7fc0u);
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// Everything one call needs; mirrored by a ctypes.Structure in cpu_kernels.py.
+struct FocalProblem {
+  const void* logits;        // [B, C, S] with the strides below (elements)
+  const void* labels;        // [B, S]
+  void* grad;                // [B, C, S], or null: no gradient
+  const float* coefficients; // [C + 1]: w a / D per class, 0 for ignored pixels
+  double* focal_sums;        // out [C]: sum of (1 - p_t)^gamma (-log p_t) per label class
+  double* poly_sum;          // out [1]: sum of (1 - p_t)^(gamma + 1)
+  double* counts;            // out [C]: label histogram (histogram entry point only)
+  int64_t batch, classes, spatial;
+  int64_t stride_b, stride_c, stride_s;
+  int64_t label_stride_b, label_stride_s;
+  int64_t grad_stride_b, grad_stride_c, grad_stride_s;
+  int64_t ignore_index;
+  int64_t has_ignore;        // 0 when ignore_index does not fit the label dtype
+  int64_t logits_dtype;      // 0 float32, 1 bfloat16
+  int64_t label_dtype;       // 0 int64, 1 int32, 2 uint8
+  int64_t num_threads;       // at most this many threads,
+  int64_t grain;             // each with at least this many logits (histogram: labels) to process
+  int64_t tile;              // pixels per tile (a multiple of 16), 0: about 32 KiB of float32
+  double gamma, poly_coefficient, upstream;
+};
+
+}  // extern "C"
+
+namespace {
+
+// Run work(thread, first, last) over [0, total) split in contiguous ranges, one per thread.
+template <typename Work>
+void parallel_ranges(int64_t total, int64_t num_threads, Work work) {
+  int64_t threads = std::max<int64_t>(1, std::min(num_threads, total));
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < threads; ++t)
+    pool.emplace_back(work, t, total * t / threads, total * (t + 1) / threads);
+  work(0, 0, total / threads);
+  for (auto& thread : pool) thread.join();
+}
+
+// The labels of a tile as class indices, -1 where ignored, out of range or padding.
+template <typename Label>
+void load_labels(const FocalProblem& p, int64_t b, int64_t s0, int64_t n, int64_t tile, int32_t* labels) {
+  const Label* row = static_cast<const Label*>(p.labels) + b * p.label_stride_b + s0 * p.label_stride_s;
+  for (int64_t i = 0; i < tile; ++i) {
+    int64_t label = i < n ? static_cast<int64_t>(row[i * p.label_stride_s]) : -1;
+    bool counts = label >= 0 && label < p.classes && !(p.has_ignore && label == p.ignore_index);
+    labels[i] = counts ? static_cast<int32_t>(label) : -1;
+  }
+}
+
+template <typename Label>
+void histogram(const FocalProblem& p) {
+  int64_t tiles_per_row = (p.spatial + 255) / 256;
+  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(p.num_threads, p.batch * p.spatial / p.grain));
+  std::vector<std::vector<int64_t>> partial(threads, std::vector<int64_t>(p.classes, 0));
+  parallel_ranges(p.batch * tiles_per_row, threads, [&](int64_t thread, int64_t first, int64_t last) {
+    int32_t labels[256];
+    for (int64_t t = first; t < last; ++t) {
+      int64_t b = t / tiles_per_row, s0 = (t % tiles_per_row) * 256;
+      int64_t n = std::min<int64_t>(256, p.spatial - s0);
+      load_labels<Label>(p, b, s0, n, 256, labels);
+      for (int64_t i = 0; i < n; ++i)
+        if (labels[i] >= 0) ++partial[thread][labels[i]];
+    }
+  });
+  for (int64_t c = 0; c < p.classes; ++c) {
+    p.counts[c] = 0.0;
+    for (const auto& counts : partial) p.counts[c] += static_cast<double>(counts[c]);
+  }
+}
+
+// Per-thread scratch for one tile of `tile` pixels.
+struct Scratch {
+  std::vector<float> values;  // [C][tile]: logits, then exps, then the gradient
+  std::vector<float> peak, other, label_shifted, focal, poly, coefficient, grad_other, grad_label;
+  std::vector<int32_t> labels;
+  std::vector<double> focal_sums;
+  double poly_sum = 0.0;
+  Scratch(int64_t classes, int64_t tile)
+      : values(classes * tile), peak(tile), other(tile), label_shifted(tile), focal(tile), poly(tile),
+        coefficient(tile), grad_other(tile), grad_label(tile), labels(tile), focal_sums(classes, 0.0) {}
+};
+
+// Per pixel of a tile, from the other classes' mass and the label's shifted logit: the focal term
+// (1 - p_t)^gamma (-log p_t) and Poly-1 term (1 - p_t)^(gamma + 1) (0 where ignored) and, for the
+// gradient H * (onehot - softmax), -H / normaliser (times exp(z - max)) and H (1 - p_t) at the
+// label, H = dL/dp_t * p_t * upstream. A function of its own with restrict pointers: one loop the
+// compiler vectorises without aliasing checks.
+template <bool kWriteGrad>
+void pixel_terms(int64_t tile, float gamma, float poly_coefficient, float upstream,
+                 const int32_t* __restrict labels, const float* __restrict other,
+                 const float* __restrict label_shifted, const float* __restrict coefficient,
+                 float* __restrict focal, float* __restrict poly, float* __restrict grad_other,
+                 float* __restrict grad_label) {
+  for (int64_t i = 0; i < tile; ++i) {
+    bool valid = labels[i] >= 0;
+    float normaliser = other[i] + exp_approx(label_shifted[i]);
+    float one_minus_pt = other[i] / normaliser;
+    float small = one_minus_pt > 0.5f ? 0.5f : one_minus_pt;  // comparisons written so NaN passes
+    float shifted_one = 1.0f - small;  // log1p(-small) by Goldberg's correction
+    float ratio = shifted_one == 1.0f ? 1.0f : -small / (shifted_one - 1.0f);
+    float log_shifted_one = log_approx(shifted_one);
+    float log1p_small = shifted_one == 1.0f ? -small : log_shifted_one * ratio;
+    float log_pt = label_shifted[i] - log_approx(normaliser);
+    float neg_log_pt = one_minus_pt < 0.5f ? -log1p_small : -(log_pt > 0.0f ? 0.0f : log_pt);
+    one_minus_pt = one_minus_pt < kTiny ? kTiny : one_minus_pt;
+    float modulated = exp_approx(gamma * log_approx(one_minus_pt));
+    focal[i] = valid ? modulated * neg_log_pt : 0.0f;
+    poly[i] = valid ? modulated * one_minus_pt : 0.0f;
+    if (kWriteGrad) {
+      float p_t = exp_approx(-neg_log_pt);
+      // d/dp_t [-(1-p)^g log p] * p = g (1-p)^g p log(p)/(1-p) - (1-p)^g, finite as p -> 1
+      float log_ratio = one_minus_pt > kTiny ? -neg_log_pt / one_minus_pt : -1.0f;
+      float focal_slope = gamma * modulated * p_t * log_ratio - modulated;
+      float poly_slope = -(gamma + 1.0f) * modulated * p_t;  // d/dp_t [(1-p)^(g+1)] * p
+      float scalar = (coefficient[i] * focal_slope + (valid ? poly_coefficient * poly_slope : 0.0f)) * upstream;
+      grad_other[i] = -scalar / normaliser;
+      grad_label[i] = scalar * one_minus_pt;
+    }
+  }
+}
+
+// Add a tile's focal terms to their label's float64 sum and its Poly-1 terms to the float64 total
+// (in 16 float32 lanes first: a reduction the compiler vectorises; padding pixels hold 0).
+void accumulate(int64_t n, int64_t tile, const int32_t* __restrict labels, const float* __restrict focal,
+                const float* __restrict poly, double* __restrict focal_sums, double* __restrict poly_sum) {
+  for (int64_t i = 0; i < n; ++i)
+    if (labels[i] >= 0) focal_sums[labels[i]] += focal[i];
+  float lanes[16] = {};
+  for (int64_t start = 0; start < tile; start += 16)
+    for (int64_t k = 0; k < 16; ++k) lanes[k] += poly[start + k];
+  double total = 0.0;
+  for (float lane : lanes) total += lane;
+  *poly_sum += total;
+}
+
+template <typename Logit, typename Label, bool kWriteGrad>
+void focal_tile(const FocalProblem& p, int64_t b, int64_t s0, int64_t n, int64_t tile, Scratch& s) {
+  using Stored = typename Logit::type;
+  const int64_t C = p.classes;
+  const float gamma = static_cast<float>(p.gamma);
+  float* values = s.values.data();
+  int32_t* labels = s.labels.data();
+  float *peak = s.peak.data(), *other = s.other.data(), *label_shifted = s.label_shifted.data();
+  load_labels<Label>(p, b, s0, n, tile, labels);
+
+  // Stage the tile as float32 [C][tile] (padding pixels read 0), and take each pixel's maximum.
+  const Stored* base = static_cast<const Stored*>(p.logits) + b * p.stride_b + s0 * p.stride_s;
+  for (int64_t c = 0; c < C; ++c) {
+    const Stored* row = base + c * p.stride_c;
+    float* out = values + c * tile;
+    if (p.stride_s == 1) {
+      for (int64_t i = 0; i < n; ++i) out[i] = Logit::load(row[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) out[i] = Logit::load(row[i * p.stride_s]);
+    }
+    for (int64_t i = n; i < tile; ++i) out[i] = 0.0f;
+  }
+  for (int64_t i = 0; i < tile; ++i) peak[i] = values[i];
+  for (int64_t c = 1; c < C; ++c) {
+    const float* row = values + c * tile;
+    for (int64_t i = 0; i < tile; ++i) peak[i] = row[i] > peak[i] ? row[i] : (row[i] == row[i] ? peak[i] : row[i]);
+  }
+
+  // exp(z - max) in place; the other classes' mass and the label's shifted logit.
+  for (int64_t i = 0; i < tile; ++i) { other[i] = 0.0f; label_shifted[i] = 0.0f; }
+  for (int64_t c = 0; c < C; ++c) {
+    float* row = values + c * tile;
+    const int32_t klass = static_cast<int32_t>(c);
+    for (int64_t i = 0; i < tile; ++i) {
+      float shifted = row[i] - peak[i];
+      float e = exp_approx(shifted);
+      row[i] = e;
+      bool is_label = labels[i] == klass;
+      other[i] += is_label ? 0.0f : e;
+      label_shifted[i] += is_label ? shifted : 0.0f;
+    }
+  }
+
+  // Per pixel: the focal and Poly-1 terms, and the gradient's two scalars.
+  float *focal = s.focal.data(), *poly = s.poly.data(), *coefficient = s.coefficient.data();
+  float *grad_other = s.grad_other.data(), *grad_label = s.grad_label.data();
+  for (int64_t i = 0; i < tile; ++i) coefficient[i] = p.coefficients[labels[i] >= 0 ? labels[i] : C];
+  pixel_terms<kWriteGrad>(tile, gamma, static_cast<float>(p.poly_coefficient), static_cast<float>(p.upstream), labels,
+                          other, label_shifted, coefficient, focal, poly, grad_other, grad_label);
+  accumulate(n, tile, labels, focal, poly, s.focal_sums.data(), &s.poly_sum);
+  if (!kWriteGrad) return;
+
+  // The gradient H * (onehot - softmax), written in the gradient's dtype and strides.
+  Stored* grad = static_cast<Stored*>(p.grad) + b * p.grad_stride_b + s0 * p.grad_stride_s;
+  for (int64_t c = 0; c < C; ++c) {
+    const float* row = values + c * tile;
+    const int32_t klass = static_cast<int32_t>(c);
+    Stored* out = grad + c * p.grad_stride_c;
+    if (p.grad_stride_s == 1) {
+      for (int64_t i = 0; i < n; ++i)
+        out[i] = Logit::store(labels[i] == klass ? grad_label[i] : grad_other[i] * row[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i)
+        out[i * p.grad_stride_s] = Logit::store(labels[i] == klass ? grad_label[i] : grad_other[i] * row[i]);
+    }
+  }
+}
+
+// A fresh gradient buffer is mapped but not yet touched: backing it with 2 MiB pages (where the
+// kernel offers transparent huge pages on request) replaces 512 page faults by one per 2 MiB, which
+// on a fresh buffer costs more than the kernel's arithmetic. A hint only: nothing changes if refused.
+template <typename Stored>
+void advise_huge_pages(const FocalProblem& p) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  int64_t extent = 1 + (p.batch - 1) * p.grad_stride_b + (p.classes - 1) * p.grad_stride_c
+                   + (p.spatial - 1) * p.grad_stride_s;  // elements spanned (strides are non-negative)
+  uintptr_t start = reinterpret_cast<uintptr_t>(p.grad);
+  uintptr_t first = (start + kHuge - 1) & ~(kHuge - 1);
+  uintptr_t last = (start + static_cast<uintptr_t>(extent) * sizeof(Stored)) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)p;
+#endif
+}
+
+template <typename Logit, typename Label, bool kWriteGrad>
+void focal(const FocalProblem& p) {
+  int64_t tile = p.tile > 0 ? p.tile : std::max<int64_t>(16, std::min<int64_t>(512, (8192 / p.classes) / 16 * 16));
+  int64_t tiles_per_row = (p.spatial + tile - 1) / tile;
+  int64_t elements = p.batch * p.spatial * p.classes;
+  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(p.num_threads, elements / p.grain));
+  if (kWriteGrad) advise_huge_pages<typename Logit::type>(p);
+  std::vector<Scratch> scratch;
+  for (int64_t t = 0; t < threads; ++t) scratch.emplace_back(p.classes, tile);
+  parallel_ranges(p.batch * tiles_per_row, threads, [&](int64_t thread, int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      int64_t b = t / tiles_per_row, s0 = (t % tiles_per_row) * tile;
+      focal_tile<Logit, Label, kWriteGrad>(p, b, s0, std::min(tile, p.spatial - s0), tile, scratch[thread]);
+    }
+  });
+  for (int64_t c = 0; c < p.classes; ++c) {
+    p.focal_sums[c] = 0.0;
+    for (const auto& part : scratch) p.focal_sums[c] += part.focal_sums[c];
+  }
+  *p.poly_sum = 0.0;
+  for (const auto& part : scratch) *p.poly_sum += part.poly_sum;
+}
+
+template <typename Logit, typename Label>
+void focal_by_grad(const FocalProblem& p) {
+  if (p.grad != nullptr) focal<Logit, Label, true>(p); else focal<Logit, Label, false>(p);
+}
+
+template <typename Logit>
+void focal_by_label(const FocalProblem& p) {
+  switch (p.label_dtype) {
+    case 0: focal_by_grad<Logit, int64_t>(p); break;
+    case 1: focal_by_grad<Logit, int32_t>(p); break;
+    default: focal_by_grad<Logit, uint8_t>(p); break;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// The label histogram into p->counts; returns 0, or -1 for a dtype code it does not know.
+int segfocal_histogram(const FocalProblem* p) {
+  switch (p->label_dtype) {
+    case 0: histogram<int64_t>(*p); return 0;
+    case 1: histogram<int32_t>(*p); return 0;
+    case 2: histogram<uint8_t>(*p); return 0;
+    default: return -1;
+  }
+}
+
+// The focal and Poly-1 sums, and the gradient when p->grad is set; returns 0, or -1 for a dtype
+// code it does not know.
+int segfocal_forward(const FocalProblem* p) {
+  if (p->label_dtype < 0 || p->label_dtype > 2) return -1;
+  switch (p->logits_dtype) {
+    case 0: focal_by_label<Float32>(*p); return 0;
+    case 1: focal_by_label<BFloat16>(*p); return 0;
+    default: return -1;
+  }
+}
+
+}  // extern "C"

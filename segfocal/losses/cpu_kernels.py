@@ -1,0 +1,193 @@
+"""The fused focal loss on the CPU: the C++ kernel of ``cpu_kernel.cpp``, built on first use.
+
+Same interface and scheme as :mod:`.triton_kernels`: :func:`histogram` counts the labels, then
+:func:`forward` reads every pixel's logits once, accumulates the per-class focal sums and the
+Poly-1 sum, and writes the gradient in the same pass; the backward only scales it
+(:func:`scale_`). Memory traffic is thus the logits read once and the gradient written once.
+Float32 and bfloat16 logits, int64/int32/uint8 labels (other integer dtypes are converted).
+
+The source is compiled with the system's C++ compiler (``$CXX``, else ``c++``) for this machine's
+CPU (``-O3 -march=native``), in about a second, into a cache folder (``$SEGFOCAL_CACHE``, else
+``~/.cache/segfocal``) keyed by the source, compiler, flags and CPU, and loaded with
+:mod:`ctypes`: no Python or PyTorch headers, no build-time dependency. It runs on
+``torch.get_num_threads()`` threads of its own. Where no compiler is found or the build fails,
+:func:`library` warns once and returns ``None``, and the fused loss keeps its PyTorch chunked
+implementation; ``SEGFOCAL_CPU_KERNEL=0`` chooses that implementation without trying.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from .layout import empty_gradient, flat_labels, flat_logits, ignore_index_fits
+
+SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+FLAGS = ("-O3", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-pthread")  # no trap: branch-free selects vectorise
+NATIVE = ("-march=native",)  # dropped when the compiler rejects it
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the logits' dtypes it takes, and their codes in the C++ source
+LABEL_DTYPES = {torch.int64: 0, torch.int32: 1, torch.uint8: 2}
+GRAIN = 1 << 18  # logits per thread at least: smaller inputs use fewer threads
+TILE = 0  # pixels per tile; 0: the kernel's choice (about 32 KiB of float32)
+
+
+class _Problem(ctypes.Structure):
+    """The C struct ``FocalProblem`` of ``cpu_kernel.cpp``, field for field."""
+    _fields_ = (
+        [(name, ctypes.c_void_p) for name in ("logits", "labels", "grad", "coefficients", "focal_sums",
+                                               "poly_sum", "counts")]
+        + [(name, ctypes.c_int64) for name in (
+            "batch", "classes", "spatial", "stride_b", "stride_c", "stride_s", "label_stride_b", "label_stride_s",
+            "grad_stride_b", "grad_stride_c", "grad_stride_s", "ignore_index", "has_ignore", "logits_dtype",
+            "label_dtype", "num_threads", "grain", "tile")]
+        + [(name, ctypes.c_double) for name in ("gamma", "poly_coefficient", "upstream")]
+    )
+
+
+def supports(logits: torch.Tensor) -> bool:
+    """Whether the kernel takes these logits (CPU, float32 or bfloat16) and could be built."""
+    return logits.device.type == "cpu" and logits.dtype in DTYPES and library() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled kernel (built or found in the cache), or ``None`` with a warning if it cannot be built."""
+    if os.environ.get("SEGFOCAL_CPU_KERNEL", "1") == "0":
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        warnings.warn(f"segfocal: the C++ CPU focal kernel is not available ({error}); the fused loss uses its "
+                      f"slower PyTorch implementation on the CPU (set SEGFOCAL_CPU_KERNEL=0 to silence this)",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    for name in ("segfocal_histogram", "segfocal_forward"):
+        function = getattr(lib, name)
+        function.argtypes, function.restype = [ctypes.POINTER(_Problem)], ctypes.c_int
+    return lib
+
+
+def histogram(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """float64 pixel count of each class ``[C]`` (ignored and out-of-range labels are not counted)."""
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    problem, _labels = _labels_problem(target, num_classes, ignore_index)  # _labels: alive during the call
+    problem.counts, problem.grain = counts.data_ptr(), max(1, GRAIN // 4)  # a label costs less than C logits
+    _call("segfocal_histogram", problem)
+    return counts
+
+
+def forward(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor, poly_coefficient: torch.Tensor,
+            gamma: float, ignore_index: int, write_grad: bool
+            ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """float64 per-class focal sums ``[C]`` and the Poly-1 sum ``[]``; with ``write_grad`` also the
+    logits' gradient for an upstream gradient of 1 (else ``None``). ``coefficients`` ``[C + 1]``:
+    each class's factor ``w a / D`` and a zero for ignored pixels; ``poly_coefficient``: ``poly_epsilon / D``."""
+    return _run(logits, target, coefficients, poly_coefficient, 1.0, gamma, ignore_index, write_grad)
+
+
+def gradient(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor,
+             poly_coefficient: torch.Tensor, grad_loss: torch.Tensor, gamma: float, ignore_index: int) -> torch.Tensor:
+    """The logits' gradient recomputed from the logits (their dtype and memory format), with the
+    upstream gradient folded in; ``coefficients`` as for :func:`forward`."""
+    return _run(logits, target, coefficients, poly_coefficient, float(grad_loss), gamma, ignore_index, True)[2]
+
+
+def scale_(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """``grad *= grad_loss`` in place; nothing is read or written when ``grad_loss`` is 1 (a
+    host-side test: on the CPU it costs no synchronisation)."""
+    if float(grad_loss) != 1.0:
+        grad.mul_(grad_loss)
+    return grad
+
+
+def _run(logits, target, coefficients, poly_coefficient, upstream, gamma, ignore_index, write_grad):
+    num_classes = logits.shape[1]
+    focal_sums = torch.zeros(num_classes, dtype=torch.float64)
+    poly_sum = torch.zeros((), dtype=torch.float64)
+    coefficients = coefficients.to(torch.float32).contiguous()
+    logits_view, strides = flat_logits(logits)
+    grad, grad_view, grad_strides = empty_gradient(logits) if write_grad else (None, None, (0, 0, 0))
+    problem, _labels = _labels_problem(target, num_classes, ignore_index)  # the views: alive during the call
+    problem.logits, problem.logits_dtype = logits_view.data_ptr(), DTYPES[logits.dtype]
+    problem.stride_b, problem.stride_c, problem.stride_s = strides
+    problem.grad = None if grad_view is None else grad_view.data_ptr()
+    problem.grad_stride_b, problem.grad_stride_c, problem.grad_stride_s = grad_strides
+    problem.coefficients, problem.focal_sums, problem.poly_sum = (
+        coefficients.data_ptr(), focal_sums.data_ptr(), poly_sum.data_ptr())
+    problem.gamma, problem.poly_coefficient, problem.upstream = float(gamma), float(poly_coefficient), upstream
+    _call("segfocal_forward", problem)
+    return focal_sums, poly_sum, grad
+
+
+def _labels_problem(target: torch.Tensor, num_classes: int, ignore_index: int):
+    """A problem with the labels' fields filled in, and the tensors it points into (keep them alive)."""
+    has_ignore = ignore_index_fits(ignore_index, target.dtype)
+    if target.dtype not in LABEL_DTYPES:
+        target = target.long()
+    labels, (label_stride_b, label_stride_s), num_pixels, spatial = flat_labels(target)
+    problem = _Problem(
+        labels=labels.data_ptr(), batch=labels.shape[0], classes=num_classes, spatial=spatial,
+        label_stride_b=label_stride_b, label_stride_s=label_stride_s, ignore_index=ignore_index if has_ignore else 0,
+        has_ignore=int(has_ignore), label_dtype=LABEL_DTYPES[target.dtype], num_threads=torch.get_num_threads(),
+        grain=max(1, GRAIN), tile=TILE)
+    return problem, labels
+
+
+def _call(name: str, problem: _Problem) -> None:
+    """Run an entry point (ctypes releases the GIL meanwhile); nothing to do without pixels."""
+    if problem.batch * problem.spatial == 0:
+        return
+    status = getattr(library(), name)(ctypes.byref(problem))
+    if status != 0:
+        raise RuntimeError(f"segfocal CPU kernel {name} rejected its input (status {status})")
+
+
+def _build() -> Path:
+    """The shared library's path, compiling it into the cache folder if it is not there yet."""
+    compiler = os.environ.get("CXX") or "c++"
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
+    source = SOURCE.read_bytes()
+    cache = Path(os.environ.get("SEGFOCAL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                 / "segfocal")
+    cache.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in (FLAGS + NATIVE, FLAGS):
+        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_id()]))
+        path = cache / f"cpu_kernel-{key.hexdigest()[:16]}.so"
+        if path.exists():
+            return path
+        handle, partial = tempfile.mkstemp(suffix=".so", dir=cache)  # built aside, then renamed: atomic
+        os.close(handle)
+        try:
+            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True,
+                                    timeout=600)
+            if result.returncode == 0:
+                os.replace(partial, path)
+                return path
+            errors.append(f"{compiler} {' '.join(flags)}: {result.stderr.strip()[-500:]}")
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    raise RuntimeError("; ".join(errors))
+
+
+def _cpu_id() -> bytes:
+    """The CPU's model and instruction-set flags: a library built with ``-march=native`` is only
+    reused on the same kind of CPU (a cache folder may be shared by a cluster's machines)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    wanted = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(sorted(set(wanted)) or [platform.machine(), platform.processor()]).encode()
