@@ -1,7 +1,7 @@
 // The fused focal loss on the CPU: one pass over [B, C, S] logits of any strides.
 //
 // Built on first use by segfocal/losses/cpu_kernels.py and called through ctypes (plain C entry
-// points, no Python or PyTorch headers, so it compiles in about a second). Pixels are cut into
+// points, no Python or PyTorch headers, so it compiles in seconds). Pixels are cut into
 // tiles; each tile's logits are staged as float32 in a small [C][P] buffer (L1/L2-sized), so the
 // logits are read from memory once and the gradient is written once, whatever the layout. The
 // loops over the P pixels of a tile have no branches and call only the inline exp/log below, so

@@ -7,9 +7,9 @@ Poly-1 sum, and writes the gradient in the same pass; the backward only scales i
 Float32 and bfloat16 logits, int64/int32/uint8 labels (other integer dtypes are converted).
 
 The source is compiled with the system's C++ compiler (``$CXX``, else ``c++``) for this machine's
-CPU (``-O3 -march=native``), in about a second, into a cache folder (``$SEGFOCAL_CACHE``, else
+CPU (``-O3 -march=native``), once, in about ten seconds, into a cache folder (``$SEGFOCAL_CACHE``, else
 ``~/.cache/segfocal``) keyed by the source, compiler, flags and CPU, and loaded with
-:mod:`ctypes`: no Python or PyTorch headers, no build-time dependency. It runs on
+:mod:`ctypes`: no Python or PyTorch headers, nothing to build at install time. It runs on
 ``torch.get_num_threads()`` threads of its own. Where no compiler is found or the build fails,
 :func:`library` warns once and returns ``None``, and the fused loss keeps its PyTorch chunked
 implementation; ``SEGFOCAL_CPU_KERNEL=0`` chooses that implementation without trying.

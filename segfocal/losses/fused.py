@@ -1,20 +1,18 @@
-"""Fused focal loss: one custom autograd function, processed in cache-sized chunks.
+"""Fused focal loss: one custom autograd function; no one-hot, no ``[N, C]`` copy, no host sync.
 
-Why: the composite implementation materialises ``log_softmax`` (``[B, C, H, W]`` float32) in the
-forward and a one-hot-shaped gradient plus the ``log_softmax`` gradient in the backward. This one
-reads the logits in place (any strides, any float dtype), chunk by chunk; per class it
-accumulates the label histogram and the sum of the focal terms in the same pass. The class
-weights, which depend on the whole batch's histogram, are applied afterwards to those per-class
-sums, so the forward is a single pass over the logits. Saved for backward: the logits and labels
-(references, not copies), ``C + 2`` scalars and four floats per pixel (log-normaliser, ``1 - p_t``
-and two slopes: ``4 / C`` of the logits' size), so the backward recomputes the softmax as
-``exp(z - log-normaliser)`` straight into the gradient, in one pass per chunk. No host
-synchronisation and no data-dependent shape.
+Where a kernel back end takes the logits (:func:`_kernels`), the forward first counts the labels
+(a label-only pass), so the class weights and the mean's denominator are known before the one
+pass over the logits, which accumulates the per-class focal sums and the Poly-1 sum and writes the
+gradient for an upstream gradient of 1; the backward only scales it. Nothing per pixel is saved.
+The back ends: :mod:`.cpu_kernels` (a C++ kernel, float32/bfloat16 CPU logits) and
+:mod:`.triton_kernels` (CUDA, float16/bfloat16/float32).
 
-On CUDA (float16, bfloat16, float32, with Triton installed) :mod:`.triton_kernels` runs instead:
-a label-only histogram pass, then one pass over the logits that accumulates the same sums and
-writes the gradient (the weights are known by then); the backward only scales it by the upstream
-gradient. Nothing per pixel is saved.
+Otherwise (float64, which stays exact for the tests; float16 on the CPU; ``torch.compile`` on the
+CPU; no compiler) the chunked PyTorch pass runs: the logits are read in place (any strides), chunk
+by chunk, accumulating the label histogram and the focal sums in the same pass; the weights are
+applied afterwards to the per-class sums. It saves the logits and labels (references), ``C + 2``
+scalars and four floats per pixel (log-normaliser, ``1 - p_t`` and two slopes), and its backward
+recomputes the softmax as ``exp(z - log-normaliser)`` straight into the gradient.
 
 For a pixel with label ``y``, ``k = w[y] a[y] / D`` (``D`` the mean's denominator) and
 ``e = poly_epsilon / D``, the gradient is ``H * (onehot(y) - softmax)`` with the scalar
