@@ -7,8 +7,8 @@ Poly-1 sum, and writes the gradient in the same pass; the backward only scales i
 Float32 and bfloat16 logits, int64/int32/uint8 labels (other integer dtypes are converted).
 
 The source is compiled with the system's C++ compiler (``$CXX``, else ``c++``) for this machine's
-CPU (``-O3 -march=native``), once, in about ten seconds, into a cache folder (``$SEGFOCAL_CACHE``, else
-``~/.cache/segfocal``) keyed by the source, compiler, flags and CPU, and loaded with
+CPU (``-O3 -march=native``), once, in about ten seconds, into a cache folder
+(``$SEGFOCAL_CACHE``, else ``~/.cache/segfocal``) keyed by the source, compiler, flags and CPU, and loaded with
 :mod:`ctypes`: no Python or PyTorch headers, nothing to build at install time. It runs on
 ``torch.get_num_threads()`` threads of its own. Where no compiler is found or the build fails,
 :func:`library` warns once and returns ``None``, and the fused loss keeps its PyTorch chunked
@@ -33,7 +33,8 @@ import torch
 from .layout import empty_gradient, flat_labels, flat_logits, ignore_index_fits
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
-FLAGS = ("-O3", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-pthread")  # no trap: branch-free selects vectorise
+# -fno-trapping-math lets the compiler evaluate both sides of a select, so the loops vectorise
+FLAGS = ("-O3", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-pthread")
 NATIVE = ("-march=native",)  # dropped when the compiler rejects it
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the logits' dtypes it takes, and their codes in the C++ source
 LABEL_DTYPES = {torch.int64: 0, torch.int32: 1, torch.uint8: 2}
@@ -117,7 +118,7 @@ def _run(logits, target, coefficients, poly_coefficient, upstream, gamma, ignore
     coefficients = coefficients.to(torch.float32).contiguous()
     logits_view, strides = flat_logits(logits)
     grad, grad_view, grad_strides = empty_gradient(logits) if write_grad else (None, None, (0, 0, 0))
-    problem, _labels = _labels_problem(target, num_classes, ignore_index)  # the views: alive during the call
+    problem, _labels = _labels_problem(target, num_classes, ignore_index)  # _labels: alive during the call
     problem.logits, problem.logits_dtype = logits_view.data_ptr(), DTYPES[logits.dtype]
     problem.stride_b, problem.stride_c, problem.stride_s = strides
     problem.grad = None if grad_view is None else grad_view.data_ptr()
@@ -134,7 +135,7 @@ def _labels_problem(target: torch.Tensor, num_classes: int, ignore_index: int):
     has_ignore = ignore_index_fits(ignore_index, target.dtype)
     if target.dtype not in LABEL_DTYPES:
         target = target.long()
-    labels, (label_stride_b, label_stride_s), num_pixels, spatial = flat_labels(target)
+    labels, (label_stride_b, label_stride_s), _, spatial = flat_labels(target)
     problem = _Problem(
         labels=labels.data_ptr(), batch=labels.shape[0], classes=num_classes, spatial=spatial,
         label_stride_b=label_stride_b, label_stride_s=label_stride_s, ignore_index=ignore_index if has_ignore else 0,
