@@ -2,9 +2,16 @@
 import os
 
 import torch
+from hypothesis import settings
 
 if not torch.cuda.is_available():
-    # Without a GPU, the Triton kernels (tests/test_focal_triton.py) run in Triton's interpreter. It
+    # Without a GPU, the Triton kernels (tests/test_focal_kernels.py) run in Triton's interpreter. It
     # must be chosen before Triton is first imported: Triton's own library functions are decorated
     # then. The CPU code paths never use Triton, so nothing else is affected.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Property tests search at random by default, so every local run may find a new case. CI
+# (HYPOTHESIS_PROFILE=ci, set by .ci/run) replays one fixed search instead: a clean-clone dry run
+# then sees exactly the examples CI will see. Cases a search finds are kept as @example.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
