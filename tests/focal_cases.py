@@ -1,4 +1,6 @@
 """Shared cases for testing a focal-loss implementation against the composite reference."""
+import math
+
 import torch
 
 from segfocal.losses import focal_loss
@@ -36,3 +38,26 @@ def value_and_grad(logits, target, implementation, upstream=1.0, **options):
     loss = focal_loss(x, target, implementation=implementation, **options)
     (grad,) = torch.autograd.grad(loss * upstream, x)
     return loss.detach(), grad
+
+
+def far_off_labels(dtype, num_pixels=64, num_classes=4, seed=0, device="cpu"):
+    """Pixels whose label is so unlikely that ``1 - p_t`` rounds to 1 in ``dtype``, with a ``gamma``
+    so large that ``(1 - p_t)^gamma`` still goes from ~1 down to ~0 over them: logits, labels, gamma,
+    and the mean loss and its gradient from the closed form in float64,
+    ``L = -(1-p)^g log p``, ``dL/dz = H (onehot - softmax)``, ``H = g (1-p)^(g-1) p log p - (1-p)^g``."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_pixels, num_classes, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, num_classes, (num_pixels,), generator=generator)
+    onehot = torch.nn.functional.one_hot(target, num_classes).double()
+    epsilon_log = -math.log(torch.finfo(dtype).eps)  # 16 for float32, 36 for float64
+    offset = epsilon_log + 4 + 6 * torch.rand(num_pixels, generator=generator, dtype=torch.float64)
+    logits = logits - offset.unsqueeze(1) * onehot
+    gamma = 4.0 * math.exp(epsilon_log + 8)
+    logits = logits.to(dtype).double()  # the values the implementation sees
+    softmax = logits.softmax(1)
+    p = (softmax * onehot).sum(1)
+    modulated = torch.exp(gamma * torch.log1p(-p))
+    loss = (-modulated * p.log()).mean()
+    slope = gamma * modulated / (1 - p) * p * p.log() - modulated
+    grad = slope.unsqueeze(1) * (onehot - softmax) / num_pixels
+    return logits.to(dtype).to(device), target.to(device), gamma, loss, grad

@@ -5,7 +5,7 @@ import torch
 import segfocal.losses.fused as fused_module
 from segfocal.losses import FocalLoss, focal_loss
 
-from focal_cases import OPTIONS, batch, options_id, value_and_grad
+from focal_cases import OPTIONS, batch, far_off_labels, options_id, value_and_grad
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=options_id)
@@ -64,6 +64,41 @@ def test_fused_saturated_pixels_keep_finite_gradients_for_small_gamma():
     for gamma in (0.25, 0.5):
         _, grad = value_and_grad(logits, target, "fused", gamma=gamma)
         assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("implementation", ["fused", "reference"])
+def test_a_large_gamma_on_far_off_labels_follows_the_closed_form(implementation, dtype, monkeypatch):
+    # 1 - p_t rounds to 1 there, but gamma p_t does not vanish: (1 - p_t)^gamma must come from p_t
+    monkeypatch.setattr(fused_module, "_kernels", lambda logits: None)  # the chunked pass, any dtype
+    logits, target, gamma, expected_loss, expected_grad = far_off_labels(dtype)
+    loss, grad = value_and_grad(logits, target, implementation, gamma=gamma, weight=None)
+    rtol = 1e-4 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(loss.double(), expected_loss, rtol=rtol, atol=0)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=rtol, atol=rtol * float(expected_grad.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the C++ kernel, the chunked pass
+def test_a_second_order_gradient_raises_in_fused_and_is_exact_in_reference(dtype):
+    logits, target = batch((2, 4, 5, 5), dtype=dtype)
+
+    def penalised_gradient(implementation):
+        x = logits.detach().clone().requires_grad_(True)
+        loss = focal_loss(x, target, implementation=implementation)
+        (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+        return torch.autograd.grad(loss + (grad ** 2).sum(), x)[0]
+
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        penalised_gradient("fused")
+    # the reference's second derivative, against a central difference of the penalty's gradient
+    x = logits.double()
+    _, plain = value_and_grad(x, target, "reference")
+    step, direction = 1e-6, torch.randn_like(x)
+    penalty = [value_and_grad(x + sign * step * direction, target, "reference")[1].pow(2).sum()
+               for sign in (1, -1)]
+    expected = (penalty[0] - penalty[1]) / (2 * step)
+    measured = ((penalised_gradient("reference").double() - plain) * direction).sum()
+    torch.testing.assert_close(measured, expected, rtol=1e-3 if dtype == torch.float32 else 1e-6, atol=1e-9)
 
 
 def test_fused_rejects_reduction_none_and_auto_falls_back():

@@ -17,7 +17,7 @@ import segfocal.losses.fused as fused_module
 from segfocal.losses import focal_loss
 
 import focal_cases
-from focal_cases import OPTIONS, options_id, value_and_grad
+from focal_cases import OPTIONS, far_off_labels, options_id, value_and_grad
 
 CUDA = torch.cuda.is_available()
 
@@ -146,6 +146,15 @@ def test_saturated_pixels_keep_finite_accurate_gradients(backend):
     for gamma in (0.5, 2.0):
         grad = check_against_reference(saturated.float(), target, gamma=gamma, rtol=1e-4)
         assert torch.isfinite(grad).all()
+
+
+def test_a_large_gamma_on_far_off_labels_follows_the_closed_form(backend):
+    # 1 - p_t rounds to 1 there, but gamma p_t does not vanish: (1 - p_t)^gamma must come from p_t
+    logits, target, gamma, expected_loss, expected_grad = far_off_labels(torch.float32, device=backend.device)
+    loss, grad = value_and_grad(logits, target, "fused", gamma=gamma, weight=None)
+    torch.testing.assert_close(loss.double().cpu(), expected_loss, rtol=1e-4, atol=0)
+    scale = float(expected_grad.abs().max())
+    torch.testing.assert_close(grad.double().cpu(), expected_grad, rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_the_module_uses_the_kernels_and_reports_its_weights(backend):

@@ -8,12 +8,16 @@
 // the compiler vectorises them. Threads own contiguous ranges of tiles and their own float64
 // sums, which are added in thread order: the result does not depend on scheduling.
 //
-// Arithmetic matches the Triton kernels (triton_kernels.py): 1 - p_t is the other classes' mass,
-// -log p_t uses log1p below p_t = 1/2, and the gradient is H * (onehot - softmax).
+// Arithmetic matches the Triton kernels (triton_kernels.py): 1 - p_t is the other classes' mass and
+// p_t the label's, each over the normaliser; the log of the larger is log1p of minus the smaller (for
+// -log p_t as p_t -> 1, for (1 - p_t)^gamma = exp(gamma log(1 - p_t)) as p_t -> 0); the gradient is
+// H * (onehot - softmax).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <limits>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -190,21 +194,24 @@ void pixel_terms(int64_t tile, float gamma, float poly_coefficient, float upstre
                  float* __restrict grad_label) {
   for (int64_t i = 0; i < tile; ++i) {
     bool valid = labels[i] >= 0;
-    float normaliser = other[i] + exp_approx(label_shifted[i]);
+    float label_mass = exp_approx(label_shifted[i]);
+    float normaliser = other[i] + label_mass;
     float one_minus_pt = other[i] / normaliser;
-    float small = one_minus_pt > 0.5f ? 0.5f : one_minus_pt;  // comparisons written so NaN passes
-    float shifted_one = 1.0f - small;  // log1p(-small) by Goldberg's correction
+    float p_t = label_mass / normaliser;
+    bool near_one = one_minus_pt < 0.5f;  // p_t is the larger; comparisons written so NaN passes
+    float small = near_one ? one_minus_pt : (p_t > 0.5f ? 0.5f : p_t);
+    float shifted_one = 1.0f - small;  // log(1 - small) = log1p(-small) by Goldberg's correction
     float ratio = shifted_one == 1.0f ? 1.0f : -small / (shifted_one - 1.0f);
     float log_shifted_one = log_approx(shifted_one);
-    float log1p_small = shifted_one == 1.0f ? -small : log_shifted_one * ratio;
+    float log_larger = shifted_one == 1.0f ? -small : log_shifted_one * ratio;
     float log_pt = label_shifted[i] - log_approx(normaliser);
-    float neg_log_pt = one_minus_pt < 0.5f ? -log1p_small : -(log_pt > 0.0f ? 0.0f : log_pt);
+    float neg_log_pt = near_one ? -log_larger : -(log_pt > 0.0f ? 0.0f : log_pt);
     one_minus_pt = one_minus_pt < kTiny ? kTiny : one_minus_pt;
-    float modulated = exp_approx(gamma * log_approx(one_minus_pt));
+    float log_one_minus_pt = near_one ? log_approx(one_minus_pt) : log_larger;
+    float modulated = exp_approx(gamma * log_one_minus_pt);
     focal[i] = valid ? modulated * neg_log_pt : 0.0f;
     poly[i] = valid ? modulated * one_minus_pt : 0.0f;
     if (kWriteGrad) {
-      float p_t = exp_approx(-neg_log_pt);
       // d/dp_t [-(1-p)^g log p] * p = g (1-p)^g p log(p)/(1-p) - (1-p)^g, finite as p -> 1
       float log_ratio = one_minus_pt > kTiny ? -neg_log_pt / one_minus_pt : -1.0f;
       float focal_slope = gamma * modulated * p_t * log_ratio - modulated;

@@ -274,7 +274,8 @@ def _reference_focal_loss(
     # clamped above 0 so (1 - p_t)^gamma has a finite gradient for 0 < gamma < 1 on saturated
     # pixels (the clamp passes no gradient there, and the term is ~0).
     one_minus_pt = one_minus_pt.clamp_min(torch.finfo(dtype).tiny)
-    pixel_loss = neg_log_pt if gamma == 0 else one_minus_pt.pow(gamma) * neg_log_pt
+    modulated = _modulating_factor(one_minus_pt, p_t_term, others, gamma)
+    pixel_loss = neg_log_pt if gamma == 0 else modulated * neg_log_pt
 
     counts = class_histogram(target, num_classes, ignore_index).to(dtype)
     world_size = 1
@@ -288,7 +289,7 @@ def _reference_focal_loss(
     if pixel_factor is not None:
         pixel_loss = pixel_factor[safe_target] * pixel_loss
     if poly_epsilon != 0:
-        pixel_loss = pixel_loss + poly_epsilon * one_minus_pt.pow(gamma + 1)
+        pixel_loss = pixel_loss + poly_epsilon * modulated * one_minus_pt
     pixel_loss = torch.where(valid, pixel_loss, 0.0)
 
     if reduction == "none":
@@ -300,6 +301,20 @@ def _reference_focal_loss(
     # 0 when the denominator is not positive (as the fused pass), also when a Poly-1 term remains
     mean = total / denominator.clamp_min(torch.finfo(dtype).tiny)
     return torch.where(denominator > 0, mean, 0.0), class_weight
+
+
+def _modulating_factor(one_minus_pt: torch.Tensor, p_t: torch.Tensor, others: torch.Tensor,
+                       gamma: float) -> torch.Tensor:
+    """``(1 - p_t)^gamma``; where ``p_t < 1/2`` as ``exp(gamma log1p(-p_t))``, since ``1 - p_t`` rounds
+    to 1 below ``p_t`` of the dtype's epsilon and ``gamma`` multiplies what is lost."""
+    if gamma == 0:
+        return torch.ones_like(one_minus_pt)
+    near_one = others < 0.5  # p_t near 1
+    # each side's input is in (0, 1/2] where unused: a derivative of inf there would give
+    # 0 * inf = NaN in backward (and a sum of the others' probabilities may round above 1)
+    from_one_minus_pt = torch.where(near_one, one_minus_pt, 0.5).pow(gamma)
+    from_p_t = torch.exp(gamma * torch.log1p(-torch.where(near_one, 0.5, p_t)))
+    return torch.where(near_one, from_one_minus_pt, from_p_t)
 
 
 def _alpha_per_class(alpha: AlphaArg, num_classes: int, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:

@@ -20,7 +20,12 @@ For a pixel with label ``y``, ``k = w[y] a[y] / D`` (``D`` the mean's denominato
     H = k * (gamma (1-p)^gamma p log(p)/(1-p) - (1-p)^gamma)  -  e (gamma+1) (1-p)^gamma p
 
 which stays finite for saturated pixels (``log(p)/(1-p) -> -1``). As in the reference, ``1 - p``
-is the sum of the other classes' probabilities, accurate when ``p`` rounds to 1.
+is the sum of the other classes' probabilities, accurate when ``p`` rounds to 1, and
+``(1-p)^gamma = exp(gamma log1p(-p))`` below ``p = 1/2``, accurate when ``1 - p`` rounds to 1.
+
+The gradient is computed, not traced, so it cannot be differentiated again: a second-order
+gradient (``create_graph=True``, e.g. a gradient penalty) raises; ``implementation="reference"``
+gives one.
 """
 from __future__ import annotations
 
@@ -97,13 +102,16 @@ class _FusedFocal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_weight):
+        if torch.is_grad_enabled():  # create_graph=True: the gradient is computed, not traced
+            raise RuntimeError("the fused focal loss has no second derivative (create_graph=True); "
+                               "use implementation='reference'")
         logits, target, saved, coefficients, poly_coefficient = ctx.saved_tensors
         if ctx.grad is not None:  # consumed once: a second backward (retain_graph) recomputes
             grad, ctx.grad = ctx.grad, None
             grad = ctx.kernels.scale_(grad, grad_loss)
         elif ctx.kernels is not None:
-            grad = ctx.kernels.gradient(logits, target, coefficients, poly_coefficient, grad_loss,
-                                                    ctx.gamma, ctx.ignore_index)
+            grad = ctx.kernels.gradient(logits, target, coefficients, poly_coefficient, grad_loss, ctx.gamma,
+                                        ctx.ignore_index)
         else:
             grad = _chunked_gradient(logits, target, saved, coefficients, poly_coefficient, grad_loss,
                                      ctx.ignore_index)
@@ -211,8 +219,11 @@ def _pixel_terms(z, labels, num_classes, ignore_index, dtype, gamma, log_normali
     """One chunk's forward: fills the per-pixel buffers the backward reads; returns
     (valid, histogram bin, focal term, Poly-1 term).
 
-    ``1 - p_t`` is the mass of the other classes (the label's ``exp`` zeroed before the sum), so it
-    has no cancellation when ``p_t`` rounds to 1; ``-log p_t = -log1p(-(1 - p_t))`` there.
+    ``1 - p_t`` is the mass of the other classes (the label's ``exp`` zeroed before the sum) and
+    ``p_t`` the label's, both over the normaliser, so neither cancels. The logarithm of the larger of
+    the two is ``log1p`` of minus the smaller: ``-log p_t`` stays accurate when ``p_t`` rounds to 1,
+    and ``(1 - p_t)^gamma = exp(gamma log(1 - p_t))`` when ``1 - p_t`` does (it matters at large
+    ``gamma``, which multiplies the lost ``p_t``).
     """
     valid = not_ignored(labels, ignore_index)
     safe = torch.where(valid, labels, 0).long()
@@ -224,14 +235,18 @@ def _pixel_terms(z, labels, num_classes, ignore_index, dtype, gamma, log_normali
     exps = (z - peak).exp_()
     exps.scatter_(1, index, 0.0)
     other_mass = exps.sum(1)
-    normaliser = other_mass + label_shifted.squeeze(1).exp()
+    label_mass = label_shifted.squeeze(1).exp()
+    normaliser = other_mass + label_mass
     torch.add(peak.squeeze(1), normaliser.log(), out=log_normaliser)
     torch.div(other_mass, normaliser, out=one_minus_pt)
+    p_t = label_mass / normaliser
+    near_one = one_minus_pt < 0.5  # p_t is the larger; NaN goes to the other side
+    log_larger = torch.log1p(-torch.where(near_one, one_minus_pt, p_t).clamp_max(0.5))
     log_pt = (label_shifted.squeeze(1) - normaliser.log()).clamp_max(0.0)
-    neg_log_pt = torch.where(one_minus_pt < 0.5, -torch.log1p(-one_minus_pt.clamp_max(0.5)), -log_pt)
+    neg_log_pt = torch.where(near_one, -log_larger, -log_pt)
     one_minus_pt.clamp_(min=torch.finfo(dtype).tiny)
-    modulated = one_minus_pt.pow(gamma) if gamma != 0 else torch.ones_like(one_minus_pt)
-    p_t = torch.exp(-neg_log_pt)
+    modulated = (torch.where(near_one, one_minus_pt.log(), log_larger).mul_(gamma).exp_() if gamma != 0
+                 else torch.ones_like(one_minus_pt))
     # focal: d/dp_t [-(1-p)^g log p] * p = g (1-p)^g p log(p)/(1-p) - (1-p)^g, finite as p -> 1
     log_ratio = torch.where(one_minus_pt > torch.finfo(dtype).tiny, -neg_log_pt / one_minus_pt, -1.0)
     torch.mul(gamma * modulated * p_t, log_ratio, out=focal_slope).sub_(modulated)

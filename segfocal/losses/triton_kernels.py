@@ -55,8 +55,9 @@ def _pixel_terms(logits_ptr, in_range, batch, position, labels, valid, stride_b,
                  gamma, BLOCK_C: tl.constexpr):
     """float32 logits of a block of pixels and their focal quantities.
 
-    ``1 - p_t`` is the mass of the other classes, accurate when ``p_t`` rounds to 1, where
-    ``-log p_t = -log1p(-(1 - p_t))`` is used (log1p by Goldberg's correction).
+    ``1 - p_t`` is the mass of the other classes and ``p_t`` the label's, each over the normaliser.
+    The log of the larger is log1p of minus the smaller (by Goldberg's correction): ``-log p_t`` as
+    ``p_t`` rounds to 1, ``(1 - p_t)^gamma = exp(gamma log(1 - p_t))`` as ``1 - p_t`` does.
     """
     classes = tl.arange(0, BLOCK_C)
     mask = in_range[:, None] & (classes < num_classes)[None, :]
@@ -68,25 +69,27 @@ def _pixel_terms(logits_ptr, in_range, batch, position, labels, valid, stride_b,
     exps = tl.exp(shifted)
     other_mass = tl.sum(tl.where(is_label, 0.0, exps), axis=1)
     label_shifted = tl.sum(tl.where(is_label, shifted, 0.0), axis=1)
-    normaliser = other_mass + tl.exp(label_shifted)
+    label_mass = tl.exp(label_shifted)
+    normaliser = other_mass + label_mass
     log_normaliser = tl.log(normaliser)
     one_minus_pt = other_mass / normaliser
-    small = tl.minimum(one_minus_pt, 0.5)
+    p_t = label_mass / normaliser
+    near_one = one_minus_pt < 0.5  # p_t is the larger; NaN goes to the other side
+    small = tl.where(near_one, one_minus_pt, tl.minimum(p_t, 0.5))
     shifted_one = 1.0 - small
-    log1p_small = tl.where(shifted_one == 1.0, -small,
-                           tl.log(shifted_one) * (-small) / tl.where(shifted_one == 1.0, 1.0, shifted_one - 1.0))
-    neg_log_pt = tl.where(one_minus_pt < 0.5, -log1p_small, -tl.minimum(label_shifted - log_normaliser, 0.0))
+    log_larger = tl.where(shifted_one == 1.0, -small,
+                          tl.log(shifted_one) * (-small) / tl.where(shifted_one == 1.0, 1.0, shifted_one - 1.0))
+    neg_log_pt = tl.where(near_one, -log_larger, -tl.minimum(label_shifted - log_normaliser, 0.0))
     one_minus_pt = tl.maximum(one_minus_pt, FLOAT32_TINY)
-    modulated = tl.exp2(gamma * tl.log2(one_minus_pt))
-    return is_label, shifted, log_normaliser, one_minus_pt, neg_log_pt, modulated
+    modulated = tl.exp(gamma * tl.where(near_one, tl.log(one_minus_pt), log_larger))
+    return is_label, shifted, log_normaliser, one_minus_pt, p_t, neg_log_pt, modulated
 
 
 @triton.jit
 def _store_gradient(grad_ptr, coefficients_ptr, poly_coefficient, upstream, in_range, batch, position, valid,
-                    is_label, shifted, log_normaliser, one_minus_pt, neg_log_pt, modulated, grad_stride_b,
+                    is_label, shifted, log_normaliser, one_minus_pt, p_t, neg_log_pt, modulated, grad_stride_b,
                     grad_stride_c, grad_stride_s, num_classes, gamma, BLOCK_C: tl.constexpr):
     """Write ``H * (onehot - softmax)`` for a block of pixels, ``H = dL/dp_t * p_t * upstream``."""
-    p_t = tl.exp(-neg_log_pt)
     # d/dp_t [-(1-p)^g log p] * p = g (1-p)^g p log(p)/(1-p) - (1-p)^g, finite as p -> 1
     log_ratio = tl.where(one_minus_pt > FLOAT32_TINY, -neg_log_pt / one_minus_pt, -1.0)
     focal_slope = gamma * modulated * p_t * log_ratio - modulated
@@ -131,15 +134,15 @@ def _forward_kernel(logits_ptr, target_ptr, grad_ptr, coefficients_ptr, poly_coe
         in_range, batch, position, labels, valid = _labels(
             target_ptr, block * BLOCK_P, num_pixels, spatial, target_stride_b, target_stride_s, ignore_index,
             HAS_IGNORE, BLOCK_P)
-        is_label, shifted, log_normaliser, one_minus_pt, neg_log_pt, modulated = _pixel_terms(
+        is_label, shifted, log_normaliser, one_minus_pt, p_t, neg_log_pt, modulated = _pixel_terms(
             logits_ptr, in_range, batch, position, labels, valid, stride_b, stride_c, stride_s, num_classes,
             gamma, BLOCK_C)
         focal_sums += tl.sum(tl.where(is_label, (modulated * neg_log_pt)[:, None], 0.0), axis=0)
         poly_sum += tl.where(valid, modulated * one_minus_pt, 0.0)
         if WRITE_GRAD:
             _store_gradient(grad_ptr, coefficients_ptr, poly_coefficient, 1.0, in_range, batch, position, valid,
-                            is_label, shifted, log_normaliser, one_minus_pt, neg_log_pt, modulated, grad_stride_b,
-                            grad_stride_c, grad_stride_s, num_classes, gamma, BLOCK_C)
+                            is_label, shifted, log_normaliser, one_minus_pt, p_t, neg_log_pt, modulated,
+                            grad_stride_b, grad_stride_c, grad_stride_s, num_classes, gamma, BLOCK_C)
     classes = tl.arange(0, BLOCK_C)
     tl.atomic_add(focal_ptr + classes, focal_sums.to(tl.float64), mask=classes < num_classes)
     tl.atomic_add(poly_ptr, tl.sum(poly_sum, axis=0).to(tl.float64))
@@ -153,12 +156,12 @@ def _backward_kernel(logits_ptr, target_ptr, grad_ptr, coefficients_ptr, poly_co
     in_range, batch, position, labels, valid = _labels(
         target_ptr, tl.program_id(0).to(tl.int64) * BLOCK_P, num_pixels, spatial, target_stride_b, target_stride_s,
         ignore_index, HAS_IGNORE, BLOCK_P)
-    is_label, shifted, log_normaliser, one_minus_pt, neg_log_pt, modulated = _pixel_terms(
+    is_label, shifted, log_normaliser, one_minus_pt, p_t, neg_log_pt, modulated = _pixel_terms(
         logits_ptr, in_range, batch, position, labels, valid, stride_b, stride_c, stride_s, num_classes, gamma,
         BLOCK_C)
     _store_gradient(grad_ptr, coefficients_ptr, tl.load(poly_coefficient_ptr), tl.load(grad_loss_ptr).to(tl.float32),
-                    in_range, batch, position, valid, is_label, shifted, log_normaliser, one_minus_pt, neg_log_pt,
-                    modulated, grad_stride_b, grad_stride_c, grad_stride_s, num_classes, gamma, BLOCK_C)
+                    in_range, batch, position, valid, is_label, shifted, log_normaliser, one_minus_pt, p_t,
+                    neg_log_pt, modulated, grad_stride_b, grad_stride_c, grad_stride_s, num_classes, gamma, BLOCK_C)
 
 
 @triton.jit
