@@ -54,6 +54,38 @@ def test_a_rejected_native_flag_falls_back_to_portable_flags(fresh_library, monk
 
 
 @needs_compiler
+def test_a_relative_shared_cache_folder_gives_a_library_every_user_can_load(fresh_library, monkeypatch):
+    monkeypatch.chdir(fresh_library)
+    monkeypatch.setenv("SEGFOCAL_CACHE", ".")  # a bare file name would send dlopen to the system's path
+    umask = os.umask(0o022)
+    try:
+        path = cpu_kernels._build()
+    finally:
+        os.umask(umask)
+    assert path.is_absolute() and path.parent == fresh_library
+    assert path.stat().st_mode & 0o055 == 0o055  # read and execute for the group and others
+    assert cpu_kernels.library() is not None
+
+
+@needs_compiler
+def test_a_rejected_native_flag_is_not_retried_once_the_portable_build_is_cached(fresh_library, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "NATIVE", ("-fno-such-flag-segfocal",))
+    first = cpu_kernels._build()
+    monkeypatch.setattr(cpu_kernels.subprocess, "run", lambda *args, **kwargs: pytest.fail("compiled again"))
+    assert cpu_kernels._build() == first
+
+
+@needs_compiler
+def test_no_classes_unvalidated_give_zero_as_the_chunked_pass():
+    target = torch.zeros(2, 4, 4, dtype=torch.long)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):  # the kernel, the kernel, the chunked pass
+        x = torch.zeros(2, 0, 4, 4, dtype=dtype, requires_grad=True)
+        loss = focal_loss(x, target, weight=None, validate=False)
+        loss.backward()
+        assert loss.item() == 0.0 and x.grad.shape == x.shape
+
+
+@needs_compiler
 def test_a_library_built_for_another_cpu_is_not_reused(fresh_library, monkeypatch):
     first = cpu_kernels._build()
     monkeypatch.setattr(cpu_kernels, "_cpu_id", lambda: b"another cpu")
@@ -83,7 +115,7 @@ def test_threads_and_tiles_change_nothing_but_the_summation_order(monkeypatch):
     logits, target = batch((3, 7, 21, 19), seed=11)
     logits = logits.float()
     results = []
-    for threads, tile in ((1, 0), (1, 16), (3, 16), (4, 32)):
+    for threads, tile in ((1, 0), (1, 16), (3, 16), (4, 32), (2, 24)):  # 24: rounded up to 32
         monkeypatch.setattr(cpu_kernels, "TILE", tile)
         monkeypatch.setattr(cpu_kernels, "GRAIN", 1)
         monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)

@@ -118,7 +118,7 @@ struct FocalProblem {
   int64_t label_dtype;       // 0 int64, 1 int32, 2 uint8
   int64_t num_threads;       // at most this many threads,
   int64_t grain;             // each with at least this many logits (histogram: labels) to process
-  int64_t tile;              // pixels per tile (a multiple of 16), 0: about 32 KiB of float32
+  int64_t tile;              // pixels per tile (rounded up to a multiple of 16), 0: about 32 KiB of float32
   double gamma, poly_coefficient, upstream;
 };
 
@@ -131,8 +131,14 @@ template <typename Work>
 void parallel_ranges(int64_t total, int64_t num_threads, Work work) {
   int64_t threads = std::max<int64_t>(1, std::min(num_threads, total));
   std::vector<std::thread> pool;
-  for (int64_t t = 1; t < threads; ++t)
-    pool.emplace_back(work, t, total * t / threads, total * (t + 1) / threads);
+  pool.reserve(threads);
+  int64_t started = 1;
+  try {
+    for (; started < threads; ++started)
+      pool.emplace_back(work, started, total * started / threads, total * (started + 1) / threads);
+  } catch (const std::system_error&) {  // no more threads to be had: the remaining ranges run here
+  }
+  for (int64_t t = started; t < threads; ++t) work(t, total * t / threads, total * (t + 1) / threads);
   work(0, 0, total / threads);
   for (auto& thread : pool) thread.join();
 }
@@ -325,7 +331,9 @@ void advise_huge_pages(const FocalProblem& p) {
 
 template <typename Logit, typename Label, bool kWriteGrad>
 void focal(const FocalProblem& p) {
-  int64_t tile = p.tile > 0 ? p.tile : std::max<int64_t>(16, std::min<int64_t>(512, (8192 / p.classes) / 16 * 16));
+  // a multiple of 16 pixels (accumulate() sums the Poly-1 terms 16 at a time)
+  int64_t tile = p.tile > 0 ? (p.tile + 15) / 16 * 16
+                            : std::max<int64_t>(16, std::min<int64_t>(512, (8192 / p.classes) / 16 * 16));
   int64_t tiles_per_row = (p.spatial + tile - 1) / tile;
   int64_t elements = p.batch * p.spatial * p.classes;
   int64_t threads = std::max<int64_t>(1, std::min<int64_t>(p.num_threads, elements / p.grain));
@@ -364,24 +372,35 @@ void focal_by_label(const FocalProblem& p) {
 
 extern "C" {
 
-// The label histogram into p->counts; returns 0, or -1 for a dtype code it does not know.
+// The entry points return 0, -1 for a dtype code they do not know or no classes, and -2 when
+// memory or a thread could not be had (no C++ exception crosses into the caller).
+
+// The label histogram into p->counts.
 int segfocal_histogram(const FocalProblem* p) {
-  switch (p->label_dtype) {
-    case 0: histogram<int64_t>(*p); return 0;
-    case 1: histogram<int32_t>(*p); return 0;
-    case 2: histogram<uint8_t>(*p); return 0;
-    default: return -1;
+  if (p->classes <= 0) return -1;
+  try {
+    switch (p->label_dtype) {
+      case 0: histogram<int64_t>(*p); return 0;
+      case 1: histogram<int32_t>(*p); return 0;
+      case 2: histogram<uint8_t>(*p); return 0;
+      default: return -1;
+    }
+  } catch (const std::exception&) {
+    return -2;
   }
 }
 
-// The focal and Poly-1 sums, and the gradient when p->grad is set; returns 0, or -1 for a dtype
-// code it does not know.
+// The focal and Poly-1 sums, and the gradient when p->grad is set.
 int segfocal_forward(const FocalProblem* p) {
-  if (p->label_dtype < 0 || p->label_dtype > 2) return -1;
-  switch (p->logits_dtype) {
-    case 0: focal_by_label<Float32>(*p); return 0;
-    case 1: focal_by_label<BFloat16>(*p); return 0;
-    default: return -1;
+  if (p->classes <= 0 || p->label_dtype < 0 || p->label_dtype > 2) return -1;
+  try {
+    switch (p->logits_dtype) {
+      case 0: focal_by_label<Float32>(*p); return 0;
+      case 1: focal_by_label<BFloat16>(*p); return 0;
+      default: return -1;
+    }
+  } catch (const std::exception&) {
+    return -2;
   }
 }
 

@@ -145,10 +145,12 @@ def _labels_problem(target: torch.Tensor, num_classes: int, ignore_index: int):
 
 
 def _call(name: str, problem: _Problem) -> None:
-    """Run an entry point (ctypes releases the GIL meanwhile); nothing to do without pixels."""
-    if problem.batch * problem.spatial == 0:
+    """Run an entry point (ctypes releases the GIL meanwhile); nothing to do without pixels or classes."""
+    if problem.batch * problem.spatial * problem.classes == 0:
         return
     status = getattr(library(), name)(ctypes.byref(problem))
+    if status == -2:
+        raise RuntimeError(f"segfocal CPU kernel {name}: out of memory or threads")
     if status != 0:
         raise RuntimeError(f"segfocal CPU kernel {name} rejected its input (status {status})")
 
@@ -159,27 +161,29 @@ def _build() -> Path:
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
     source = SOURCE.read_bytes()
+    # absolute: dlopen reads a bare file name as a library to look up on the system's path
     cache = Path(os.environ.get("SEGFOCAL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                 / "segfocal")
+                 / "segfocal").expanduser().absolute()
     cache.mkdir(parents=True, exist_ok=True)
-    errors = []
+    builds = []
     for flags in (FLAGS + NATIVE, FLAGS):
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_id()]))
-        path = cache / f"cpu_kernel-{key.hexdigest()[:16]}.so"
+        builds.append((flags, cache / f"cpu_kernel-{key.hexdigest()[:16]}.so"))
+    for _, path in builds:  # a portable build is there when the native flag was rejected before
         if path.exists():
             return path
-        handle, partial = tempfile.mkstemp(suffix=".so", dir=cache)  # built aside, then renamed: atomic
-        os.close(handle)
-        try:
-            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True,
-                                    timeout=600)
+    errors = []
+    for flags, path in builds:
+        # built in a folder of its own, then renamed: atomic, and the linker gives the file the
+        # usual permissions (readable by all where the umask allows, for a shared cache)
+        with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as folder:
+            partial = Path(folder) / path.name
+            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial)], capture_output=True,
+                                    text=True, timeout=600)
             if result.returncode == 0:
                 os.replace(partial, path)
                 return path
-            errors.append(f"{compiler} {' '.join(flags)}: {result.stderr.strip()[-500:]}")
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
+        errors.append(f"{compiler} {' '.join(flags)}: {result.stderr.strip()[-500:]}")
     raise RuntimeError("; ".join(errors))
 
 
