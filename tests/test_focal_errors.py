@@ -89,6 +89,12 @@ def test_float_target(weight, dtype):
     _both(logits, target.to(dtype), f"integer class indices, got dtype {re.escape(str(dtype))}", weight=weight)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_wide_unsigned_target_asks_for_a_conversion(dtype):
+    logits, target = _batch()
+    _both(logits, target.to(dtype), rf"target dtype {re.escape(str(dtype))} is not supported.*target\.long\(\)")
+
+
 @pytest.mark.parametrize("weight", WEIGHTS)
 def test_bool_target(weight):
     logits, target = _batch()

@@ -36,8 +36,9 @@ NAN, INF = math.nan, math.inf
 # ======================================================================================= loss
 
 LOGIT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.bool]
-TARGET_DTYPES = [torch.int64, torch.int32, torch.uint8, torch.int8, torch.float32, torch.bool]
-INT_RANGES = {torch.int8: (-2**7, 2**7 - 1), torch.uint8: (0, 2**8 - 1),
+TARGET_DTYPES = [torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8, torch.uint16, torch.float32,
+                 torch.bool]
+INT_RANGES = {torch.int8: (-2**7, 2**7 - 1), torch.uint8: (0, 2**8 - 1), torch.int16: (-2**15, 2**15 - 1),
               torch.int32: (-2**31, 2**31 - 1), torch.int64: (-2**63, 2**63 - 1)}
 
 GAMMAS = st.one_of(st.floats(0, 10), st.sampled_from(

@@ -357,6 +357,8 @@ def check_inputs(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) 
         raise ValueError(f"logits must have at least one class (dimension 1), got shape {tuple(logits.shape)}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if target.dtype in (torch.uint16, torch.uint32, torch.uint64):  # PyTorch has few operations for these
+        raise ValueError(f"target dtype {target.dtype} is not supported: convert it with target.long()")
     expected = (logits.shape[0],) + tuple(logits.shape[2:])
     if tuple(target.shape) != expected:
         raise ValueError(
