@@ -80,9 +80,11 @@ def focal_loss(
             check). Pass ``False`` under CUDA graphs or ``torch.compile``.
 
     The loss is computed in float32 whatever the logits' dtype (float64 stays float64). ``1 - p_t``
-    is the sum of the other classes' probabilities and ``-log p_t = -log1p(-(1 - p_t))`` where
-    ``p_t > 1/2``, so fp16/bf16 logits and confidently correct pixels stay accurate to relative
-    rounding. A batch whose pixels are all ignored gives 0 with a zero gradient.
+    is the sum of the other classes' probabilities, ``-log p_t = -log1p(-(1 - p_t))`` where
+    ``p_t > 1/2`` and ``(1 - p_t)^gamma = exp(gamma log1p(-p_t))`` where ``p_t < 1/2``, so fp16/bf16
+    logits and confidently right or wrong pixels stay accurate to relative rounding at any
+    ``gamma``. A batch whose pixels are all ignored gives 0 with a zero gradient. The fused
+    implementation has no second derivative (it raises under ``create_graph=True``).
     """
     return _focal_loss(
         logits, target, gamma=gamma, alpha=alpha, weight=weight, ignore_index=ignore_index, reduction=reduction,
