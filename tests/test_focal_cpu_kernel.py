@@ -2,6 +2,7 @@
 (``test_focal_kernels.py``): threads, extreme logits, unvalidated labels."""
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -65,6 +66,18 @@ def test_a_relative_shared_cache_folder_gives_a_library_every_user_can_load(fres
     assert path.is_absolute() and path.parent == fresh_library
     assert path.stat().st_mode & 0o055 == 0o055  # read and execute for the group and others
     assert cpu_kernels.library() is not None
+
+
+@needs_compiler
+def test_a_build_sweeps_the_folders_of_killed_builds_but_not_of_running_ones(fresh_library):
+    abandoned, running = fresh_library / ".build-abandoned", fresh_library / ".build-running"
+    for folder in (abandoned, running):
+        folder.mkdir()
+        (folder / "cpu_kernel-0000.so").write_bytes(b"partial")
+    hour_ago = time.time() - cpu_kernels.ABANDONED_AFTER_S - 60
+    os.utime(abandoned, (hour_ago, hour_ago))
+    cpu_kernels._build()
+    assert not abandoned.exists() and running.exists()
 
 
 @needs_compiler

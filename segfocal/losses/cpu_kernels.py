@@ -24,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Optional, Tuple
@@ -40,6 +41,7 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the logits' dtypes it takes, a
 LABEL_DTYPES = {torch.int64: 0, torch.int32: 1, torch.uint8: 2}
 GRAIN = 1 << 18  # logits per thread at least: smaller inputs use fewer threads
 TILE = 0  # pixels per tile; 0: the kernel's choice (about 32 KiB of float32)
+ABANDONED_AFTER_S = 3600  # a build folder this old belongs to no running build (the compiler's timeout is 600 s)
 
 
 class _Problem(ctypes.Structure):
@@ -165,6 +167,7 @@ def _build() -> Path:
     cache = Path(os.environ.get("SEGFOCAL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
                  / "segfocal").expanduser().absolute()
     cache.mkdir(parents=True, exist_ok=True)
+    _sweep_abandoned_builds(cache)
     builds = []
     for flags in (FLAGS + NATIVE, FLAGS):
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_id()]))
@@ -185,6 +188,16 @@ def _build() -> Path:
                 return path
         errors.append(f"{compiler} {' '.join(flags)}: {result.stderr.strip()[-500:]}")
     raise RuntimeError("; ".join(errors))
+
+
+def _sweep_abandoned_builds(cache: Path) -> None:
+    """Remove build folders older than any build takes, left by a process killed while compiling."""
+    for folder in cache.glob(".build-*"):
+        try:
+            if time.time() - folder.stat().st_mtime > ABANDONED_AFTER_S:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # removed meanwhile by another process
+            pass
 
 
 def _cpu_id() -> bytes:
