@@ -277,7 +277,7 @@ def _reference_focal_loss(
     # pixels (the clamp passes no gradient there, and the term is ~0).
     one_minus_pt = one_minus_pt.clamp_min(torch.finfo(dtype).tiny)
     modulated = _modulating_factor(one_minus_pt, p_t_term, others, gamma)
-    pixel_loss = neg_log_pt if gamma == 0 else modulated * neg_log_pt
+    pixel_loss = modulated * neg_log_pt
 
     counts = class_histogram(target, num_classes, ignore_index).to(dtype)
     world_size = 1

@@ -4,8 +4,8 @@ Where a kernel back end takes the logits (:func:`_kernels`), the forward first c
 (a label-only pass), so the class weights and the mean's denominator are known before the one
 pass over the logits, which accumulates the per-class focal sums and the Poly-1 sum and writes the
 gradient for an upstream gradient of 1; the backward only scales it. Nothing per pixel is saved.
-(A bfloat16 gradient is so rounded twice when the upstream is not a power of two: at most about
-one bfloat16 ulp instead of half of one, measured.)
+(So a bfloat16 gradient is rounded twice when the upstream is not a power of two: an error of at
+most about one bfloat16 ulp instead of half of one, measured.)
 The back ends: :mod:`.cpu_kernels` (a C++ kernel, float32/bfloat16 CPU logits) and
 :mod:`.triton_kernels` (CUDA, float16/bfloat16/float32).
 
