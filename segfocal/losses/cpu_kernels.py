@@ -31,7 +31,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .layout import empty_gradient, flat_labels, flat_logits, ignore_index_fits
+from .labels import ignore_index_fits
+from .layout import empty_gradient, flat_labels, flat_logits
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 # -fno-trapping-math lets the compiler evaluate both sides of a select, so the loops vectorise
@@ -168,9 +169,9 @@ def _build() -> Path:
                  / "segfocal").expanduser().absolute()
     cache.mkdir(parents=True, exist_ok=True)
     _sweep_abandoned_builds(cache)
-    builds = []
+    cpu_id, builds = _cpu_id(), []
     for flags in (FLAGS + NATIVE, FLAGS):
-        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_id()]))
+        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), cpu_id]))
         builds.append((flags, cache / f"cpu_kernel-{key.hexdigest()[:16]}.so"))
     for _, path in builds:  # a portable build is there when the native flag was rejected before
         if path.exists():

@@ -8,15 +8,20 @@ import torch
 import torch.distributed as dist
 
 
+def ignore_index_fits(ignore_index: int, dtype: torch.dtype) -> bool:
+    """Whether ``ignore_index`` is a value integer ``dtype`` can hold (otherwise no label is ignored)."""
+    info = torch.iinfo(dtype)
+    return info.min <= ignore_index <= info.max
+
+
 def not_ignored(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """``target != ignore_index``, all true where ``ignore_index`` does not fit ``target``'s dtype.
 
     (A plain comparison casts the index to the dtype: ``uint8 != -100`` would treat 156 as ignored.)
     """
-    if not target.is_floating_point() and target.dtype != torch.bool:
-        info = torch.iinfo(target.dtype)
-        if not info.min <= ignore_index <= info.max:
-            return torch.ones_like(target, dtype=torch.bool)
+    if not target.is_floating_point() and target.dtype != torch.bool \
+            and not ignore_index_fits(ignore_index, target.dtype):
+        return torch.ones_like(target, dtype=torch.bool)
     return target != ignore_index
 
 

@@ -32,9 +32,3 @@ def flat_labels(target: torch.Tensor):
     labels = target.reshape(batch, math.prod(target.shape) // batch if batch else 0)  # no -1: sizes may be 0
     batch, spatial = labels.shape
     return labels, labels.stride(), batch * spatial, spatial
-
-
-def ignore_index_fits(ignore_index: int, dtype: torch.dtype) -> bool:
-    """Whether ``ignore_index`` is a value ``dtype`` can hold (otherwise no label is ignored)."""
-    info = torch.iinfo(dtype)
-    return info.min <= ignore_index <= info.max

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import empty_gradient, flat_labels, flat_logits, ignore_index_fits
+from .labels import ignore_index_fits
+from .layout import empty_gradient, flat_labels, flat_logits
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the logits' dtypes it takes
 MAX_PROGRAMS = 4096  # programs loop over pixel blocks, so the float64 atomics stay few per class
