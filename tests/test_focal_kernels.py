@@ -108,8 +108,9 @@ def test_kernels_read_strided_logits_and_write_a_gradient_they_can_address(layou
         assert grad.stride() == strided.stride()
 
 
-def test_many_classes_and_a_large_class_tile(backend):
-    logits, target = batch(backend, (2, 150, 6, 7), seed=3)
+@pytest.mark.parametrize("num_classes", [150, 1000])  # 1000: the widest tile, 4 pixels over 16 warps
+def test_many_classes_and_a_large_class_tile(num_classes, backend):
+    logits, target = batch(backend, (2, num_classes, 6, 7), seed=3)
     check_against_reference(logits.float(), target)
 
 

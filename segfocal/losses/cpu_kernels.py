@@ -70,14 +70,14 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     try:
         lib = ctypes.CDLL(str(_build()))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        for name in ("segfocal_histogram", "segfocal_forward"):  # AttributeError: another library by that name
+            function = getattr(lib, name)
+            function.argtypes, function.restype = [ctypes.POINTER(_Problem)], ctypes.c_int
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
         warnings.warn(f"segfocal: the C++ CPU focal kernel is not available ({error}); the fused loss uses its "
                       f"slower PyTorch implementation on the CPU (set SEGFOCAL_CPU_KERNEL=0 to silence this)",
                       RuntimeWarning, stacklevel=2)
         return None
-    for name in ("segfocal_histogram", "segfocal_forward"):
-        function = getattr(lib, name)
-        function.argtypes, function.restype = [ctypes.POINTER(_Problem)], ctypes.c_int
     return lib
 
 

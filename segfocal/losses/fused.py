@@ -32,7 +32,9 @@ gives one.
 from __future__ import annotations
 
 import importlib.util
-from typing import Iterator, Optional, Tuple
+import os
+import warnings
+from typing import Dict, Iterator, Optional, Set, Tuple
 
 import torch
 
@@ -41,6 +43,9 @@ from .labels import mean_denominator, not_ignored, per_class_factor, sum_over_ra
 
 CHUNK_ELEMENTS = 1 << 20  # logits elements per chunk (4 MiB of float32): cache-sized, few Python-level ops
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
+_KERNEL_FAILURES: Dict[str, str] = {}  # back-end module name -> why it was turned off in this process
+_WARNED: Set[str] = set()
+_NO_GRADS = (None,) * 12  # backward: no gradient for the arguments after the logits
 
 
 def fused_focal_loss(
@@ -79,19 +84,27 @@ class _FusedFocal(torch.autograd.Function):
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         options = (class_weight, alpha, weight_scheme, reduction, normalize, poly_epsilon, enet_c, effective_beta,
                    sync_histogram, dtype)
-        kernels = _kernels(logits)
+        kernels, counts = _kernels(logits), None
         if kernels is not None:  # histogram first, so the one pass over the logits can write the gradient
-            weight, pixel_factor, scale, coefficients, poly_coefficient = _coefficients(
-                kernels.histogram(target, num_classes, ignore_index), *options)
-            # not for float16 (see triton_kernels), nor under torch.compile, which traces a plain backward
-            write_grad = ctx.needs_input_grad[0] and logits.dtype != torch.float16 \
-                and not torch.compiler.is_compiling()
-            focal_sums, poly_sum, grad = kernels.forward(logits, target, coefficients, poly_coefficient, gamma,
-                                                         ignore_index, write_grad)
-            saved = None
-        else:
-            counts, focal_sums, poly_sum, saved = _chunked_sums(logits, target, gamma, ignore_index, poly_epsilon)
+            try:
+                counts = kernels.histogram(target, num_classes, ignore_index)
+            except Exception as error:  # a kernel that cannot compile or launch here must not stop training
+                kernels = _kernels_failed(kernels, error)
+        if kernels is not None:
             weight, pixel_factor, scale, coefficients, poly_coefficient = _coefficients(counts, *options)
+            # not for float16: see triton_kernels
+            write_grad = ctx.needs_input_grad[0] and logits.dtype != torch.float16
+            try:
+                focal_sums, poly_sum, grad = kernels.forward(logits, target, coefficients, poly_coefficient, gamma,
+                                                             ignore_index, write_grad)
+                saved = None
+            except Exception as error:
+                kernels = _kernels_failed(kernels, error)
+        if kernels is None:
+            chunk_counts, focal_sums, poly_sum, saved = _chunked_sums(logits, target, gamma, ignore_index,
+                                                                      poly_epsilon)
+            if counts is None:  # (else the histogram was summed over ranks already: no second all-reduce)
+                weight, pixel_factor, scale, coefficients, poly_coefficient = _coefficients(chunk_counts, *options)
             grad = None
         weighted = focal_sums if pixel_factor is None else pixel_factor * focal_sums
         total = weighted.sum() + poly_epsilon * poly_sum
@@ -108,16 +121,22 @@ class _FusedFocal(torch.autograd.Function):
             raise RuntimeError("the fused focal loss has no second derivative (create_graph=True); "
                                "use implementation='reference'")
         logits, target, saved, coefficients, poly_coefficient = ctx.saved_tensors
-        if ctx.grad is not None:  # consumed once: a second backward (retain_graph) recomputes
-            grad, ctx.grad = ctx.grad, None
-            grad = ctx.kernels.scale_(grad, grad_loss)
-        elif ctx.kernels is not None:
-            grad = ctx.kernels.gradient(logits, target, coefficients, poly_coefficient, grad_loss, ctx.gamma,
-                                        ctx.ignore_index)
-        else:
-            grad = _chunked_gradient(logits, target, saved, coefficients, poly_coefficient, grad_loss,
-                                     ctx.ignore_index)
-        return (grad,) + (None,) * 12
+        grad, ctx.grad = ctx.grad, None  # consumed once: a second backward (retain_graph) recomputes
+        kernels = None if ctx.kernels is None else _usable(ctx.kernels)
+        try:
+            if kernels is not None and grad is not None:
+                return (kernels.scale_(grad, grad_loss),) + _NO_GRADS
+            if kernels is not None:
+                return (kernels.gradient(logits, target, coefficients, poly_coefficient, grad_loss, ctx.gamma,
+                                         ctx.ignore_index),) + _NO_GRADS
+        except Exception as error:  # as in the forward: the chunked pass takes over
+            _kernels_failed(kernels, error)
+        if grad is not None:
+            return (grad.mul_(grad_loss),) + _NO_GRADS
+        if saved is None:  # the forward ran a kernel: the chunked pass's per-pixel terms are recomputed
+            saved = _chunked_sums(logits, target, ctx.gamma, ctx.ignore_index, 0.0)[3]
+        return (_chunked_gradient(logits, target, saved, coefficients, poly_coefficient, grad_loss, ctx.ignore_index),
+                ) + _NO_GRADS
 
 
 def _coefficients(counts, class_weight, alpha, weight_scheme, reduction, normalize, poly_epsilon, enet_c,
@@ -150,22 +169,50 @@ def _coefficients(counts, class_weight, alpha, weight_scheme, reduction, normali
 def _kernels(logits: torch.Tensor):
     """The kernel module for these logits, or ``None`` for the chunked PyTorch implementation:
 
-    * :mod:`.triton_kernels` for float16/bfloat16/float32 CUDA logits when Triton is installed;
-    * :mod:`.cpu_kernels` for float32/bfloat16 CPU logits when its C++ kernel could be built, except
-      under ``torch.compile`` (which cannot trace a foreign call and fuses the chunked ops itself);
-    * ``None`` for float64 (kept exact: the implementations are tested against it) and otherwise.
+    * :mod:`.triton_kernels` for float16/bfloat16/float32 CUDA logits of at most ``MAX_CLASSES``
+      classes when Triton is installed, unless ``SEGFOCAL_TRITON=0``;
+    * :mod:`.cpu_kernels` for float32/bfloat16 CPU logits when its C++ kernel could be built;
+    * ``None`` under ``torch.compile`` (which cannot trace a foreign call, and fuses the chunked
+      ops into kernels of its own), for float64 (kept exact: the implementations are tested
+      against it), once a back end has failed (:func:`_kernels_failed`), and otherwise.
     """
+    if torch.compiler.is_compiling():
+        return None
     if logits.is_cuda:
-        if not _HAS_TRITON or logits.dtype == torch.float64:
+        if logits.dtype == torch.float64 or os.environ.get("SEGFOCAL_TRITON", "1") == "0":
+            return None
+        if not _HAS_TRITON:
+            _warn_once("triton", "Triton is not installed (pip install triton)")
             return None
         from . import triton_kernels
 
-        return triton_kernels
-    if torch.compiler.is_compiling():
-        return None
+        return _usable(triton_kernels) if logits.shape[1] <= triton_kernels.MAX_CLASSES else None
     from . import cpu_kernels
 
-    return cpu_kernels if cpu_kernels.supports(logits) else None
+    return _usable(cpu_kernels) if cpu_kernels.supports(logits) else None
+
+
+def _usable(kernels):
+    """``kernels``, or ``None`` once it has failed in this process."""
+    return None if kernels.__name__ in _KERNEL_FAILURES else kernels
+
+
+def _kernels_failed(kernels, error: Exception) -> None:
+    """Turn the back end ``kernels`` off for this process after it raised ``error`` (a kernel that
+    does not compile or launch on this machine: old driver, unsupported GPU, a Triton that rejects
+    it), with one warning that names the reason. Returns ``None``: the chunked pass takes over."""
+    _KERNEL_FAILURES[kernels.__name__] = f"{type(error).__name__}: {error}"
+    _warn_once(kernels.__name__, f"{kernels.__name__.rsplit('.', 1)[-1]} failed ({type(error).__name__}: "
+               f"{str(error).strip()[:500]})")
+    return None
+
+
+def _warn_once(key: str, reason: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"segfocal: the fused focal loss's fast path is off: {reason}; it runs its chunked PyTorch "
+                      f"pass instead (slower, same result). SEGFOCAL_TRITON=0 / SEGFOCAL_CPU_KERNEL=0 choose that "
+                      f"pass without trying.", RuntimeWarning, stacklevel=3)
 
 
 def _chunked_sums(logits, target, gamma, ignore_index, poly_epsilon):

@@ -20,7 +20,8 @@ CUDA logits arrive (or by the tests, under ``TRITON_INTERPRET=1`` on the CPU).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -30,9 +31,10 @@ from .labels import ignore_index_fits
 from .layout import empty_gradient, flat_labels, flat_logits
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the logits' dtypes it takes
+MAX_CLASSES = 1024  # a pixel's classes are one tile row: more would spill (the chunked pass takes them)
 MAX_PROGRAMS = 4096  # programs loop over pixel blocks, so the float64 atomics stay few per class
 SCALE_BLOCK = 4096
-FLOAT32_TINY = 1.1754943508222875e-38  # float32's smallest normal
+FLOAT32_TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal (a constexpr: kernels read no other globals)
 
 
 @triton.jit
@@ -175,15 +177,26 @@ def _scale_kernel(grad_ptr, numel, grad_loss_ptr, BLOCK: tl.constexpr):
         tl.store(grad_ptr + offsets, (values * upstream).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: the kernel, its grid, its run-time arguments by name, its compile-time
+    constants and warp count. Calling it launches the kernel; :mod:`.triton_aot` compiles the same
+    object ahead of time for a GPU architecture, so what the tests compile is what runs."""
+    kernel: Any
+    grid: Tuple[int, ...]
+    args: Dict[str, Any]
+    constexprs: Dict[str, Any]
+    num_warps: int
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps)
+
+
 def histogram(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
     """float64 pixel count of each class ``[C]`` (ignored and out-of-range labels are not counted)."""
     counts = torch.zeros(num_classes, dtype=torch.float64, device=target.device)
-    labels, label_strides, num_pixels, spatial = flat_labels(target)
-    block_p, block_c = _blocks(num_classes)
-    if num_pixels > 0:
-        _histogram_kernel[(_programs(num_pixels, block_p),)](
-            labels, counts, num_pixels, spatial, *label_strides, num_classes, ignore_index,
-            HAS_IGNORE=ignore_index_fits(ignore_index, target.dtype), BLOCK_P=block_p, BLOCK_C=block_c)
+    if target.numel() > 0:
+        histogram_launch(target, counts, ignore_index)()
     return counts
 
 
@@ -196,19 +209,12 @@ def forward(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tens
     ``coefficients`` ``[C + 1]``: each class's factor ``w a / D`` and a zero for ignored pixels;
     ``poly_coefficient``: ``poly_epsilon / D``.
     """
-    num_classes = logits.shape[1]
-    focal_sums = torch.zeros(num_classes, dtype=torch.float64, device=logits.device)
+    focal_sums = torch.zeros(logits.shape[1], dtype=torch.float64, device=logits.device)
     poly_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
-    logits_view, strides = flat_logits(logits)
-    labels, label_strides, num_pixels, spatial = flat_labels(target)
-    grad, flat_grad, grad_strides = empty_gradient(logits) if write_grad else (None, logits_view, strides)
-    block_p, block_c = _blocks(num_classes)
-    if num_pixels > 0:
-        _forward_kernel[(_programs(num_pixels, block_p),)](
-            logits_view, labels, flat_grad, coefficients.float(), poly_coefficient.float(), focal_sums, poly_sum,
-            num_pixels, spatial, *strides, *label_strides, *grad_strides, num_classes, ignore_index, float(gamma),
-            HAS_IGNORE=ignore_index_fits(ignore_index, target.dtype), WRITE_GRAD=write_grad,
-            BLOCK_P=block_p, BLOCK_C=block_c)
+    grad = empty_gradient(logits)[0] if write_grad else None
+    if target.numel() > 0:
+        forward_launch(logits, target, grad, coefficients, poly_coefficient, focal_sums, poly_sum, gamma,
+                       ignore_index)()
     return focal_sums, poly_sum, grad
 
 
@@ -216,16 +222,9 @@ def gradient(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Ten
              poly_coefficient: torch.Tensor, grad_loss: torch.Tensor, gamma: float, ignore_index: int) -> torch.Tensor:
     """The logits' gradient recomputed from the logits (their dtype and memory format), with the
     upstream gradient folded in; ``coefficients`` as for :func:`forward`."""
-    num_classes = logits.shape[1]
-    grad, flat_grad, grad_strides = empty_gradient(logits)
-    logits_view, strides = flat_logits(logits)
-    labels, label_strides, num_pixels, spatial = flat_labels(target)
-    block_p, block_c = _blocks(num_classes)
-    if num_pixels > 0:
-        _backward_kernel[(triton.cdiv(num_pixels, block_p),)](
-            logits_view, labels, flat_grad, coefficients.float(), poly_coefficient.float(), grad_loss,
-            num_pixels, spatial, *strides, *label_strides, *grad_strides, num_classes, ignore_index, float(gamma),
-            HAS_IGNORE=ignore_index_fits(ignore_index, target.dtype), BLOCK_P=block_p, BLOCK_C=block_c)
+    grad = empty_gradient(logits)[0]
+    if target.numel() > 0:
+        gradient_launch(logits, target, grad, coefficients, poly_coefficient, grad_loss, gamma, ignore_index)()
     return grad
 
 
@@ -233,14 +232,78 @@ def scale_(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     """``grad *= grad_loss`` in place (a gradient from :func:`forward`: dense); nothing is read or
     written when ``grad_loss`` is 1."""
     if grad.numel() > 0:
-        _scale_kernel[(triton.cdiv(grad.numel(), SCALE_BLOCK),)](grad, grad.numel(), grad_loss, BLOCK=SCALE_BLOCK)
+        scale_launch(grad, grad_loss)()
     return grad
 
 
-def _blocks(num_classes: int) -> Tuple[int, int]:
-    """Tile sizes: all classes of a pixel in one row (a power of two), about 4096 elements per tile."""
+def histogram_launch(target: torch.Tensor, counts: torch.Tensor, ignore_index: int) -> Launch:
+    labels, label_strides, num_pixels, spatial = flat_labels(target)
+    tiles = tiles_for(counts.shape[0])
+    return Launch(_histogram_kernel, (_programs(num_pixels, tiles.block_p),),
+                  dict(target_ptr=labels, counts_ptr=counts, num_pixels=num_pixels, spatial=spatial,
+                       target_stride_b=label_strides[0], target_stride_s=label_strides[1],
+                       num_classes=counts.shape[0], ignore_index=ignore_index),
+                  dict(HAS_IGNORE=ignore_index_fits(ignore_index, target.dtype), BLOCK_P=tiles.block_p,
+                       BLOCK_C=tiles.block_c),
+                  tiles.num_warps)
+
+
+def forward_launch(logits, target, grad, coefficients, poly_coefficient, focal_sums, poly_sum, gamma,
+                   ignore_index) -> Launch:
+    """The one pass over the logits; it writes ``grad`` (dense, the logits' shape) unless that is ``None``."""
+    args = _pixel_arguments(logits, target, grad, coefficients, poly_coefficient, gamma, ignore_index)
+    tiles = tiles_for(logits.shape[1])
+    return Launch(_forward_kernel, (_programs(args["num_pixels"], tiles.block_p),),
+                  dict(args, focal_ptr=focal_sums, poly_ptr=poly_sum),
+                  dict(HAS_IGNORE=ignore_index_fits(ignore_index, target.dtype), WRITE_GRAD=grad is not None,
+                       BLOCK_P=tiles.block_p, BLOCK_C=tiles.block_c),
+                  tiles.num_warps)
+
+
+def gradient_launch(logits, target, grad, coefficients, poly_coefficient, grad_loss, gamma, ignore_index) -> Launch:
+    args = _pixel_arguments(logits, target, grad, coefficients, poly_coefficient, gamma, ignore_index)
+    tiles = tiles_for(logits.shape[1])
+    return Launch(_backward_kernel, (triton.cdiv(args["num_pixels"], tiles.block_p),),
+                  dict(args, grad_loss_ptr=grad_loss),
+                  dict(HAS_IGNORE=ignore_index_fits(ignore_index, target.dtype), BLOCK_P=tiles.block_p,
+                       BLOCK_C=tiles.block_c),
+                  tiles.num_warps)
+
+
+def scale_launch(grad: torch.Tensor, grad_loss: torch.Tensor) -> Launch:
+    return Launch(_scale_kernel, (triton.cdiv(grad.numel(), SCALE_BLOCK),),
+                  dict(grad_ptr=grad, numel=grad.numel(), grad_loss_ptr=grad_loss), dict(BLOCK=SCALE_BLOCK), 4)
+
+
+def _pixel_arguments(logits, target, grad, coefficients, poly_coefficient, gamma, ignore_index) -> Dict[str, Any]:
+    """The run-time arguments the forward and backward kernels share (``grad`` ``None``: not written;
+    the logits stand in for its pointer)."""
+    logits_view, strides = flat_logits(logits)
+    labels, label_strides, num_pixels, spatial = flat_labels(target)
+    grad_view, grad_strides = (logits_view, strides) if grad is None else flat_logits(grad)
+    return dict(logits_ptr=logits_view, target_ptr=labels, grad_ptr=grad_view, coefficients_ptr=coefficients.float(),
+                poly_coefficient_ptr=poly_coefficient.float(), num_pixels=num_pixels, spatial=spatial,
+                stride_b=strides[0], stride_c=strides[1], stride_s=strides[2], target_stride_b=label_strides[0],
+                target_stride_s=label_strides[1], grad_stride_b=grad_strides[0], grad_stride_c=grad_strides[1],
+                grad_stride_s=grad_strides[2], num_classes=logits.shape[1], ignore_index=ignore_index,
+                gamma=float(gamma))
+
+
+class Tiles(NamedTuple):
+    block_p: int  # pixels per block
+    block_c: int  # classes per block: all of them, padded to a power of two
+    num_warps: int
+
+
+def tiles_for(num_classes: int) -> Tiles:
+    """Tile sizes and warps for ``num_classes`` (at most :data:`MAX_CLASSES`): all classes of a pixel
+    in one row, padded to a power of two; at most 2048 elements a tile over 8 warps (8 a thread) and
+    at most 256 pixels (each pixel's indices and label are int64 vectors: with 512 or 1024 pixels a
+    tile, 2 to 8 classes reached ptxas's 128-register cap on sm_80 and spilled), 4 pixels over 16
+    warps at 1024 classes. Measured: ``tools/triton_resources.py`` (benchmarks/RESULTS.md)."""
     block_c = triton.next_power_of_2(num_classes)
-    return max(16, min(1024, 4096 // block_c)), block_c
+    block_p = 256 if block_c <= 4 else 128 if block_c <= 16 else max(4, 2048 // block_c)
+    return Tiles(block_p, block_c, 16 if block_c >= 1024 else 8)
 
 
 def _programs(num_pixels: int, block_p: int) -> int:
