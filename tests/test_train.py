@@ -75,6 +75,39 @@ def test_fp16_without_a_gpu_is_a_config_error(tmp_path):
         Trainer(load_config(tiny_recipe(tmp_path, train__amp="fp16")), progress=False)
 
 
+def test_fp16_autocast_with_a_grad_scaler_trains_through_the_step(tmp_path):
+    """The fp16 branch (autocast + GradScaler: scale, unscale, clip, scaler step) that CUDA runs,
+    driven on the CPU, which takes float16 autocast and a GradScaler too."""
+    from segfocal.engine.precision import Precision
+
+    trainer = Trainer(load_config(tiny_recipe(tmp_path, train__epochs=1, train__log_images=0)), progress=False)
+    trainer.precision = Precision("cpu", torch.float16)
+    trainer.scaler = trainer.precision.grad_scaler()
+    assert trainer.scaler.is_enabled()
+    before = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    with trainer.precision.autocast():
+        assert trainer.model(torch.zeros(1, 3, 32, 32)).dtype == torch.float16
+    losses = [trainer.train_one_epoch(epoch) for epoch in range(3)]
+    assert all(loss == loss and loss < 1e3 for loss in losses), losses
+    assert trainer.state.step == 3 * len(trainer.train_loader)
+    changed = [name for name, value in trainer.model.state_dict().items()
+               if value.is_floating_point() and not torch.equal(value, before[name])]
+    assert changed and all(torch.isfinite(value).all() for value in trainer.model.state_dict().values()
+                           if value.is_floating_point())
+    assert 0 < trainer.scaler.get_scale() <= 2.0 ** 16  # the scaler ran: started at 2**16, lowered on overflow
+
+
+@pytest.mark.parametrize("bf16_supported, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_precision_on_cuda_is_bf16_where_supported_else_fp16(bf16_supported, expected, monkeypatch):
+    from segfocal.engine.precision import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
+    precision = resolve_precision("auto", torch.device("cuda", 0))
+    assert (precision.device_type, precision.autocast_dtype, precision.uses_scaler) == (
+        "cuda", expected, expected == torch.float16)
+    assert resolve_precision("auto", torch.device("cpu")).autocast_dtype is None
+
+
 def final_weights(work_dir):
     return load_checkpoint(work_dir / "last.pt")["model"]
 

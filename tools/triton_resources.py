@@ -5,8 +5,9 @@
 No GPU is needed: Triton's compiler and the ptxas in the triton wheel run on the CPU
 (``segfocal/losses/triton_aot.py``). For each architecture, class count and variant (logits dtype,
 label dtype, ignore label, gradient written in the forward pass) it compiles the launches one
-training step makes and prints a Markdown table of registers, spills, stack and
-shared memory per kernel (from ptxas's own report); identical specialisations are compiled once. Exits 1 if any kernel
+training step makes and prints a Markdown table of registers, spills, stack and shared memory
+(from ptxas's own report) per kernel and class count, the range over the variants (``--full``:
+every kernel); identical specialisations are compiled once. Exits 1 if any kernel
 fails to compile (the error is in the table and the JSON). Each compile starts from an empty
 Triton cache, so a cached result cannot hide a front-end error.
 """
@@ -63,17 +64,38 @@ def tasks(archs, class_counts):
                     yield arch, variant, kernel
 
 
-def markdown(records):
-    lines = ["| sm | kernel | C | logits | labels | ignore | grad in fwd | block (px x cls) | warps | registers "
-             "| spill stores B | spill loads B | stack B | shared B |", "|" + "---|" * 14]
-    for r in records:
-        flag = lambda value: "" if value is None else ("yes" if value else "no")  # noqa: E731
-        figures = (f"{r['registers']} | {r['spill_stores']} | {r['spill_loads']} | {r['stack_bytes']} | {r['shared_bytes']}"
-                   if "error" not in r else f"**fails**: {r['error'][:120]} | | | |")
-        block = f"{r['block_p']} x {r['block_c']}" if r["block_p"] else ""
-        lines.append(f"| {r['arch']} | {r['kernel']} | {r['classes']} | {r['logits']} | {r['labels']} "
-                     f"| {flag(r['ignore'])} | {flag(r['write_grad'])} | {block} | {r['num_warps']} | {figures} |")
+def markdown(records, full=False):
+    """One row per architecture, kernel and class count (the range over its variants), or with
+    ``full`` one row per compiled kernel."""
+    if full:
+        groups = {(r["arch"], r["kernel"], r["classes"], r["logits"], r["labels"], r["ignore"], r["write_grad"]): [r]
+                  for r in records}
+    else:
+        groups = {}
+        for r in records:
+            groups.setdefault((r["arch"], r["kernel"], "" if r["kernel"] == "scale" else r["classes"]), []).append(r)
+    lines = ["| sm | kernel | C | variant | tile (px x classes) | warps | registers | spill stores / loads B "
+             "| stack B | shared B |", "|" + "---|" * 10]
+    for key, rows in groups.items():
+        failures = [r["error"] for r in rows if "error" in r]
+        rows = [r for r in rows if "error" not in r]
+        variant = (f"{key[3]}, {key[4]}, ignore {key[5]}, grad {key[6]}" if full
+                   else f"{len(rows) + len(failures)} variants")
+        first = (rows or [{}])[0]
+        tile = f"{first['block_p']} x {first['block_c']}" if first.get("block_p") else ""
+        figures = (f"{_span(rows, 'registers')} | {_span(rows, 'spill_stores')} / {_span(rows, 'spill_loads')} "
+                   f"| {_span(rows, 'stack_bytes')} | {_span(rows, 'shared_bytes')}" if rows else "| | |")
+        if failures:
+            figures += f" **{len(failures)} fail**: {failures[0][:120]}"
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {variant} | {tile} | {first.get('num_warps', '')} "
+                     f"| {figures} |")
     return "\n".join(lines)
+
+
+def _span(rows, name):
+    """``low-high`` of a figure over rows (one number when they agree)."""
+    low, high = min(r[name] for r in rows), max(r[name] for r in rows)
+    return str(low) if low == high else f"{low}-{high}"
 
 
 def main(argv=None):
@@ -82,6 +104,7 @@ def main(argv=None):
     parser.add_argument("--classes", type=int, nargs="+", default=list(triton_aot.CLASS_COUNTS))
     parser.add_argument("--json", type=Path, help="also write the records here")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--full", action="store_true", help="one row per compiled kernel, not per class count")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache  # fresh: a cached compile would hide a front-end error
@@ -90,7 +113,7 @@ def main(argv=None):
         with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             records = list(pool.map(compile_one, todo))
     records.sort(key=lambda r: (r["arch"], r["kernel"], r["classes"], r["logits"], r["labels"]))
-    print(markdown(records))
+    print(markdown(records, args.full))
     if args.json:
         args.json.write_text(json.dumps(records, indent=1))
     failed = [r for r in records if "error" in r]

@@ -9,8 +9,11 @@ most about one bfloat16 ulp instead of half of one, measured.)
 The back ends: :mod:`.cpu_kernels` (a C++ kernel, float32/bfloat16 CPU logits) and
 :mod:`.triton_kernels` (CUDA, float16/bfloat16/float32).
 
-Otherwise (float64, which stays exact for the tests; float16 on the CPU; ``torch.compile`` on the
-CPU; no compiler) the chunked PyTorch pass runs: the logits are read in place (any strides), chunk
+A back end that raises (a kernel that does not compile or launch on this machine) is turned off
+for the process with one warning, and the chunked pass takes over, in the forward or the backward.
+
+Otherwise (float64, which stays exact for the tests; float16 on the CPU; ``torch.compile``; no
+compiler or Triton; a failed back end) the chunked PyTorch pass runs: the logits are read in place (any strides), chunk
 by chunk, accumulating the label histogram and the focal sums in the same pass; the weights are
 applied afterwards to the per-class sums. It saves the logits and labels (references), ``C + 2``
 scalars and four floats per pixel (log-normaliser, ``1 - p_t`` and two slopes), and its backward
