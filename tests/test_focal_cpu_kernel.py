@@ -1,8 +1,11 @@
 """The C++ CPU kernel's build, cache and fallback, and its behaviour beyond the shared kernel cases
 (``test_focal_kernels.py``): threads, extreme logits, unvalidated labels."""
+import _ctypes
 import os
 import shutil
+import stat
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,7 +42,8 @@ def test_built_once_then_loaded_from_the_cache(fresh_library):
     built_at = first.stat().st_mtime_ns
     assert first.parent == fresh_library and first.suffix == ".so"
     assert cpu_kernels._build() == first and first.stat().st_mtime_ns == built_at
-    assert [path.name for path in fresh_library.iterdir()] == [first.name]  # no partial file left behind
+    # the library and its digest, no partial file left behind
+    assert {path.name for path in fresh_library.iterdir()} == {first.name, first.with_suffix(".sha256").name}
     assert cpu_kernels.library() is not None
 
 
@@ -58,13 +62,13 @@ def test_a_rejected_native_flag_falls_back_to_portable_flags(fresh_library, monk
 def test_a_relative_shared_cache_folder_gives_a_library_every_user_can_load(fresh_library, monkeypatch):
     monkeypatch.chdir(fresh_library)
     monkeypatch.setenv("SEGFOCAL_CACHE", ".")  # a bare file name would send dlopen to the system's path
-    umask = os.umask(0o022)
+    umask = os.umask(0o002)  # user private groups: group-writable files by default
     try:
         path = cpu_kernels._build()
     finally:
         os.umask(umask)
     assert path.is_absolute() and path.parent == fresh_library
-    assert path.stat().st_mode & 0o055 == 0o055  # read and execute for the group and others
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755  # read and execute for all, written by its owner only
     assert cpu_kernels.library() is not None
 
 
@@ -168,3 +172,81 @@ def test_unvalidated_out_of_range_labels_count_as_ignored():
     loss = focal_loss(logits.float(), wild, weight="enet", validate=False)
     torch.testing.assert_close(loss.double(), focal_loss(logits, target, weight="enet", implementation="reference"),
                                rtol=2e-5, atol=0)
+
+
+def break_the_cached_library(cache, how):
+    """Damage the library ``_build`` cached in ``cache`` the way a crash, a full disk or an intruder would."""
+    path = next(cache.glob("cpu_kernel-*.so"))
+    if how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 3])  # loading this used to end the process with SIGBUS
+    elif how == "foreign":  # another valid library under the cached name (it used to raise AttributeError)
+        path.write_bytes(Path(_ctypes.__file__).read_bytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def prebuilt(tmp_path_factory):
+    """The library and its digest, built once for the tests that only need one in their cache."""
+    folder = tmp_path_factory.mktemp("prebuilt")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SEGFOCAL_CACHE", str(folder))
+        cpu_kernels._build()
+    return folder
+
+
+@pytest.fixture
+def cached(fresh_library, prebuilt):
+    """A fresh cache holding a verified build (copied, not compiled); its library's path."""
+    for path in prebuilt.iterdir():
+        shutil.copy2(path, fresh_library / path.name)
+    return cpu_kernels._build()
+
+
+@needs_compiler
+@pytest.mark.parametrize("how", ["truncated", "foreign"])
+def test_a_damaged_cached_library_is_rebuilt_not_loaded(fresh_library, cached, how):
+    path = break_the_cached_library(fresh_library, how)
+    cpu_kernels.library.cache_clear()
+    assert cpu_kernels.library() is not None  # rebuilt: the digest matches again
+    assert cpu_kernels._verified(path)
+    logits, target = batch((2, 5, 6, 7))
+    loss, _ = value_and_grad(logits.float(), target, "fused", weight="enet")
+    torch.testing.assert_close(loss.double(), value_and_grad(logits, target, "reference", weight="enet")[0],
+                               rtol=2e-5, atol=0)
+
+
+@needs_compiler
+@pytest.mark.parametrize("target", ["folder", "library"])
+def test_a_cache_others_can_write_is_refused_with_a_warning_and_the_loss_still_runs(fresh_library, cached, target):
+    path = cached
+    (fresh_library if target == "folder" else path).chmod(0o777 if target == "folder" else 0o775)
+    cpu_kernels.library.cache_clear()
+    with pytest.warns(RuntimeWarning, match="writable by other users.*PyTorch implementation"):
+        assert cpu_kernels.library() is None
+    logits, target_labels = batch((2, 5, 6, 7))
+    torch.testing.assert_close(focal_loss(logits.float(), target_labels).double(),
+                               focal_loss(logits, target_labels, implementation="reference"), rtol=1e-6, atol=0)
+
+
+@needs_compiler
+def test_a_cache_of_another_user_is_refused(fresh_library, cached, monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: os.lstat(fresh_library).st_uid + 1)
+    cpu_kernels.library.cache_clear()
+    with pytest.warns(RuntimeWarning, match="belongs to user id"):
+        assert cpu_kernels.library() is None
+
+
+@needs_compiler
+def test_a_library_without_its_digest_is_not_loaded(cached):
+    cached.with_suffix(".sha256").unlink()
+    assert not cpu_kernels._verified(cached)
+
+
+@needs_compiler
+def test_a_symlinked_cache_folder_is_refused(fresh_library, monkeypatch, tmp_path_factory):
+    link = tmp_path_factory.mktemp("elsewhere") / "cache"
+    link.symlink_to(fresh_library)
+    monkeypatch.setenv("SEGFOCAL_CACHE", str(link))
+    with pytest.raises(RuntimeError, match="symbolic link"):
+        cpu_kernels._build()

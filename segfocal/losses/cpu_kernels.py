@@ -8,7 +8,8 @@ Float32 and bfloat16 logits, int64/int32/uint8 labels (other integer dtypes are 
 
 The source is compiled with the system's C++ compiler (``$CXX``, else ``c++``) for this machine's
 CPU (``-O3 -march=native``), once, in about ten seconds, into a cache folder
-(``$SEGFOCAL_CACHE``, else ``~/.cache/segfocal``) keyed by the source, compiler, flags and CPU, and loaded with
+(``$SEGFOCAL_CACHE``, else ``~/.cache/segfocal``) keyed by the source, compiler, flags and CPU, verified
+(a SHA-256 written beside it; the folder and file the user's own, written by no one else) and loaded with
 :mod:`ctypes`: no Python or PyTorch headers, nothing to build at install time. It runs on
 ``torch.get_num_threads()`` threads of its own. Where no compiler is found or the build fails,
 :func:`library` warns once and returns ``None``, and the fused loss keeps its PyTorch chunked
@@ -22,6 +23,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -69,7 +71,7 @@ def library() -> Optional[ctypes.CDLL]:
     if os.environ.get("SEGFOCAL_CPU_KERNEL", "1") == "0":
         return None
     try:
-        lib = ctypes.CDLL(str(_build()))
+        lib = _load(_build())
         for name in ("segfocal_histogram", "segfocal_forward"):  # AttributeError: another library by that name
             function = getattr(lib, name)
             function.argtypes, function.restype = [ctypes.POINTER(_Problem)], ctypes.c_int
@@ -159,7 +161,12 @@ def _call(name: str, problem: _Problem) -> None:
 
 
 def _build() -> Path:
-    """The shared library's path, compiling it into the cache folder if it is not there yet."""
+    """The shared library's path, compiling it into the cache folder unless a verified build is there.
+
+    A cached file is used only if it and the folder are the current user's and no one else may
+    write them, and its bytes match the SHA-256 written beside it at build time; a file that fails
+    the digest (truncated, corrupt, another library under its name) is rebuilt.
+    """
     compiler = os.environ.get("CXX") or "c++"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
@@ -167,28 +174,72 @@ def _build() -> Path:
     # absolute: dlopen reads a bare file name as a library to look up on the system's path
     cache = Path(os.environ.get("SEGFOCAL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
                  / "segfocal").expanduser().absolute()
-    cache.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True, mode=0o755)
+    _check_private(cache)
     _sweep_abandoned_builds(cache)
     cpu_id, builds = _cpu_id(), []
     for flags in (FLAGS + NATIVE, FLAGS):
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), cpu_id]))
         builds.append((flags, cache / f"cpu_kernel-{key.hexdigest()[:16]}.so"))
     for _, path in builds:  # a portable build is there when the native flag was rejected before
-        if path.exists():
+        if path.exists() and _verified(path):
             return path
     errors = []
     for flags, path in builds:
-        # built in a folder of its own, then renamed: atomic, and the linker gives the file the
-        # usual permissions (readable by all where the umask allows, for a shared cache)
+        # built in a folder of its own, then renamed: atomic
         with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as folder:
             partial = Path(folder) / path.name
             result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial)], capture_output=True,
                                     text=True, timeout=600)
             if result.returncode == 0:
-                os.replace(partial, path)
+                partial.chmod(0o755)  # whatever the umask: loadable by all, writable by its owner only
+                digest = Path(folder) / _digest_path(path).name
+                digest.write_text(hashlib.sha256(partial.read_bytes()).hexdigest())
+                digest.chmod(0o644)
+                os.replace(partial, path)  # the library first: a kill between the two leaves a file
+                os.replace(digest, _digest_path(path))  # without a digest, which is rebuilt
                 return path
         errors.append(f"{compiler} {' '.join(flags)}: {result.stderr.strip()[-500:]}")
     raise RuntimeError("; ".join(errors))
+
+
+def _digest_path(library_path: Path) -> Path:
+    return library_path.with_suffix(".sha256")
+
+
+def _check_private(path: Path) -> None:
+    """Raise unless ``path`` (not a symlink) is the current user's and no one else may write it:
+    whoever can write the cache can make this process run their code."""
+    status = os.lstat(path)
+    if stat.S_ISLNK(status.st_mode):
+        raise RuntimeError(f"{path} is a symbolic link: refusing to load a kernel through it")
+    if hasattr(os, "geteuid") and status.st_uid != os.geteuid():
+        raise RuntimeError(f"{path} belongs to user id {status.st_uid}, not to this user ({os.geteuid()}): "
+                           f"refusing to load a kernel from it (set SEGFOCAL_CACHE to a folder of your own)")
+    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise RuntimeError(f"{path} is writable by other users (mode {stat.S_IMODE(status.st_mode):o}): refusing "
+                           f"to load a kernel from it (chmod go-w, or set SEGFOCAL_CACHE)")
+
+
+def _verified(path: Path) -> bool:
+    """Whether the cached library's bytes match the digest written at its build (raises if the file
+    is not private: see :func:`_check_private`)."""
+    _check_private(path)
+    try:
+        expected = _digest_path(path).read_text().strip()
+    except OSError:
+        return False
+    return hashlib.sha256(path.read_bytes()).hexdigest() == expected
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    """Load the library just verified. On Linux the open file itself is loaded (``/proc/self/fd``):
+    the bytes checked are the bytes loaded, even if the file is replaced meanwhile."""
+    with open(path, "rb") as file:
+        if hashlib.sha256(file.read()).hexdigest() != _digest_path(path).read_text().strip():
+            raise RuntimeError(f"{path} changed while it was loaded (another build replaced it); retry")
+        handle = Path(f"/proc/self/fd/{file.fileno()}")
+        return ctypes.CDLL(str(handle if handle.exists() else path))
 
 
 def _sweep_abandoned_builds(cache: Path) -> None:
