@@ -114,3 +114,39 @@ def test_torchrun_with_two_cpu_processes_trains_and_its_checkpoint_evaluates(tmp
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert evaluation.returncode == 0, evaluation.stderr
+
+
+def hold_work_dir(work_dir):
+    """Another process holding the work dir's lock, as a running training would; returns it once it holds it."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from segfocal.engine.work_dir_lock import WorkDirLock; "
+                               "lock = WorkDirLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(600)",
+         str(work_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_run_in_a_held_work_dir_stops_naming_the_holder_and_deletes_nothing(tmp_path):
+    recipe = tiny_recipe(tmp_path, train__epochs=1, train__log_images=0)
+    work_dir = tmp_path / "run"
+    holder = hold_work_dir(work_dir)
+    try:
+        in_flight = work_dir / ".last.pt.abc123.tmp"  # the holder's checkpoint being written
+        in_flight.write_bytes(b"partial checkpoint")
+        result = subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), "--config", str(recipe),
+                                 "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"work dir {work_dir} is in use by another run (pid {holder.pid} on" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert in_flight.read_bytes() == b"partial checkpoint"
+        assert not (work_dir / "metrics.jsonl").exists() and not (work_dir / "config.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the kernel released the killed holder's lock: the next run needs no clean-up by hand
+    trainer = Trainer(load_config(recipe), progress=False)
+    assert not in_flight.exists()  # now stale, and swept under the lock
+    trainer.fit()
+    assert (work_dir / "last.pt").exists()

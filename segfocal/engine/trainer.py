@@ -31,6 +31,7 @@ from .optim import build_optimizer, build_scheduler
 from .precision import resolve_precision
 from .run_logger import RunLogger
 from .seeding import reseed_transform, seed_everything
+from .work_dir_lock import WorkDirLock
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,8 +64,10 @@ class Trainer:
         data = cfg.data
         seed_everything(cfg.seed, cfg.deterministic)
 
+        self.work_dir_lock = WorkDirLock(self.work_dir)
         if self.dist.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
+            self.work_dir_lock.acquire()  # before the cleanup: another run's temporaries are not stale
             remove_stale_temporaries(self.work_dir)
             save_config(cfg, self.work_dir / "config.yaml")
         self.train_set = build_dataset(data, cfg.augment.train, data.train_split)
@@ -137,6 +140,7 @@ class Trainer:
             return self.final_evaluation()
         finally:
             self.logger.close()
+            self.work_dir_lock.release()
 
     def train_one_epoch(self, epoch: int) -> float:
         """One pass over the training loader; returns the mean loss."""
