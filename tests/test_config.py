@@ -6,6 +6,8 @@ import yaml
 
 from segfocal.config import Config, ConfigError, load_config, save_config
 
+from recipes import tiny_recipe
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,8 +29,8 @@ def test_base_inheritance_merges_nested_keys(tmp_path):
 
 def test_overrides_are_parsed_as_yaml_and_applied_last(tmp_path):
     path = write(tmp_path / "c.yaml", {"loss": {"gamma": 2.0}})
-    cfg = load_config(path, ["loss.gamma=0.5", "loss.weight=null", "loss.alpha=[0.1, 0.2]", "train.amp=fp32"])
-    assert cfg.loss.gamma == 0.5 and cfg.loss.weight is None and cfg.loss.alpha == [0.1, 0.2]
+    cfg = load_config(path, ["loss.gamma=0.5", "loss.weight=null", "loss.alpha=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]", "train.amp=fp32"])
+    assert cfg.loss.gamma == 0.5 and cfg.loss.weight is None and cfg.loss.alpha == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
     assert cfg.train.amp == "fp32"
 
 
@@ -72,7 +74,7 @@ def test_bad_values_name_the_key(tmp_path, override, message):
         ("train.epochs=-1", r"train.epochs must not be negative"),
         ("data.mean=[0.5]", r"data.mean needs one value per input channel \(model.in_channels=3\)"),
         ("eval.crop_size=[512]", r"eval.crop_size must be \[height, width\]"),
-        ("optim.lr=0", r"optim.lr must be positive"),
+        ("optim.lr=0", r"optim.lr must be a finite number > 0"),
     ],
 )
 def test_inconsistent_values_name_the_key(override, message):
@@ -105,3 +107,29 @@ def test_every_shipped_recipe_loads(recipe):
     cfg = load_config(recipe)
     assert isinstance(cfg, Config)
     assert len(cfg.data.class_names) == cfg.data.num_classes
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.grad_clip=-1", "train.grad_clip"),
+    ("train.grad_clip=0", "train.grad_clip"),
+    ("optim.lr=.inf", "optim.lr"),
+    ("optim.lr=0", "optim.lr"),
+    ("schedule.power=-2", "schedule.power"),
+    ("schedule.warmup_iters=-5", "schedule.warmup_iters"),
+    ("optim.betas=[0.9,1.0]", "optim.betas"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("loss.gamma=-1", "loss.gamma"),
+    ("loss.weight=[1.0,2.0]", "loss.weight"),
+    ("loss.weight=[1.0,2.0,-1.0,1.0,1.0,1.0]", "loss.weight"),
+    ("loss.alpha=[0.5,0.5,0.5,0.5,0.5,.nan]", "loss.alpha"),
+    ("loss.alpha=1.5", "loss.alpha"),
+])
+def test_values_that_would_wreck_training_are_refused_at_load_naming_the_key(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=f"{key.replace('.', '[.]')} must be"):
+        load_config(tiny_recipe(tmp_path), [override])
+
+
+def test_values_at_the_edge_of_their_range_are_accepted(tmp_path):
+    config = load_config(tiny_recipe(tmp_path), ["train.grad_clip=null", "schedule.power=0", "loss.gamma=0",
+                                                 "loss.weight=[0.0,1.0,1.0,1.0,1.0,1.0]", "loss.alpha=1.0"])
+    assert config.train.grad_clip is None and config.loss.alpha == 1.0

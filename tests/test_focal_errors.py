@@ -186,3 +186,20 @@ def test_errors_are_raised_before_indexing():
     target[0, 0, 0] = 10**6
     with pytest.raises(ValueError, match="1000000"):
         focal_loss(logits, target)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(weight=[1.0, -1.0, 1.0]), "weight must be finite and non-negative"),
+    (dict(weight=torch.tensor([1.0, float("nan"), 1.0])), "weight must be finite and non-negative"),
+    (dict(weight=None, alpha=[0.5, float("inf"), 0.5]), "alpha must be finite and non-negative"),
+    (dict(weight=None, alpha=[0.5, -0.5, 0.5]), "alpha must be finite and non-negative"),
+    (dict(alpha=1.5), "alpha as a number must lie in"),
+    (dict(ignore_index=255.0), "ignore_index must be an integer"),
+    (dict(ignore_index=True), "ignore_index must be an integer"),
+])
+def test_weights_alpha_and_ignore_index_that_would_wreck_training_are_refused(kwargs, match):
+    logits, target = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    with pytest.raises(ValueError, match=match):
+        FocalLoss(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        focal_loss(logits, target, **kwargs)

@@ -150,3 +150,25 @@ def test_a_second_run_in_a_held_work_dir_stops_naming_the_holder_and_deletes_not
     assert not in_flight.exists()  # now stale, and swept under the lock
     trainer.fit()
     assert (work_dir / "last.pt").exists()
+
+
+def test_weights_that_become_non_finite_stop_the_run_and_are_never_written(tmp_path):
+    """max_bad_steps above the epoch's length: the step check alone would let the NaN weights through."""
+    trainer = Trainer(load_config(tiny_recipe(tmp_path, train__epochs=3, train__max_bad_steps=1000,
+                                              train__log_images=0)), progress=False)
+    original = trainer.train_one_epoch
+
+    def poison_after_first_epoch(epoch):
+        loss = original(epoch)
+        if epoch == 1:
+            with torch.no_grad():
+                next(trainer.bare_model.parameters()).fill_(float("nan"))
+        return loss
+
+    trainer.train_one_epoch = poison_after_first_epoch
+    with pytest.raises(NonFiniteLossError, match="weights became non-finite"):
+        trainer.fit()
+    for name in ("last.pt", "best.pt"):
+        state = load_checkpoint(tmp_path / "run" / name)
+        assert state["state"]["epoch"] == 1  # written after the first epoch, not after the poisoned one
+        assert all(torch.isfinite(value).all() for value in state["model"].values() if value.is_floating_point())

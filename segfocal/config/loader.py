@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Union
@@ -58,8 +59,41 @@ def check_consistency(config: Config, source: str = "config") -> None:
         value = getattr(config.eval, key)
         if len(value) != 2 or min(value) < 1:
             raise ConfigError(f"{source}: eval.{key} must be [height, width] of positive ints, got {value}")
-    if not config.optim.lr > 0:
-        raise ConfigError(f"{source}: optim.lr must be positive, got {config.optim.lr}")
+    _check_ranges(config, source)
+
+
+def _check_ranges(config: Config, source: str) -> None:
+    """Values that would wreck training silently (a flipped gradient, NaN weights), checked before any step."""
+    optim, schedule, loss, num_classes = config.optim, config.schedule, config.loss, config.data.num_classes
+    finite = math.isfinite
+    checks = [
+        ("optim.lr", optim.lr, finite(optim.lr) and optim.lr > 0, "a finite number > 0"),
+        ("optim.weight_decay", optim.weight_decay, finite(optim.weight_decay) and optim.weight_decay >= 0,
+         "a finite number >= 0"),
+        ("optim.momentum", optim.momentum, 0 <= optim.momentum < 1, "in [0, 1)"),
+        ("optim.betas", optim.betas, len(optim.betas) == 2 and all(0 <= beta < 1 for beta in optim.betas),
+         "two numbers in [0, 1)"),
+        ("schedule.warmup_iters", schedule.warmup_iters, schedule.warmup_iters >= 0, ">= 0"),
+        ("schedule.power", schedule.power, finite(schedule.power) and schedule.power >= 0, "a finite number >= 0"),
+        ("schedule.min_lr", schedule.min_lr, finite(schedule.min_lr) and 0 <= schedule.min_lr <= optim.lr,
+         "in [0, optim.lr]"),
+        ("train.grad_clip", config.train.grad_clip,
+         config.train.grad_clip is None or (finite(config.train.grad_clip) and config.train.grad_clip > 0),
+         "a finite number > 0, or null for no clipping"),
+        ("loss.gamma", loss.gamma, finite(loss.gamma) and loss.gamma >= 0, "a finite number >= 0"),
+    ]
+    for key in ("weight", "alpha"):
+        values = getattr(loss, key)
+        if isinstance(values, list):
+            checks.append((f"loss.{key}", values, len(values) == num_classes
+                           and all(finite(v) and v >= 0 for v in values),
+                           f"one finite value >= 0 per class (data.num_classes={num_classes})"))
+    if isinstance(loss.alpha, float):
+        checks.append(("loss.alpha", loss.alpha, 0 <= loss.alpha <= 1, "in [0, 1] (class 0 gets alpha, the others "
+                                                                         "1 - alpha)"))
+    for key, value, valid, expected in checks:
+        if not valid:
+            raise ConfigError(f"{source}: {key} must be {expected}, got {value!r}")
 
 
 def load_yaml_tree(path: Path, _seen: tuple = ()) -> Dict[str, Any]:

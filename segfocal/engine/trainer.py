@@ -35,7 +35,7 @@ from .work_dir_lock import WorkDirLock
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive optimiser steps had a non-finite loss or gradient."""
+    """Training cannot go on: too many consecutive non-finite steps, or non-finite weights."""
 
 
 @dataclass
@@ -260,6 +260,14 @@ class Trainer:
             self.logger.images(f"val/{tag}", overlay_masks(rgb, masks, palette, data.ignore_index), step)
 
     def _save(self, name: str) -> None:
+        """Write a checkpoint, never one with non-finite weights: those stop the run instead."""
+        broken = next((key for key, value in self.bare_model.state_dict().items()
+                       if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
+        if broken is not None:
+            raise NonFiniteLossError(
+                f"the model's weights became non-finite ({broken}) by step {self.state.step}; stopping without "
+                f"writing {name}. {self.work_dir / 'last.pt'} keeps the last finite weights. Lower optim.lr, set "
+                f"train.grad_clip, or check the data.")
         if not self.dist.is_main:
             return
         save_checkpoint(

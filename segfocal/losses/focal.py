@@ -126,7 +126,7 @@ class FocalLoss(nn.Module):
     ) -> None:
         super().__init__()
         check_options(gamma=gamma, reduction=reduction, normalize=normalize, poly_epsilon=poly_epsilon,
-                      implementation=implementation)
+                      implementation=implementation, ignore_index=ignore_index, weight=weight, alpha=alpha)
         self.gamma = float(gamma)
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -227,7 +227,7 @@ def _focal_loss(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The loss and the class weights in use (``None`` when ``weight`` is ``None``)."""
     check_options(gamma=gamma, reduction=reduction, normalize=normalize, poly_epsilon=poly_epsilon,
-                  implementation=implementation)
+                  implementation=implementation, ignore_index=ignore_index, weight=weight, alpha=alpha)
     if validate:
         check_inputs(logits, target, ignore_index)
     num_classes = logits.shape[1]
@@ -331,9 +331,24 @@ def _alpha_per_class(alpha: AlphaArg, num_classes: int, dtype: torch.dtype, devi
 
 
 def check_options(
-    *, gamma: float, reduction: str, normalize: str, poly_epsilon: float, implementation: str = "auto"
+    *, gamma: float, reduction: str, normalize: str, poly_epsilon: float, implementation: str = "auto",
+    ignore_index: int = -100, weight: WeightArg = None, alpha: AlphaArg = None,
 ) -> None:
-    """Raise ``ValueError`` naming the first invalid scalar option (no tensor is read)."""
+    """Raise ``ValueError`` naming the first invalid option. Class weights and alpha must be finite
+    and non-negative (a negative one flips that class's gradient); they are read only where that
+    costs no device synchronisation (lists, numbers, CPU tensors)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an integer label value, got {ignore_index!r}")
+    if isinstance(alpha, (int, float)) and not 0 <= alpha <= 1:
+        raise ValueError(f"alpha as a number must lie in [0, 1] (class 0 gets alpha, the others 1 - alpha), "
+                         f"got {alpha!r}")
+    for name, values in (("weight", weight), ("alpha", alpha)):
+        if values is None or isinstance(values, (str, int, float)) or (
+                isinstance(values, torch.Tensor) and values.device.type != "cpu"):
+            continue
+        tensor = torch.as_tensor(values, dtype=torch.float64)
+        if not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
+            raise ValueError(f"{name} must be finite and non-negative for every class, got {tensor.tolist()}")
     if not (isinstance(gamma, (int, float)) and 0 <= gamma < float("inf")):
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
     if not (isinstance(poly_epsilon, (int, float)) and abs(poly_epsilon) < float("inf")):
