@@ -172,10 +172,14 @@ def test_each_loss_of_the_ablation_trains(tmp_path, loss):
     assert 0.0 <= result.metrics["miou"] <= 1.0
 
 
-def test_invalid_loss_option_exits_naming_the_loss_section(tmp_path):
-    result = run_tool("tools/train.py", "--config", str(tiny_recipe(tmp_path)), "--set", "loss.gamma=-1")
+@pytest.mark.parametrize("override, message", [
+    ("loss.gamma=-1", "loss.gamma must be a finite number >= 0, got -1.0"),
+    ("loss.enet_c=0.5", "loss.enet_c must be a finite number > 1"),  # was a traceback at the first step
+])
+def test_invalid_loss_option_exits_naming_the_key(tmp_path, override, message):
+    result = run_tool("tools/train.py", "--config", str(tiny_recipe(tmp_path)), "--set", override)
     assert result.returncode == 2
-    assert "loss: gamma must be a finite number >= 0, got -1.0" in result.stderr and "Traceback" not in result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_unknown_config_key_exits_with_a_suggestion(tmp_path):

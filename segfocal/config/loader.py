@@ -81,6 +81,11 @@ def _check_ranges(config: Config, source: str) -> None:
          config.train.grad_clip is None or (finite(config.train.grad_clip) and config.train.grad_clip > 0),
          "a finite number > 0, or null for no clipping"),
         ("loss.gamma", loss.gamma, finite(loss.gamma) and loss.gamma >= 0, "a finite number >= 0"),
+        ("loss.enet_c", loss.enet_c, finite(loss.enet_c) and loss.enet_c > 1,
+         "a finite number > 1 (w = 1 / ln(c + f) must stay finite and positive)"),
+        ("loss.effective_beta", loss.effective_beta, 0 < loss.effective_beta < 1, "in (0, 1)"),
+        ("loss.histogram_momentum", loss.histogram_momentum,
+         loss.histogram_momentum is None or 0 <= loss.histogram_momentum < 1, "in [0, 1), or null"),
     ]
     for key in ("weight", "alpha"):
         values = getattr(loss, key)
