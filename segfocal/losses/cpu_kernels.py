@@ -225,18 +225,23 @@ def _verified(path: Path) -> bool:
     """Whether the cached library's bytes match the digest written at its build (raises if the file
     is not private: see :func:`_check_private`)."""
     _check_private(path)
+    return _matches_digest(path, path.read_bytes())
+
+
+def _matches_digest(path: Path, data: bytes) -> bool:
+    """Whether ``data`` (the library's bytes) has the SHA-256 written beside ``path`` at its build."""
     try:
         expected = _digest_path(path).read_text().strip()
     except OSError:
         return False
-    return hashlib.sha256(path.read_bytes()).hexdigest() == expected
+    return hashlib.sha256(data).hexdigest() == expected
 
 
 def _load(path: Path) -> ctypes.CDLL:
     """Load the library just verified. On Linux the open file itself is loaded (``/proc/self/fd``):
     the bytes checked are the bytes loaded, even if the file is replaced meanwhile."""
     with open(path, "rb") as file:
-        if hashlib.sha256(file.read()).hexdigest() != _digest_path(path).read_text().strip():
+        if not _matches_digest(path, file.read()):
             raise RuntimeError(f"{path} changed while it was loaded (another build replaced it); retry")
         handle = Path(f"/proc/self/fd/{file.fileno()}")
         return ctypes.CDLL(str(handle if handle.exists() else path))

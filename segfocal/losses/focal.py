@@ -86,6 +86,7 @@ def focal_loss(
     ``gamma``. A batch whose pixels are all ignored gives 0 with a zero gradient. The fused
     implementation has no second derivative (it raises under ``create_graph=True``).
     """
+    check_class_factors(weight=weight, alpha=alpha)
     return _focal_loss(
         logits, target, gamma=gamma, alpha=alpha, weight=weight, ignore_index=ignore_index, reduction=reduction,
         normalize=normalize, poly_epsilon=poly_epsilon, enet_c=enet_c, effective_beta=effective_beta,
@@ -126,7 +127,8 @@ class FocalLoss(nn.Module):
     ) -> None:
         super().__init__()
         check_options(gamma=gamma, reduction=reduction, normalize=normalize, poly_epsilon=poly_epsilon,
-                      implementation=implementation, ignore_index=ignore_index, weight=weight, alpha=alpha)
+                      implementation=implementation, ignore_index=ignore_index)
+        check_class_factors(weight=weight, alpha=alpha)
         self.gamma = float(gamma)
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -227,7 +229,7 @@ def _focal_loss(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The loss and the class weights in use (``None`` when ``weight`` is ``None``)."""
     check_options(gamma=gamma, reduction=reduction, normalize=normalize, poly_epsilon=poly_epsilon,
-                  implementation=implementation, ignore_index=ignore_index, weight=weight, alpha=alpha)
+                  implementation=implementation, ignore_index=ignore_index)
     if validate:
         check_inputs(logits, target, ignore_index)
     num_classes = logits.shape[1]
@@ -332,23 +334,11 @@ def _alpha_per_class(alpha: AlphaArg, num_classes: int, dtype: torch.dtype, devi
 
 def check_options(
     *, gamma: float, reduction: str, normalize: str, poly_epsilon: float, implementation: str = "auto",
-    ignore_index: int = -100, weight: WeightArg = None, alpha: AlphaArg = None,
+    ignore_index: int = -100,
 ) -> None:
-    """Raise ``ValueError`` naming the first invalid option. Class weights and alpha must be finite
-    and non-negative (a negative one flips that class's gradient); they are read only where that
-    costs no device synchronisation (lists, numbers, CPU tensors)."""
+    """Raise ``ValueError`` naming the first invalid scalar option (no tensor is read)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an integer label value, got {ignore_index!r}")
-    if isinstance(alpha, (int, float)) and not 0 <= alpha <= 1:
-        raise ValueError(f"alpha as a number must lie in [0, 1] (class 0 gets alpha, the others 1 - alpha), "
-                         f"got {alpha!r}")
-    for name, values in (("weight", weight), ("alpha", alpha)):
-        if values is None or isinstance(values, (str, int, float)) or (
-                isinstance(values, torch.Tensor) and values.device.type != "cpu"):
-            continue
-        tensor = torch.as_tensor(values, dtype=torch.float64)
-        if not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
-            raise ValueError(f"{name} must be finite and non-negative for every class, got {tensor.tolist()}")
     if not (isinstance(gamma, (int, float)) and 0 <= gamma < float("inf")):
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
     if not (isinstance(poly_epsilon, (int, float)) and abs(poly_epsilon) < float("inf")):
@@ -359,6 +349,22 @@ def check_options(
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+
+
+def check_class_factors(*, weight: WeightArg, alpha: AlphaArg) -> None:
+    """Raise ``ValueError`` unless fixed class weights and alpha are finite and non-negative (a
+    negative one flips that class's gradient). Read only where that costs no device
+    synchronisation (lists, numbers, CPU tensors); the module checks its buffers once, when built."""
+    if isinstance(alpha, (int, float)) and not 0 <= alpha <= 1:
+        raise ValueError(f"alpha as a number must lie in [0, 1] (class 0 gets alpha, the others 1 - alpha), "
+                         f"got {alpha!r}")
+    for name, values in (("weight", weight), ("alpha", alpha)):
+        if values is None or isinstance(values, (str, int, float)) or (
+                isinstance(values, torch.Tensor) and values.device.type != "cpu"):
+            continue
+        tensor = torch.as_tensor(values, dtype=torch.float64)
+        if not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
+            raise ValueError(f"{name} must be finite and non-negative for every class, got {tensor.tolist()}")
 
 
 def check_inputs(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
