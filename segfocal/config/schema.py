@@ -46,6 +46,7 @@ class DataConfig:
     batch_size: int = 8
     num_workers: int = 2
     bad_samples: str = "error"
+    verify: str = "header"
     synthetic: Optional[SyntheticConfig] = None
 
 
@@ -162,6 +163,7 @@ class Config:
 CHOICES: Dict[str, tuple] = {
     "device": ("auto", "cpu", "cuda"),
     "data.bad_samples": ("error", "skip"),
+    "data.verify": ("header", "full"),
     "loss.name": ("focal", "cross_entropy"),
     "loss.normalize": ("pixels", "weights"),
     "optim.name": ("adamw", "sgd"),

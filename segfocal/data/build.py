@@ -6,6 +6,7 @@ unless all images already have one size, as in CamVid and the synthetic set.
 """
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -24,7 +25,8 @@ def build_dataset(data: DataConfig, augment_items: List[Dict[str, Any]], split: 
     ``augment_items`` + normalisation as its transform; the synthetic set is generated first
     when ``data.synthetic`` is set and ``data.root`` does not hold it yet.
 
-    Loaded masks are checked against ``data.num_classes``/``data.ignore_index``.
+    Loaded masks are checked against ``data.num_classes``/``data.ignore_index``; ``data.verify``
+    sets how closely the dataset's ``validate`` reads the images.
     """
     if data.synthetic is not None:
         ensure_synthetic_dataset(Path(data.root), data.synthetic, data.num_classes, data.ignore_index)
@@ -32,8 +34,15 @@ def build_dataset(data: DataConfig, augment_items: List[Dict[str, Any]], split: 
     return SegmentationFolder(
         data.root, split, image_dir=data.image_dir, mask_dir=data.mask_dir, split_file=data.split_file,
         color_map=data.color_map, transform=transform, bad_samples=data.bad_samples,
-        num_classes=data.num_classes, ignore_index=data.ignore_index,
+        num_classes=data.num_classes, ignore_index=data.ignore_index, verify=data.verify,
     )
+
+
+def init_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: ignore Ctrl-C, which the terminal sends to the workers too (the main
+    process decides when to stop and shuts them down), then seed the worker's augmentations."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    seed_augmentation_worker(worker_id)
 
 
 def build_loader(
@@ -72,7 +81,7 @@ def build_loader(
         sampler=sampler,
         num_workers=num_workers,
         generator=generator,
-        worker_init_fn=seed_augmentation_worker if num_workers > 0 else None,
+        worker_init_fn=init_worker if num_workers > 0 else None,
         persistent_workers=bool(persistent_workers) and num_workers > 0,
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,

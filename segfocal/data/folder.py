@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageMode
 from torch.utils.data import Dataset
 
 from .errors import DataError
@@ -21,28 +21,64 @@ from .masks import check_mask_values, read_mask
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_SUFFIXES = IMAGE_SUFFIXES
 BAD_SAMPLE_MODES = ("error", "skip")
+VERIFY_MODES = ("header", "full")
 _SHOWN = 5  # how many stems/files an error message lists
 
 Sample = Tuple[Path, Path]
+_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def read_image(path: Path) -> np.ndarray:
-    """The image at ``path`` as an (H, W, 3) uint8 RGB array; unreadable files raise DataError."""
+    """The 8-bit image at ``path`` as an (H, W, 3) uint8 RGB array; unreadable files raise DataError."""
     try:
         with Image.open(path) as image:
+            _require_8bit(image.mode, path)
             return np.array(image.convert("RGB"))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except DataError:
+        raise
+    except _READ_ERRORS as error:
         raise DataError(f"cannot read image {path}: {error}", path) from None
 
 
-def image_size(path: Path) -> Tuple[int, int]:
-    """(height, width) of the image at ``path`` from its header alone, without decoding pixels."""
+def check_image(path: Path, decode: bool = False) -> Tuple[int, int]:
+    """(height, width) of the 8-bit image at ``path``, raising DataError for an image unfit to load.
+
+    By default only the header is read: that catches a missing, unrecognised or non-8-bit file but
+    not truncated or corrupt pixel data, which ``decode=True`` catches by decoding every pixel.
+    """
     try:
         with Image.open(path) as image:
-            width, height = image.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            if decode:
+                image.load()
+            mode, (width, height) = image.mode, image.size
+    except _READ_ERRORS as error:
         raise DataError(f"cannot read image {path}: {error}", path) from None
+    _require_8bit(mode, path)
     return height, width
+
+
+def _require_8bit(mode: str, path: Path) -> None:
+    """Raise DataError unless PIL ``mode`` has 8 (or 1) bits a channel.
+
+    Converting a 16-bit or float image to RGB would clip every value above 255.
+    """
+    typestr = ImageMode.getmode(mode).typestr  # e.g. "|u1" for L/RGB/P, "<u2" for I;16, "<f4" for F
+    if typestr in ("|u1", "|b1"):
+        return
+    kind = "float" if typestr[1] == "f" else "integer"
+    raise DataError(
+        f"{path}: image mode {mode!r} ({8 * int(typestr[2:])}-bit {kind}) is not supported; images must be "
+        f"8-bit (L, RGB, RGBA, P, ...): convert it (e.g. scale it to 8 bits) for now", path
+    )
+
+
+def _check_same_size(mask_path: Path, mask_size: Sequence[int], image_path: Path, image_size: Sequence[int]) -> None:
+    """Raise DataError naming the mask unless its (height, width) equals its image's."""
+    if tuple(mask_size) != tuple(image_size):
+        raise DataError(
+            f"{mask_path}: mask size {mask_size[1]}x{mask_size[0]} differs from the size "
+            f"{image_size[1]}x{image_size[0]} of its image {image_path}", mask_path
+        )
 
 
 def index_folder(folder: Path, suffixes: Sequence[str], kind: str) -> Dict[str, Path]:
@@ -77,7 +113,8 @@ class SegmentationFolder(Dataset):
     ``ignore_index``) set, every loaded mask's values are checked too. ``bad_samples="skip"``
     replaces a sample that cannot be used by the next good one and records it in ``skipped``
     as ``(path, reason)``; in DataLoader workers that list is the worker's own copy, so call
-    :meth:`validate` first for a complete account.
+    :meth:`validate` first for a complete account. ``verify`` is how closely :meth:`validate`
+    reads the images: ``"header"`` or ``"full"`` (decode every pixel).
     """
 
     def __init__(
@@ -92,9 +129,12 @@ class SegmentationFolder(Dataset):
         bad_samples: str = "error",
         num_classes: Optional[int] = None,
         ignore_index: Optional[int] = None,
+        verify: str = "header",
     ) -> None:
         if bad_samples not in BAD_SAMPLE_MODES:
             raise ValueError(f"bad_samples must be one of {BAD_SAMPLE_MODES}, got {bad_samples!r}")
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         self.root = Path(root)
         self.split = split
         self.image_folder = self.root / image_dir.format(split=split)
@@ -105,6 +145,7 @@ class SegmentationFolder(Dataset):
         self.bad_samples = bad_samples
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.verify = verify
         self.skipped: List[Tuple[str, str]] = []
         self._bad: Set[Path] = set()
         self.samples: List[Sample] = self._find_samples()
@@ -185,11 +226,7 @@ class SegmentationFolder(Dataset):
         image_path, mask_path = sample
         image = read_image(image_path)
         mask = read_mask(mask_path, self.color_map)
-        if mask.shape != image.shape[:2]:
-            raise DataError(
-                f"{mask_path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from the size "
-                f"{image.shape[1]}x{image.shape[0]} of its image {image_path}", mask_path
-            )
+        _check_same_size(mask_path, mask.shape, image_path, image.shape[:2])
         if self.num_classes is not None:
             check_mask_values(mask, mask_path, self.num_classes, _ignore(self.ignore_index))
         if self.transform is not None:
@@ -205,9 +242,11 @@ class SegmentationFolder(Dataset):
 
     # -- whole-split passes ----------------------------------------------------------------
     def validate(self, num_classes: int, ignore_index: int) -> List[Tuple[str, str]]:
-        """Check every mask's values, readability and size against its image's header.
+        """Check every mask's values and readability, and every image's bit depth and size.
 
-        Reads each mask once and only the header of each image. With ``bad_samples="error"`` the
+        Reads each mask once and, with ``verify="header"``, only the header of each image (a
+        truncated or corrupt image then fails when loaded); ``verify="full"`` decodes every image
+        too, so that such an image fails here. With ``bad_samples="error"`` the
         first problem raises :class:`DataError` naming the file (and the bad values); with
         ``"skip"`` the bad samples are dropped from the split, recorded in ``skipped`` and returned.
         Afterwards, loaded masks are checked against ``num_classes``/``ignore_index`` too.
@@ -215,17 +254,15 @@ class SegmentationFolder(Dataset):
         self.num_classes, self.ignore_index = num_classes, ignore_index
         good: List[Sample] = []
         problems: List[Tuple[str, str]] = []
+        pixels: Dict[Sample, int] = {}
         for sample in self.samples:
             try:
                 mask = read_mask(sample[1], self.color_map)
                 check_mask_values(mask, sample[1], num_classes, ignore_index)
-                height, width = image_size(sample[0])
-                if mask.shape != (height, width):
-                    raise DataError(
-                        f"{sample[1]}: mask size {mask.shape[1]}x{mask.shape[0]} differs from the size "
-                        f"{width}x{height} of its image {sample[0]}", sample[1]
-                    )
+                size = check_image(sample[0], decode=self.verify == "full")
+                _check_same_size(sample[1], mask.shape, sample[0], size)
                 good.append(sample)
+                pixels[sample] = size[0] * size[1]
             except DataError as error:
                 if self.bad_samples == "error":
                     raise
@@ -238,7 +275,22 @@ class SegmentationFolder(Dataset):
             if not good:
                 raise DataError(f"every sample of split '{self.split}' in {self.image_folder} is bad; "
                                 f"first: {problems[0][1]}", problems[0][0])
+        if self.transform is not None:
+            self._rehearse_transform(min(good, key=pixels.__getitem__))
         return problems
+
+    def _rehearse_transform(self, sample: Sample) -> None:
+        """Load ``sample`` (the smallest image) through the transform once, so that a pipeline that
+        cannot take the data (a crop larger than the images) fails at start-up, not mid-epoch."""
+        try:
+            self._load(sample)
+        except DataError:
+            raise
+        except Exception as error:  # albumentations raises several types; the message says what
+            height, width = check_image(sample[0])
+            raise DataError(f"the augmentation pipeline of split '{self.split}' fails on {sample[0]} ({width}x"
+                            f"{height}, its smallest image): {type(error).__name__}: {str(error).splitlines()[0]}. "
+                            f"Pad (PadIfNeeded) or resize before cropping, or crop smaller", sample[0]) from None
 
     def class_pixel_counts(self, num_classes: int) -> torch.Tensor:
         """Pixels per class (int64 ``[num_classes]``) over all masks of the split, untransformed.

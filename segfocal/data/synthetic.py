@@ -23,7 +23,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Set, Tuple
 
 import cv2
 import numpy as np
@@ -37,6 +37,8 @@ SYNTHETIC_CLASS_NAMES: Tuple[str, ...] = (
 GENERATOR = "segfocal.data.synthetic"
 VERSION = 1  # bump when the drawing changes, so existing datasets are regenerated
 SPLITS = ("train", "val", "test")
+_KINDS = ("images", "masks")
+_SHOWN = 5  # how many unexpected entries an error message lists
 
 # Base RGB colour per shape class; each object jitters it and pixel noise is added on top.
 _COLOURS = {
@@ -60,7 +62,9 @@ def ensure_synthetic_dataset(root: Path, cfg: SyntheticConfig, num_classes: int,
 
     Generation happens in a temporary sibling folder that replaces ``root`` only once complete,
     under a lock file, so a crash never leaves a half dataset and concurrent callers (one per
-    DDP rank) generate it once. A ``root`` that holds anything else is never overwritten.
+    DDP rank) generate it once. An existing ``root`` is replaced only when it is empty or holds
+    nothing but what the generator wrote for the parameters its ``meta.json`` records; otherwise
+    (a user's file in it, a corrupt ``meta.json``, a symbolic link) :class:`DataError` is raised.
     """
     root = Path(root)
     params = _params(cfg, num_classes, ignore_index)
@@ -71,9 +75,7 @@ def ensure_synthetic_dataset(root: Path, cfg: SyntheticConfig, num_classes: int,
     with _locked(root.parent / f".{root.name}.lock"):
         if _stored_params(root) == params:  # another process made it while we waited
             return
-        if root.exists() and not _replaceable(root):
-            raise DataError(f"{root} exists and is not a synthetic dataset made by segfocal (no matching "
-                            f"meta.json); refusing to overwrite it. Point data.root elsewhere or remove it.", root)
+        _check_replaceable(root)
         staging = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
         staging.mkdir()  # not tempfile.mkdtemp: its 0700 mode would stick to the dataset
         try:
@@ -107,20 +109,96 @@ def _check(params: Dict[str, Any]) -> None:
 
 
 def _stored_params(root: Path) -> Any:
+    """The parameters ``root/meta.json`` records; None when it is missing or unreadable."""
     try:
-        return json.loads((root / "meta.json").read_text()).get("params")
-    except (OSError, ValueError, AttributeError):
+        return _read_params(root / "meta.json")
+    except (OSError, ValueError):
         return None
 
 
-def _replaceable(root: Path) -> bool:
-    """Whether ``root`` is empty or a synthetic dataset this module wrote (of other parameters)."""
+def _read_params(meta: Path) -> Any:
+    """The "params" entry of the ``meta.json`` at ``meta``; OSError/ValueError when unreadable or not JSON."""
+    data = json.loads(meta.read_text())
+    return data.get("params") if isinstance(data, dict) else None
+
+
+def _sample_file(split: str, kind: str, index: int) -> str:
+    """The path, relative to the root, where :func:`_generate` writes an image or mask (``kind``)."""
+    return f"{split}/{kind}/{index:04d}.png"
+
+
+def _layout(params: Dict[str, Any]) -> Tuple[Set[str], Set[str]]:
+    """The (folders, files) :func:`_generate` writes for ``params``, as POSIX paths relative to the root."""
+    folders = set(SPLITS) | {f"{split}/{kind}" for split in SPLITS for kind in _KINDS}
+    files = {"meta.json"} | {_sample_file(split, kind, index)
+                             for split in SPLITS for kind in _KINDS for index in range(params[f"num_{split}"])}
+    return folders, files
+
+
+def _check_replaceable(root: Path) -> None:
+    """Raise DataError unless ``root`` is missing, empty, or holds only what the generator wrote.
+
+    Regenerating replaces the whole folder, so anything else in it (a user's images, notes, runs)
+    would be lost; what the generator wrote is known from the parameters ``meta.json`` records.
+    """
+    if root.is_symlink():
+        raise _refusal(root, f"{root} is a symbolic link (to {os.readlink(root)}); set data.root to the folder "
+                             f"it points to, or remove the link")
+    if not root.exists():
+        return
     if not root.is_dir():
-        return False
+        raise _refusal(root, f"{root} exists and is not a folder")
     if not any(root.iterdir()):
-        return True
-    stored = _stored_params(root)
-    return isinstance(stored, dict) and stored.get("generator") == GENERATOR
+        return
+    unexpected = _unexpected_entries(root, "", *_recorded_layout(root))
+    if unexpected:
+        more = f" and {len(unexpected) - _SHOWN} more" if len(unexpected) > _SHOWN else ""
+        raise _refusal(root, f"{root} holds files the synthetic-data generator did not write: "
+                             f"{', '.join(unexpected[:_SHOWN])}{more}", root / unexpected[0])
+
+
+def _recorded_layout(root: Path) -> Tuple[Set[str], Set[str]]:
+    """The (folders, files) the generator wrote into ``root``, by the parameters in its ``meta.json``.
+
+    Raises DataError when ``meta.json`` is missing, corrupt or not the generator's.
+    """
+    meta = root / "meta.json"
+    try:
+        params = _read_params(meta)
+    except OSError:
+        params = None
+    except ValueError as error:
+        raise _refusal(root, f"{meta} is not valid JSON ({error})", meta) from None
+    if not isinstance(params, dict) or params.get("generator") != GENERATOR:
+        raise _refusal(root, f"{root} exists and is not a synthetic dataset made by segfocal (no matching meta.json)")
+    try:
+        return _layout(params)
+    except (KeyError, TypeError) as error:
+        raise _refusal(root, f"{meta} does not record the synthetic parameters ({error!r})", meta) from None
+
+
+def _unexpected_entries(folder: Path, prefix: str, folders: Set[str], files: Set[str]) -> List[str]:
+    """Paths under ``folder`` (``prefix`` + name) not in ``folders``/``files``, symbolic links included.
+
+    An unexpected folder is listed once (with a trailing "/"), not its contents.
+    """
+    with os.scandir(folder) as scan:
+        entries = sorted(scan, key=lambda entry: entry.name)
+    found: List[str] = []
+    for entry in entries:
+        path = prefix + entry.name
+        if entry.is_dir(follow_symlinks=False) and path in folders:
+            found.extend(_unexpected_entries(Path(entry.path), path + "/", folders, files))
+        elif not (entry.is_file(follow_symlinks=False) and path in files):
+            found.append(path + ("/" if entry.is_dir() else ""))
+    return found
+
+
+def _refusal(root: Path, reason: str, path: Any = None) -> DataError:
+    """The error for a ``root`` that regenerating the synthetic set would delete; ``path`` is the entry at fault."""
+    return DataError(f"{reason}; refusing to overwrite {root} with a regenerated synthetic dataset, as that deletes "
+                     f"everything in it. Point data.root elsewhere, or move what you want to keep out of {root} "
+                     f"(an empty folder is filled).", path or root)
 
 
 @contextlib.contextmanager
@@ -156,15 +234,14 @@ def _generate(folder: Path, params: Dict[str, Any]) -> None:
     counts: Dict[str, List[int]] = {}
     ignored: Dict[str, int] = {}
     for split_index, split in enumerate(SPLITS):
-        (folder / split / "images").mkdir(parents=True)
-        (folder / split / "masks").mkdir(parents=True)
+        for kind in _KINDS:
+            (folder / split / kind).mkdir(parents=True)
         histogram = np.zeros(256, dtype=np.int64)
         for index in range(params[f"num_{split}"]):
             rng = np.random.default_rng([params["seed"], split_index, index])
             image, mask = make_sample(rng, size, classes, ignore)
-            name = f"{index:04d}.png"
-            if not (cv2.imwrite(str(folder / split / "images" / name), image[..., ::-1])
-                    and cv2.imwrite(str(folder / split / "masks" / name), mask)):
+            image_file, mask_file = (folder / _sample_file(split, kind, index) for kind in _KINDS)
+            if not (cv2.imwrite(str(image_file), image[..., ::-1]) and cv2.imwrite(str(mask_file), mask)):
                 raise DataError(f"cannot write the synthetic dataset to {folder / split}", folder / split)
             histogram += np.bincount(mask.ravel(), minlength=256)
         counts[split] = histogram[:classes].tolist()
