@@ -19,21 +19,6 @@ def test_round_trip(tmp_path):
     assert torch.equal(loaded["model"]["w"], torch.arange(5.0)) and loaded["state"]["epoch"] == 3
 
 
-def test_failed_write_keeps_the_previous_file_and_leaves_no_temp(tmp_path, monkeypatch):
-    path = tmp_path / "last.pt"
-    save_checkpoint({"state": {"epoch": 1}}, path)
-
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint({"state": {"epoch": 2}}, path)
-    monkeypatch.undo()
-    assert load_checkpoint(path)["state"]["epoch"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
-
-
 def test_truncated_file_gives_an_error_naming_it(tmp_path):
     path = tmp_path / "broken.pt"
     save_checkpoint({"model": {"w": torch.zeros(1000)}}, path)
@@ -45,8 +30,8 @@ def test_truncated_file_gives_an_error_naming_it(tmp_path):
 
 
 def test_model_state_from_strips_ddp_prefix_and_accepts_bare_state_dicts():
-    assert list(model_state_from({"model": {"module.conv.weight": 1}})) == ["conv.weight"]
-    assert list(model_state_from({"conv.weight": 1})) == ["conv.weight"]
+    assert list(model_state_from({"model": {"module.conv.weight": torch.ones(1)}})) == ["conv.weight"]
+    assert list(model_state_from({"conv.weight": torch.ones(1)})) == ["conv.weight"]
 
 
 def test_resume_path(tmp_path):

@@ -6,7 +6,7 @@ of its palette, and the class indices would be lost.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import BinaryIO, List, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -109,8 +109,11 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> List[int]:
     return [round(r * 255), round(g * 255), round(b * 255)]
 
 
-def write_palette_mask(path: PathLike, mask: np.ndarray, palette: Sequence[Sequence[int]]) -> None:
-    """Save an (H, W) class-index mask (values 0..255) as a palette PNG coloured by ``palette``."""
+def write_palette_mask(path: Union[PathLike, BinaryIO], mask: np.ndarray, palette: Sequence[Sequence[int]]) -> None:
+    """Save an (H, W) class-index mask (values 0..255) as a palette PNG coloured by ``palette``.
+
+    ``path`` is a file name or a binary file object (e.g. a temporary file to rename into place).
+    """
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
@@ -119,4 +122,4 @@ def write_palette_mask(path: PathLike, mask: np.ndarray, palette: Sequence[Seque
     flat = [int(channel) for colour in list(palette)[:256] for channel in colour]
     image = Image.fromarray(mask.astype(np.uint8))  # mode "L"; putpalette makes it "P"
     image.putpalette(flat + [0] * (768 - len(flat)))
-    image.save(path)
+    image.save(path, format="PNG")

@@ -1,17 +1,17 @@
 """Checkpoints written atomically, so a crash or a kill never leaves a corrupt file.
 
 A checkpoint is written to a temporary file in the same directory, flushed to disk, then renamed
-over the target (``os.replace`` is atomic on POSIX and Windows): readers see the old file or the
-new one, never half of one.
+over the target (:func:`segfocal.files.replaced_atomically`): readers see the old file or the new
+one, never half of one.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 import torch
+
+from ..files import replaced_atomically
 
 PathLike = Union[str, Path]
 
@@ -21,20 +21,20 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state: Dict[str, Any], path: PathLike) -> None:
-    """Write ``state`` to ``path`` atomically (temp file + fsync + rename)."""
+    """Write ``state`` to ``path`` atomically and durably (temp file + fsync + rename).
+
+    A failed write (full disk, read-only folder) raises :class:`CheckpointError` naming the file
+    and leaves the previous one unchanged.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with replaced_atomically(path, durable=True) as handle:
             torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write (full disk) as RuntimeError
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"cannot write checkpoint {path} (is the disk full or read-only?): {reason}; "
+                              f"the previous {path.name}, if any, is unchanged") from None
 
 
 def remove_stale_temporaries(directory: PathLike) -> list:
@@ -56,16 +56,26 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(error).splitlines()[0].split('. ')[0]}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state
 
 
-def model_state_from(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
-    """The model's state dict from a trainer checkpoint, or the dict itself if it is a bare state dict."""
+def model_state_from(checkpoint: Dict[str, Any], source: PathLike = "checkpoint") -> Dict[str, Any]:
+    """The model's state dict from a trainer checkpoint, or the dict itself if it is a bare state dict.
+
+    Raises :class:`CheckpointError` naming ``source`` unless it maps names to tensors.
+    """
     state = checkpoint.get("model", checkpoint)
-    return {key.removeprefix("module."): value for key, value in state.items()}
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{source} holds no model weights: expected a state dict (name -> tensor) or a "
+                              f"trainer checkpoint with one under 'model'")
+    wrong = next((key for key, value in state.items() if not isinstance(value, torch.Tensor)), None)
+    if wrong is not None:
+        raise CheckpointError(f"{source} is not a model state dict: entry {wrong!r} holds a "
+                              f"{type(state[wrong]).__name__}, not a tensor")
+    return {str(key).removeprefix("module."): value for key, value in state.items()}
 
 
 def resume_path(work_dir: PathLike, resume: Optional[str]) -> Optional[Path]:
@@ -79,17 +89,3 @@ def resume_path(work_dir: PathLike, resume: Optional[str]) -> Optional[Path]:
     if not path.is_file():
         raise CheckpointError(f"--resume: checkpoint not found: {path}")
     return path
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -1,0 +1,58 @@
+"""Files replaced atomically: written beside their target, then renamed onto it.
+
+Readers see the old file or the new one, never half of one; a symlink at the target is replaced
+itself, never written through; a failure deletes the temporary and leaves the target as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator, Union
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: Union[str, Path], durable: bool = False) -> Iterator[BinaryIO]:
+    """A binary file to write that replaces ``path`` when the block succeeds.
+
+    The temporary is a hidden ``.<name>.*.tmp`` in the same folder (``os.replace`` is atomic only
+    within one file system) with the mode ``open()`` would give. ``durable=True`` also flushes the
+    data and the rename to disk (fsync), so a power cut cannot leave an empty file under the name.
+    """
+    path = Path(path)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), _new_file_mode())  # not mkstemp's 0o600: others may read what we make
+            yield handle
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    if durable:
+        _fsync_directory(path.parent)
+
+
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist a rename in ``directory`` (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
