@@ -39,3 +39,19 @@ def reseed_transform(dataset: object, seed: int) -> None:
     transform = getattr(dataset, "transform", None)
     if hasattr(transform, "set_random_seed"):
         transform.set_random_seed(seed)
+
+
+def rng_state() -> dict:
+    """The state of torch's CPU and CUDA generators (what the model's dropout draws from), for a checkpoint."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Put back a state from :func:`rng_state` (CUDA states only where the same devices exist)."""
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])

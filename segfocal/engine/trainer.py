@@ -2,7 +2,9 @@
 
 One plain, explicit loop in the style of torchvision's segmentation references. Each epoch
 re-seeds every random source from ``seed + epoch`` (data order, augmentation, dropout), so a run
-resumed from ``last.pt`` reaches the same weights as one that was never interrupted.
+resumed from ``last.pt`` reaches the same weights as one that was never interrupted. Ctrl-C or
+SIGTERM saves ``last.pt`` after the current optimiser step; resuming it re-reads (without training
+on) the epoch's earlier batches, so the data and augmentation streams continue exactly.
 """
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ from .checkpoint import load_checkpoint, model_state_from, remove_stale_temporar
 from .criterion import build_criterion
 from .distributed import DistContext, init_distributed
 from .evaluate import EvalResult, evaluate
+from .interrupt import StopSignals, TrainingInterrupted
 from .optim import build_optimizer, build_scheduler
 from .precision import resolve_precision
 from .run_logger import RunLogger
-from .seeding import reseed_transform, seed_everything
+from .seeding import reseed_transform, restore_rng_state, rng_state, seed_everything
 from .work_dir_lock import WorkDirLock
 
 
@@ -40,12 +43,21 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainState:
-    """Progress saved in every checkpoint: completed epochs, optimiser steps, best metric so far."""
+    """Progress saved in every checkpoint: completed epochs, optimiser steps, best metric so far, and,
+    for a run stopped mid-epoch, the micro-batches of epoch ``epoch`` already trained and their loss sums."""
 
     epoch: int = 0
     step: int = 0
     best_metric: float = -math.inf
     best_epoch: int = -1
+    batch: int = 0
+    epoch_loss: float = 0.0
+    interval_loss: float = 0.0
+
+
+# Keys a run cannot change on resume: they change the shape or kind of the saved state.
+RESUME_KEYS = ("model.arch", "model.encoder_name", "model.in_channels", "model.kwargs", "data.num_classes",
+               "loss.name", "optim.name", "schedule.name")
 
 
 class Trainer:
@@ -66,10 +78,14 @@ class Trainer:
 
         self.work_dir_lock = WorkDirLock(self.work_dir)
         if self.dist.is_main:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-            self.work_dir_lock.acquire()  # before the cleanup: another run's temporaries are not stale
-            remove_stale_temporaries(self.work_dir)
-            save_config(cfg, self.work_dir / "config.yaml")
+            try:
+                self.work_dir.mkdir(parents=True, exist_ok=True)
+                self.work_dir_lock.acquire()  # before the cleanup: another run's temporaries are not stale
+                remove_stale_temporaries(self.work_dir)
+                save_config(cfg, self.work_dir / "config.yaml")
+            except OSError as error:
+                raise ConfigError(f"work_dir {self.work_dir} cannot be written ({error.filename}: {error.strerror}); "
+                                  f"choose a writable one with --work-dir") from None
         self.train_set = build_dataset(data, cfg.augment.train, data.train_split)
         self.val_set = build_dataset(data, cfg.augment.val, data.val_split)
         for dataset in (self.train_set, self.val_set):
@@ -112,6 +128,8 @@ class Trainer:
         )
         self.class_names = data.class_names or [f"class_{index}" for index in range(data.num_classes)]
         self.state = TrainState()
+        self.stop_signals = StopSignals()
+        self._resume_rng: Optional[Dict[str, Any]] = None
         self.logger = RunLogger(self.work_dir, enabled=self.dist.is_main)
 
         checkpoint = resume_path(self.work_dir, resume)
@@ -123,36 +141,54 @@ class Trainer:
         return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
 
     def fit(self) -> Optional[EvalResult]:
-        """Train to ``train.epochs``; returns the evaluation of the best checkpoint on the val split."""
+        """Train to ``train.epochs``; returns the evaluation of the best checkpoint on the val split.
+
+        Raises :class:`TrainingInterrupted` after saving ``last.pt`` when SIGINT or SIGTERM arrived.
+        """
         cfg = self.cfg.train
         try:
-            for epoch in range(self.state.epoch, cfg.epochs):
-                self._seed_epoch(epoch)
-                started = time.perf_counter()
-                train_loss = self.train_one_epoch(epoch)
-                self.state.epoch = epoch + 1
-                entry: Dict[str, Any] = {"epoch": epoch + 1, "step": self.state.step, "train_loss": train_loss,
-                                         "epoch_seconds": time.perf_counter() - started}
-                if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-                    entry["val"] = self.validate()
-                self.logger.record(entry)
-                self._save("last.pt")
+            with self.stop_signals:
+                for epoch in range(self.state.epoch, cfg.epochs):
+                    self._seed_epoch(epoch)
+                    started = time.perf_counter()
+                    train_loss = self.train_one_epoch(epoch)
+                    if train_loss is None:  # stopped mid-epoch
+                        self._save("last.pt")
+                        raise self._interrupted()
+                    self.state.epoch = epoch + 1
+                    entry: Dict[str, Any] = {"epoch": epoch + 1, "step": self.state.step, "train_loss": train_loss,
+                                             "epoch_seconds": time.perf_counter() - started}
+                    if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+                        entry["val"] = self.validate()
+                    self.logger.record(entry)
+                    self._save("last.pt")
+                    if epoch + 1 < cfg.epochs and self._stop_signal():
+                        raise self._interrupted()
             return self.final_evaluation()
         finally:
             self.logger.close()
             self.work_dir_lock.release()
 
-    def train_one_epoch(self, epoch: int) -> float:
-        """One pass over the training loader; returns the mean loss."""
+    def train_one_epoch(self, epoch: int) -> Optional[float]:
+        """One pass over the training loader; returns the mean loss, or None if a stop signal ended it early.
+
+        A run resumed mid-epoch reads and skips the ``state.batch`` micro-batches trained before.
+        """
         cfg = self.cfg.train
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=self.device)
-        interval_sum = torch.zeros((), device=self.device)
+        trained = self.state.batch
+        loss_sum = torch.tensor(self.state.epoch_loss, device=self.device)
+        interval_sum = torch.tensor(self.state.interval_loss, device=self.device)
         bad_steps = 0
         batches = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                        disable=not (self.progress and self.dist.is_main))
         for index, (images, targets) in enumerate(batches):
+            if index < trained:
+                continue
+            if index == trained and self._resume_rng is not None:
+                restore_rng_state(self._resume_rng)
+                self._resume_rng = None
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
             with self.precision.autocast():
@@ -169,7 +205,24 @@ class Trainer:
                 interval_sum.zero_()
                 batches.set_postfix(loss=f"{interval_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                 self._log_step(interval_loss)
+            if index + 1 < len(self.train_loader) and self._stop_signal():
+                self.state.batch, self.state.epoch_loss, self.state.interval_loss = (
+                    index + 1, loss_sum.item(), interval_sum.item())
+                return None
+        self.state.batch, self.state.epoch_loss, self.state.interval_loss = 0, 0.0, 0.0
         return loss_sum.item() / len(self.train_loader)
+
+    def _stop_signal(self) -> int:
+        """The stop signal's number if one arrived (on any rank: all ranks agree on the step), else 0."""
+        number = self.stop_signals.signal_number or 0
+        if self.dist.enabled:
+            flag = torch.tensor(number, device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            number = int(flag)
+        return number
+
+    def _interrupted(self) -> TrainingInterrupted:
+        return TrainingInterrupted(self.work_dir / "last.pt", self._stop_signal(), self.state.epoch, self.state.step)
 
     def _optimizer_step(self, loss: torch.Tensor, bad_steps: int) -> int:
         """Unscale, clip, step (unless the gradient is not finite); returns the consecutive bad-step count."""
@@ -224,7 +277,7 @@ class Trainer:
         """Evaluate ``best.pt`` (or the final weights) on the val split and print the per-class table."""
         best = self.work_dir / "best.pt"
         if best.is_file():
-            self.bare_model.load_state_dict(model_state_from(load_checkpoint(best, self.device)))
+            self.bare_model.load_state_dict(model_state_from(load_checkpoint(best, self.device), best))
         data = self.cfg.data
         result = evaluate(self.model, self.val_loader, self.cfg.eval, data.num_classes, data.ignore_index,
                           self.device, self.precision, progress=False)
@@ -279,14 +332,17 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "state": vars(self.state).copy(),
                 "config": to_dict(self.cfg),
+                **({"rng": rng_state()} if self.state.batch else {}),  # mid-epoch: dropout's stream goes on
             },
             self.work_dir / name,
         )
 
     def _load(self, path: Path) -> None:
         checkpoint = load_checkpoint(path, map_location=self.device)
+        self._check_resumable(checkpoint, path)
+        model_state = model_state_from(checkpoint, path)
         try:
-            self.bare_model.load_state_dict(model_state_from(checkpoint))
+            self.bare_model.load_state_dict(model_state)
             self.criterion.load_state_dict(checkpoint["criterion"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -294,6 +350,30 @@ class Trainer:
             self.state = TrainState(**checkpoint["state"])
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
             raise ConfigError(f"cannot resume from {path}: it does not match this config ({error})") from None
+        self._resume_rng = checkpoint.get("rng") if self.state.batch else None
         self.logger.forget_after(self.state.epoch)  # epochs logged after this checkpoint are redone
         if self.dist.is_main:
             print(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}")
+
+    def _check_resumable(self, checkpoint: Dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint whose saved config differs from this one in a key that shapes the saved state."""
+        saved = checkpoint.get("config")
+        if not isinstance(saved, dict):
+            return  # a bare or foreign checkpoint: load_state_dict decides
+        current = to_dict(self.cfg)
+        for key in RESUME_KEYS:
+            before, now = _lookup(saved, key), _lookup(current, key)
+            if before is not _MISSING and before != now:
+                raise ConfigError(f"cannot resume from {path}: it was trained with {key}={before!r} and this config "
+                                  f"has {key}={now!r}; resume with the same value, or start a new work dir")
+
+
+_MISSING = object()
+
+
+def _lookup(tree: Dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
