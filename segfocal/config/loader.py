@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import string
 import typing
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Union
@@ -59,7 +60,25 @@ def check_consistency(config: Config, source: str = "config") -> None:
         value = getattr(config.eval, key)
         if len(value) != 2 or min(value) < 1:
             raise ConfigError(f"{source}: eval.{key} must be [height, width] of positive ints, got {value}")
+    _check_placeholders(config, source)
     _check_ranges(config, source)
+
+
+def _check_placeholders(config: Config, source: str) -> None:
+    """Folder and split-file patterns may use ``{split}`` and nothing else (a typo was a KeyError at start)."""
+    for key in ("image_dir", "mask_dir", "split_file"):
+        pattern = getattr(config.data, key)
+        if pattern is None:
+            continue
+        try:
+            fields = {field for _, field, _, _ in string.Formatter().parse(pattern) if field is not None}
+        except ValueError as error:  # an unmatched brace
+            raise ConfigError(f"{source}: data.{key}={pattern!r} is not a valid pattern ({error}); "
+                              f"write {{split}} for the split name and {{{{ }}}} for a literal brace") from None
+        unknown = sorted(fields - {"split"})
+        if unknown:
+            raise ConfigError(f"{source}: data.{key}={pattern!r} uses the placeholder {{{unknown[0]}}}; "
+                              f"the only one is {{split}} (the split's name)")
 
 
 def _check_ranges(config: Config, source: str) -> None:
@@ -117,7 +136,7 @@ def load_yaml_tree(path: Path, _seen: tuple = ()) -> Dict[str, Any]:
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: cannot read: {error}") from None
     except (yaml.YAMLError, ValueError, RecursionError) as error:  # ValueError: e.g. a date 2001-13-45
-        raise ConfigError(f"{path}: invalid YAML: {error}") from None
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(error)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     bases = data.pop("_base_", [])
@@ -128,6 +147,15 @@ def load_yaml_tree(path: Path, _seen: tuple = ()) -> Dict[str, Any]:
     for base in bases:
         merged = deep_merge(merged, load_yaml_tree(path.parent / base, _seen + (path,)))
     return deep_merge(merged, data)
+
+
+def _yaml_problem(error: Exception) -> str:
+    """A YAML error in one line: the problem and where (PyYAML's own message spans several)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(error).split())
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
@@ -152,7 +180,8 @@ def apply_override(raw: Dict[str, Any], override: str) -> None:
     try:
         value = yaml.safe_load(text)
     except (yaml.YAMLError, ValueError, RecursionError) as error:  # ValueError: e.g. a date 2024-02-30
-        raise ConfigError(f"override {override!r}: invalid YAML value: {error}") from None
+        raise ConfigError(f"override {override!r}: invalid YAML value ({_yaml_problem(error)}); quote a string "
+                          f"that starts with {{, [ or another YAML sign: {key.strip()}='\"...\"'") from None
     node = raw
     *parents, leaf = parts
     for part in parents:

@@ -15,7 +15,7 @@ from .checkpoint import CheckpointError, load_checkpoint, model_state_from
 def restore_model(cfg: Config, checkpoint: Union[str, Path], device: torch.device) -> nn.Module:
     """``cfg.model`` with the weights of ``checkpoint`` (a trainer checkpoint or a bare state dict), in eval mode."""
     model = build_model(cfg.model, cfg.data.num_classes)
-    state = model_state_from(load_checkpoint(checkpoint))
+    state = model_state_from(load_checkpoint(checkpoint), checkpoint)
     try:
         model.load_state_dict(state)
     except RuntimeError as error:

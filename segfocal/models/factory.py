@@ -36,7 +36,13 @@ def load_encoder_weights(model: nn.Module, path: Path) -> None:
     """Load a local encoder state dict (a plain state dict, or one nested under ``state_dict``/``model``)."""
     if not path.is_file():
         raise ConfigError(f"model.encoder_weights: file not found: {path} (weights are never downloaded)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for foreign, truncated or unsafe files
+        raise ConfigError(f"model.encoder_weights: cannot read {path} as a state dict of tensors (only weights "
+                          f"are loaded, never pickled code): {str(error).splitlines()[0].split('. ')[0]}") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"model.encoder_weights: {path} holds a {type(state).__name__}, not a state dict")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
