@@ -45,3 +45,14 @@ def load_tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_tool(capsys, tool, *argv):
+    """Call a tool module's ``main`` in-process with ``argv``; returns (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        tool.main([str(arg) for arg in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -20,7 +20,7 @@ from segfocal.engine.restore import restore_model
 from segfocal.evaluation import predict_logits
 from segfocal.models import build_model
 
-from recipes import load_tool, tiny_recipe
+from recipes import load_tool, run_tool, tiny_recipe
 
 NUM_CLASSES = 6
 CROP, STRIDE = (32, 32), (16, 16)
@@ -29,13 +29,7 @@ PREDICT = load_tool("predict")
 
 def call(capsys, *argv):
     """Run tools/predict.py in-process; returns (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        PREDICT.main([str(arg) for arg in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_tool(capsys, PREDICT, *argv)
 
 
 @pytest.fixture(scope="module")

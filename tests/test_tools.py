@@ -22,7 +22,7 @@ from PIL import Image
 from segfocal.config import load_config
 from segfocal.engine.trainer import Trainer
 
-from recipes import REPO, load_tool, tiny_recipe
+from recipes import REPO, load_tool, run_tool, tiny_recipe
 
 NUM_CLASSES = 6
 IGNORE = 255
@@ -38,13 +38,7 @@ TOOLS = {name: load_tool(name) for name in ("eval", "predict", "dataset_stats", 
 
 def call(capsys, tool, *argv):
     """Run ``tools/<tool>.py`` in-process; returns (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        TOOLS[tool].main([str(arg) for arg in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_tool(capsys, TOOLS[tool], *argv)
 
 
 @pytest.fixture(scope="module")
