@@ -29,7 +29,7 @@ IGNORE = 255
 NUM_TEST = 5  # differs from the 8 val images, so a report of the wrong split shows
 
 
-def run_tool(*args, cwd=REPO):
+def run_script(*args, cwd=REPO):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
@@ -464,6 +464,6 @@ def test_benchmark_train_times_every_loss_on_the_same_model(capsys):
 @pytest.mark.parametrize("tool", ["train", "eval", "predict", "dataset_stats", "benchmark_loss", "benchmark_train",
                                   "loss_ablation"])
 def test_help_of_every_tool(tool):
-    result = run_tool(f"tools/{tool}.py", "--help")
+    result = run_script(f"tools/{tool}.py", "--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: ") and "--help" in result.stdout
