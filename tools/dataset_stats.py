@@ -1,68 +1,10 @@
-"""Class pixel frequencies of a dataset split and the class weights each scheme would give.
-
-    python tools/dataset_stats.py --config CFG [--split train] [--output weights.yaml]
-
-The per-scheme weights are printed and, with ``--output``, written as a YAML config fragment
-(``loss: {weight: [...]}`` per scheme) that a recipe can use as fixed weights via ``_base_`` or
-copy from.
-"""
-from __future__ import annotations
-
-import argparse
+"""`segfocal stats` from a checkout, without installing: `python tools/dataset_stats.py --help`."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segfocal.cli import add_config_arguments, config_from_args, exit_on_user_error  # noqa: E402
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
-    parser.add_argument("--split", help="dataset split (default: data.train_split)")
-    parser.add_argument("--scheme", default="enet", help="scheme written as loss.weight in --output (default: enet)")
-    parser.add_argument("--output", help="write the chosen scheme's weights as a YAML config fragment")
-    args = parser.parse_args(argv)
-    with exit_on_user_error():
-        run(args)
-
-
-def run(args: argparse.Namespace) -> dict:
-    import torch
-    import yaml
-
-    from segfocal.config import ConfigError
-    from segfocal.data import build_dataset
-    from segfocal.losses import WEIGHT_SCHEMES, weights_from_histogram
-
-    if args.scheme not in WEIGHT_SCHEMES:
-        raise ConfigError(f"--scheme must be one of {WEIGHT_SCHEMES}, got {args.scheme!r}")
-    cfg = config_from_args(args)
-    data = cfg.data
-    split = args.split or data.train_split
-    dataset = build_dataset(data, [], split)
-    counts = dataset.class_pixel_counts(data.num_classes)
-    total = max(int(counts.sum()), 1)
-    names = data.class_names or [f"class_{index}" for index in range(data.num_classes)]
-    weights = {
-        scheme: [round(float(w), 6) for w in weights_from_histogram(
-            counts, scheme, enet_c=cfg.loss.enet_c, effective_beta=cfg.loss.effective_beta, dtype=torch.float64)]
-        for scheme in WEIGHT_SCHEMES
-    }
-    header = f"{'class':<16}{'pixels':>12}{'share':>9}" + "".join(f"{scheme:>11}" for scheme in WEIGHT_SCHEMES)
-    print(f"split '{split}': {len(dataset)} images, {total} labelled pixels")
-    print(header)
-    for index, name in enumerate(names):
-        row = f"{name:<16}{int(counts[index]):>12}{int(counts[index]) / total:>9.4f}"
-        print(row + "".join(f"{weights[scheme][index]:>11.4f}" for scheme in WEIGHT_SCHEMES))
-    if args.output:
-        fragment = {"loss": {"weight": weights[args.scheme]}}
-        comment = f"# {args.scheme} class weights of split '{split}' of {data.root} ({len(dataset)} images)\n"
-        Path(args.output).write_text(comment + yaml.safe_dump(fragment, default_flow_style=None))
-        print(f"wrote {args.output}")
-    return {"counts": counts.tolist(), "weights": weights}
-
+from segfocal.cli.stats import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -1,71 +1,10 @@
-"""Evaluate a checkpoint: mIoU, per-class IoU/accuracy/Dice, pixel accuracy, confusion matrix.
-
-    python tools/eval.py --config CFG --checkpoint CKPT [--split test] [--auroc]
-                         [--mode whole|slide] [--flip] [--out DIR]
-
-Prints a per-class table and writes ``metrics.json`` and ``confusion_matrix.png`` to ``--out``
-(default: ``eval_<split>/`` beside the checkpoint). The checkpoint may be one the trainer wrote
-or a bare model state dict.
-"""
-from __future__ import annotations
-
-import argparse
+"""`segfocal eval` from a checkout, without installing: `python tools/eval.py --help`."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segfocal.cli import add_config_arguments, add_inference_arguments, config_from_args, exit_on_user_error  # noqa: E402
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
-    parser.add_argument("--checkpoint", required=True, help="trainer checkpoint (last.pt/best.pt) or state-dict file")
-    parser.add_argument("--split", help="dataset split (default: data.test_split)")
-    add_inference_arguments(parser)
-    parser.add_argument("--auroc", action="store_true", help="also per-class one-vs-rest AUROC of the softmax scores")
-    parser.add_argument("--out", help="output directory")
-    args = parser.parse_args(argv)
-    with exit_on_user_error():
-        run(args)
-
-
-def run(args: argparse.Namespace) -> dict:
-    from segfocal.data import build_dataset, build_loader
-    from segfocal.engine.distributed import resolve_device
-    from segfocal.engine.evaluate import evaluate
-    from segfocal.engine.precision import resolve_precision
-    from segfocal.engine.restore import restore_model
-    from segfocal.evaluation import format_table, plot_confusion_matrix, write_json
-
-    cfg = config_from_args(args)
-    data = cfg.data
-    split = args.split or data.test_split
-    device = resolve_device(cfg.device)
-    dataset = build_dataset(data, cfg.augment.val, split)
-    dataset.validate(data.num_classes, data.ignore_index)
-    loader = build_loader(dataset, cfg.eval.batch_size, shuffle=False, num_workers=data.num_workers, seed=cfg.seed,
-                          drop_last=False)
-    model = restore_model(cfg, args.checkpoint, device)
-    result = evaluate(model, loader, cfg.eval, data.num_classes, data.ignore_index, device,
-                      resolve_precision(cfg.train.amp, device), with_auroc=args.auroc)
-    names = data.class_names or [f"class_{index}" for index in range(data.num_classes)]
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{split}"
-    out.mkdir(parents=True, exist_ok=True)
-    extra = {"checkpoint": str(args.checkpoint), "split": split, "num_images": len(dataset),
-             "class_names": names, "confusion_matrix": result.confusion.tolist()}
-    if result.auroc is not None:
-        extra["auroc"] = result.auroc
-    write_json(result.metrics, out / "metrics.json", extra=extra)
-    plot_confusion_matrix(result.confusion, names, out / "confusion_matrix.png")
-    print(f"{len(dataset)} images of split '{split}', checkpoint {args.checkpoint}")
-    print(format_table(result.metrics, names))
-    if result.auroc is not None:
-        print("AUROC: " + ", ".join(f"{name} {value:.4f}" for name, value in zip(names, result.auroc)))
-    print(f"wrote {out / 'metrics.json'} and {out / 'confusion_matrix.png'}")
-    return {"metrics": result.metrics, "out": out}
-
+from segfocal.cli.eval import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -25,14 +25,33 @@ class ConfigError(ValueError):
     """A config file, key or value is invalid; the message names it."""
 
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # the recipes of configs/, shipped in the wheel
+
+
 def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> Config:
-    """Read ``path`` (following ``_base_``), apply ``key=value`` overrides, validate, return a Config."""
-    raw = load_yaml_tree(Path(path))
+    """Read ``path`` (following ``_base_``), apply ``key=value`` overrides, validate, return a Config.
+
+    ``path`` is a YAML file or the name of a recipe shipped with segfocal (``synthetic_unet_focal``).
+    """
+    path = config_path(path)
+    raw = load_yaml_tree(path)
     for override in overrides:
         apply_override(raw, override)
     config = from_dict(Config, raw, source=str(path))
     check_consistency(config, source=str(path))
     return config
+
+
+def config_path(name: Union[str, Path]) -> Path:
+    """``name`` if it is a file, else the shipped recipe of that name (with or without ``.yaml``)."""
+    path = Path(name)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    for candidate in (RECIPES / path.name, RECIPES / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    recipes = sorted(recipe.stem for recipe in RECIPES.glob("*.yaml"))
+    raise ConfigError(f"config file not found: {name} (nor a shipped recipe of that name: {', '.join(recipes)})")
 
 
 def check_consistency(config: Config, source: str = "config") -> None:

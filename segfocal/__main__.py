@@ -1,0 +1,4 @@
+"""``python -m segfocal``: the ``segfocal`` command."""
+from .cli import main
+
+main()

@@ -1,0 +1,79 @@
+"""What every command shares: config arguments, the command line it was started with, user-facing errors."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from types import ModuleType
+from typing import Callable, Iterator, List, Optional, Sequence
+
+from ..config import Config, ConfigError, load_config
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True,
+                        help="YAML config file, or the name of a recipe shipped with segfocal (e.g. synthetic_unet_focal)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+    parser.add_argument("--work-dir", help="run directory (overrides the config's work_dir)")
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--mode`` and ``--flip``, shortcuts for the ``eval.mode`` and ``eval.flip`` keys."""
+    parser.add_argument("--mode", choices=["whole", "slide"], help="inference mode (default: eval.mode)")
+    parser.add_argument("--flip", action="store_true", help="horizontal-flip test-time augmentation")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config of ``--config`` with the command line's shortcuts, then ``--set`` (which wins), applied."""
+    shortcuts = [f"eval.mode={args.mode}"] if getattr(args, "mode", None) else []
+    shortcuts += ["eval.flip=true"] if getattr(args, "flip", False) else []
+    overrides = shortcuts + list(args.overrides) + ([f"work_dir={args.work_dir}"] if args.work_dir else [])
+    return load_config(args.config, overrides)
+
+
+@contextlib.contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """Turn errors caused by the user's config, data or checkpoint into a one-line message and exit 2."""
+    from ..data import DataError
+    from ..engine.checkpoint import CheckpointError
+
+    try:
+        yield
+    except (ConfigError, DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def command_main(command: ModuleType) -> Callable[[Optional[Sequence[str]]], object]:
+    """The ``main(argv=None)`` of a command module run on its own (``tools/<name>.py``).
+
+    The module provides ``add_arguments(parser)`` and ``run(args)``; its docstring is the help.
+    """
+    def main(argv: Optional[Sequence[str]] = None) -> object:
+        parser = argparse.ArgumentParser(description=command.__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.add_arguments(parser)
+        args = parser.parse_args(argv)
+        args.command_line = invocation(argv)
+        with exit_on_user_error():
+            return command.run(args)
+
+    return main
+
+
+def invocation(argv: Optional[Sequence[str]]) -> List[str]:
+    """The command line that started this process, as a user would type it again.
+
+    ``argv`` (the arguments after the program) when given in-process, else ``sys.argv[1:]``; the
+    program is ``python <script>.py`` for a script and its bare name for an installed command.
+    """
+    program = sys.argv[0] if sys.argv and sys.argv[0] else "segfocal"
+    if program.endswith("__main__.py"):
+        words = ["python", "-m", "segfocal"]
+    elif program.endswith(".py"):
+        words = ["python", program]
+    else:
+        words = [os.path.basename(program)]
+    return words + list(sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,161 @@
+"""Predict masks for new images of any size.
+
+    segfocal predict --config CFG --checkpoint CKPT --input DIR_OR_FILE --output DIR
+                     [--mode whole|slide] [--flip] [--max-pixels N]
+
+For each image writes ``<stem>.png`` (a palette PNG whose pixel values are class indices) and
+``<stem>_overlay.jpg`` (the prediction blended over the image).
+
+Inputs are never overwritten: an ``--output`` that is the ``--input`` folder or lies inside it, or
+that would put a mask or overlay over an input file, is refused before anything is written or the
+model is loaded (paths are compared resolved, so symlinked spellings count). Each output is written
+to a hidden temporary file in ``--output`` and renamed onto its name, so a symlink already there is
+replaced, never followed, and no half-written file is left behind.
+
+``--max-pixels N`` (default 4194304 = 2048x2048) bounds memory in whole-image mode: an image with
+more pixels than N (read from its header) is predicted with sliding ``eval.crop_size`` windows every
+``eval.stride`` pixels instead, and a line on stderr names it. ``--max-pixels 0``: no limit.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Tuple
+
+from .common import add_config_arguments, add_inference_arguments, config_from_args, command_main
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MAX_PIXELS = 2048 * 2048
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--checkpoint", required=True, help="trainer checkpoint or state-dict file")
+    parser.add_argument("--input", required=True, help="an image file or a directory of images")
+    parser.add_argument("--output", required=True, help="directory for the masks and overlays (not inside --input)")
+    add_inference_arguments(parser)
+    parser.add_argument("--max-pixels", type=pixel_limit, default=MAX_PIXELS, metavar="N",
+                        help=f"in whole mode, predict images of more than N pixels with sliding windows "
+                             f"(eval.crop_size, eval.stride) to bound memory; 0: no limit (default: {MAX_PIXELS})")
+
+
+def pixel_limit(text: str) -> int:
+    """``--max-pixels``: a count >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: no limit), got {value}")
+    return value
+
+
+def list_images(path: Path) -> list:
+    from ..data import DataError
+
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"--input: no such file or directory: {path}")
+    images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not images:
+        raise DataError(f"--input: no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+    by_stem = {}
+    for image in images:  # each writes <stem>.png: two with one stem would overwrite each other's mask
+        if image.stem in by_stem:
+            raise DataError(f"--input: two images share the stem '{image.stem}' and would write the same "
+                            f"{image.stem}.png: {by_stem[image.stem]} and {image}")
+        by_stem[image.stem] = image
+    return images
+
+
+def output_names(image: Path) -> Tuple[str, str]:
+    """The file names of the mask and the overlay that ``image`` gives."""
+    return f"{image.stem}.png", f"{image.stem}_overlay.jpg"
+
+
+def check_output_outside_input(source: Path, output: Path, images: list) -> None:
+    """Raise DataError if writing to ``output`` could overwrite an input image.
+
+    Paths are compared resolved, so a relative or symlinked spelling of the same folder is caught.
+    An output file's own name is not resolved: a symlink there is replaced, never followed.
+    """
+    from ..data import DataError
+
+    folder = output.resolve()
+    if source.is_dir() and folder.is_relative_to(source.resolve()):
+        raise DataError(f"--output {output} is the --input folder {source} or inside it; "
+                        f"choose an output folder outside the input, so that no image is overwritten")
+    for image in images:
+        spellings = {image.parent.resolve() / image.name, image.resolve()}
+        for name in output_names(image):
+            if folder / name in spellings:
+                raise DataError(f"--output {output} would overwrite the --input image {image} with {name}; "
+                                f"choose another output folder")
+
+
+def inference_mode(path: Path, mode: str, max_pixels: int, crop_size: list) -> str:
+    """``mode``, or "slide" for a whole-mode image of more than ``max_pixels`` pixels (0: no limit).
+
+    One forward pass over a large image needs memory in proportion to its pixels (a 4000x4000
+    PNG took 6 GB); windows of ``crop_size`` bound it. The size is read from the header only.
+    """
+    from ..data.folder import check_image
+
+    if mode != "whole" or not max_pixels:
+        return mode
+    height, width = check_image(path)  # the header only; DataError naming the file if it is unfit
+    if height * width <= max_pixels:
+        return mode
+    print(f"{path}: {width}x{height} = {height * width} pixels is more than --max-pixels {max_pixels}; "
+          f"predicting it with sliding windows of eval.crop_size {list(crop_size)} instead of whole "
+          f"(--max-pixels 0: no limit)", file=sys.stderr)
+    return "slide"
+
+
+def run(args: argparse.Namespace) -> list:
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from ..data import build_transform, default_palette, read_image, write_palette_mask
+    from ..engine.distributed import resolve_device
+    from ..engine.precision import resolve_precision
+    from ..engine.restore import restore_model
+    from ..evaluation import predict_logits
+    from ..files import replaced_atomically
+    from ..visualize import overlay_masks
+
+    cfg = config_from_args(args)
+    data, ev = cfg.data, cfg.eval
+    source, output = Path(args.input), Path(args.output)
+    images = list_images(source)
+    check_output_outside_input(source, output, images)  # before the model loads or anything is written
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.train.amp, device)
+    model = restore_model(cfg, args.checkpoint, device)
+    transform = build_transform(cfg.augment.val, data.mean, data.std)
+    palette = default_palette(data.num_classes)
+    output.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in images:
+        mode = inference_mode(path, ev.mode, args.max_pixels, ev.crop_size)
+        rgb = read_image(path)  # DataError naming the file for any unreadable or oversized image
+        image = transform(image=rgb)["image"].unsqueeze(0).to(device)
+        with torch.no_grad(), precision.autocast():
+            logits = predict_logits(model, image, data.num_classes, mode=mode, crop_size=tuple(ev.crop_size),
+                                    stride=tuple(ev.stride), flip=ev.flip)
+        if logits.shape[-2:] != rgb.shape[:2]:  # the val pipeline resized the image
+            logits = F.interpolate(logits.float(), size=rgb.shape[:2], mode="bilinear", align_corners=False)
+        mask = logits.argmax(dim=1)[0].to(torch.uint8).cpu()
+        blended = overlay_masks(torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0), mask.unsqueeze(0), palette,
+                                data.ignore_index)
+        mask_name, overlay_name = output_names(path)
+        with replaced_atomically(output / mask_name) as handle:
+            write_palette_mask(handle, mask.numpy(), palette)
+        with replaced_atomically(output / overlay_name) as handle:
+            Image.fromarray(blended[0].permute(1, 2, 0).numpy()).save(handle, format="JPEG", quality=90)
+        written.append(output / mask_name)
+    print(f"wrote {len(written)} masks and overlays to {output}")
+    return written
+
+
+main = command_main(sys.modules[__name__])
