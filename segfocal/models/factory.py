@@ -1,7 +1,14 @@
-"""Build a segmentation-models-pytorch model from a :class:`ModelConfig`, offline."""
+"""Build a segmentation-models-pytorch model from a :class:`ModelConfig`.
+
+``model.encoder_weights`` is null (random), a local state-dict file, or a name smp knows for the
+encoder (``imagenet``, ...), which smp downloads from the Hugging Face Hub on first use and reads
+from its cache after; nothing is downloaded unless a name is asked for.
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Optional
 
 import segmentation_models_pytorch as smp
 import torch
@@ -9,27 +16,51 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig
 
+WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
-def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+
+def build_model(cfg: ModelConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
     """The smp model ``cfg.arch`` with encoder ``cfg.encoder_name`` and ``num_classes`` outputs.
 
-    Nothing is downloaded: ``encoder_weights`` is a local state-dict file for the encoder (or
-    null for random initialisation).
+    ``pretrained=False`` skips ``encoder_weights`` (for a model about to receive a checkpoint's
+    weights, so that inference never needs the network).
     """
+    weights = cfg.encoder_weights if pretrained else None
+    named = weights if weights and not is_weight_file(weights) else None
     try:
-        model = smp.create_model(
-            cfg.arch,
-            encoder_name=cfg.encoder_name,
-            encoder_weights=None,
-            in_channels=cfg.in_channels,
-            classes=num_classes,
-            **cfg.kwargs,
-        )
+        model = smp.create_model(cfg.arch, encoder_name=cfg.encoder_name, encoder_weights=named,
+                                 in_channels=cfg.in_channels, classes=num_classes, **cfg.kwargs)
     except (KeyError, ValueError, TypeError) as error:
-        raise ConfigError(f"model: cannot build arch={cfg.arch!r} encoder_name={cfg.encoder_name!r}: {error}") from None
-    if cfg.encoder_weights:
-        load_encoder_weights(model, Path(cfg.encoder_weights))
+        raise ConfigError(f"model: cannot build arch={cfg.arch!r} encoder_name={cfg.encoder_name!r}"
+                          f"{f' encoder_weights={named!r}' if named else ''}: {error}") from None
+    except Exception as error:  # huggingface_hub's errors when the weights are neither reachable nor cached
+        if named is None:
+            raise
+        raise ConfigError(_download_failure(cfg.encoder_name, named, error)) from None
+    if weights and named is None:
+        load_encoder_weights(model, Path(weights))
     return model
+
+
+def is_weight_file(value: str) -> bool:
+    """Whether ``model.encoder_weights`` names a local file (a path or a weights suffix) rather than smp weights."""
+    return Path(value).suffix.lower() in WEIGHT_FILE_SUFFIXES or os.sep in value or "/" in value or Path(value).exists()
+
+
+def _download_failure(encoder: str, weights: str, error: Exception) -> str:
+    cache = _hub_cache()
+    return (f"model.encoder_weights={weights!r}: smp could not fetch the {weights} weights of encoder {encoder} "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}) and they are not in the "
+            f"Hugging Face cache{f' ({cache})' if cache else ''}. Connect once to download them, or set "
+            f"model.encoder_weights to a local state-dict file of the encoder")
+
+
+def _hub_cache() -> Optional[str]:
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return None
+    return str(constants.HF_HUB_CACHE)
 
 
 def load_encoder_weights(model: nn.Module, path: Path) -> None:
