@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from ..config import ConfigError
     from ..data import build_dataset
+    from ..evaluation import class_names
     from ..losses import WEIGHT_SCHEMES, weights_from_histogram
 
     if args.scheme not in WEIGHT_SCHEMES:
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> dict:
     dataset = build_dataset(data, [], split)
     counts = dataset.class_pixel_counts(data.num_classes)
     total = max(int(counts.sum()), 1)
-    names = data.class_names or [f"class_{index}" for index in range(data.num_classes)]
+    names = class_names(data.class_names, data.num_classes)
     weights = {
         scheme: [round(float(w), 6) for w in weights_from_histogram(
             counts, scheme, enet_c=cfg.loss.enet_c, effective_beta=cfg.loss.effective_beta, dtype=torch.float64)]

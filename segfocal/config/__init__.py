@@ -1,5 +1,5 @@
 """Run configuration: dataclasses (:mod:`.schema`) and the YAML loader (:mod:`.loader`)."""
-from .loader import ConfigError, apply_override, load_config, save_config, to_dict
+from .loader import ConfigError, apply_override, config_from_tree, load_config, save_config, to_dict
 from .schema import (
     AugmentConfig,
     Config,
@@ -16,5 +16,5 @@ from .schema import (
 __all__ = [
     "Config", "DataConfig", "SyntheticConfig", "AugmentConfig", "ModelConfig", "LossConfig",
     "OptimConfig", "ScheduleConfig", "TrainConfig", "EvalConfig",
-    "ConfigError", "load_config", "save_config", "apply_override", "to_dict",
+    "ConfigError", "load_config", "config_from_tree", "save_config", "apply_override", "to_dict",
 ]

@@ -8,6 +8,7 @@ closest valid key suggested.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -34,11 +35,16 @@ def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> Config
     ``path`` is a YAML file or the name of a recipe shipped with segfocal (``synthetic_unet_focal``).
     """
     path = config_path(path)
-    raw = load_yaml_tree(path)
+    return config_from_tree(load_yaml_tree(path), overrides, source=str(path))
+
+
+def config_from_tree(raw: Dict[str, Any], overrides: Iterable[str] = (), source: str = "config") -> Config:
+    """A validated Config from a nested dict (a YAML tree, or one saved in a checkpoint) and overrides."""
+    raw = copy.deepcopy(raw)
     for override in overrides:
         apply_override(raw, override)
-    config = from_dict(Config, raw, source=str(path))
-    check_consistency(config, source=str(path))
+    config = from_dict(Config, raw, source=source)
+    check_consistency(config, source=source)
     return config
 
 

@@ -36,3 +36,8 @@ def resolve_precision(mode: str, device: torch.device) -> Precision:
     if mode == "fp16" and device.type != "cuda":
         raise ConfigError("train.amp='fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU")
     return Precision(device.type, torch.bfloat16 if mode == "bf16" else torch.float16)
+
+
+def inference_precision(mode: str, device: torch.device) -> Precision:
+    """The run's precision for inference on ``device``: on the CPU, fp16 (a GPU training choice) becomes fp32."""
+    return resolve_precision("fp32" if mode == "fp16" and device.type != "cuda" else mode, device)

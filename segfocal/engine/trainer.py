@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..config import Config, ConfigError, save_config, to_dict
 from ..data import build_dataset, build_loader, default_palette
-from ..evaluation import format_table
+from ..evaluation import class_names, format_table
 from ..models import build_model
 from ..visualize import denormalize, overlay_masks
 from .checkpoint import load_checkpoint, model_state_from, remove_stale_temporaries, resume_path, save_checkpoint
@@ -126,7 +126,7 @@ class Trainer:
         self.scheduler = build_scheduler(
             cfg.schedule, self.optimizer, cfg.train.epochs * self.steps_per_epoch, cfg.optim.lr
         )
-        self.class_names = data.class_names or [f"class_{index}" for index in range(data.num_classes)]
+        self.class_names = class_names(data.class_names, data.num_classes)
         self.state = TrainState()
         self.stop_signals = StopSignals()
         self._resume_rng: Optional[Dict[str, Any]] = None
