@@ -5,18 +5,22 @@ Importing this package needs torch alone; matplotlib is imported only by ``plot_
 from .auroc import BinnedAUROC
 from .confusion import ConfusionMatrix
 from .inference import model_size_divisor, predict, predict_logits, sliding_windows
+from .mask_folders import MaskFolderResult, score_mask_folders, write_mask_folder_report
 from .metrics import segmentation_metrics
-from .report import format_table, plot_confusion_matrix, write_json
+from .report import class_names, format_table, plot_confusion_matrix, write_json
 
 __all__ = [
     "BinnedAUROC",
     "ConfusionMatrix",
-    "format_table",
+    "class_names", "format_table",
+    "MaskFolderResult",
     "model_size_divisor",
     "plot_confusion_matrix",
     "predict",
     "predict_logits",
+    "score_mask_folders",
     "segmentation_metrics",
     "sliding_windows",
     "write_json",
+    "write_mask_folder_report",
 ]
