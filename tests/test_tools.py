@@ -467,3 +467,55 @@ def test_help_of_every_tool(tool):
     result = run_script(f"tools/{tool}.py", "--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: ") and "--help" in result.stdout
+
+
+# -- the segfocal command: configs from checkpoints, scoring mask folders --------------------------
+
+def test_eval_and_predict_without_config_use_the_one_saved_in_the_checkpoint(capsys, trained, new_images, tmp_path):
+    from segfocal.cli import main as segfocal_main
+
+    with_config, _ = evaluate_tool(capsys, trained, tmp_path / "with")
+    code, _, stderr = run_tool(capsys, SimpleNamespace(main=segfocal_main), "eval", "--checkpoint", trained.best,
+                               "--output", tmp_path / "without", "--set", f"data.root={trained.data}")
+    assert code in (0, None), stderr
+    without = json.loads((tmp_path / "without" / "metrics.json").read_text())
+    assert without["confusion_matrix"] == with_config["confusion_matrix"] and without["split"] == "test"
+    for folder, extra in (("by_config", ["--config", trained.config]), ("by_checkpoint", [])):
+        code, _, stderr = call(capsys, "predict", "--checkpoint", trained.best, "--input", new_images,
+                               "--output", tmp_path / folder, *extra)
+        assert code == 0, stderr
+    for mask in (tmp_path / "by_config").glob("*.png"):
+        assert mask.read_bytes() == (tmp_path / "by_checkpoint" / mask.name).read_bytes()
+
+
+def test_eval_scores_a_folder_of_predicted_masks_like_the_checkpoint_evaluation(capsys, trained, new_images, tmp_path):
+    """Masks written by predict for the test images, scored against the test labels: the checkpoint's metrics."""
+    images, labels = trained.data / "test" / "images", trained.data / "test" / "masks"
+    code, _, stderr = call(capsys, "predict", "--checkpoint", trained.best, "--input", images,
+                           "--output", tmp_path / "pred")
+    assert code == 0, stderr
+    (tmp_path / "pred_only").mkdir()
+    for mask in (tmp_path / "pred").glob("*.png"):  # the masks, without the overlays
+        mask.rename(tmp_path / "pred_only" / mask.name)
+    checkpoint, _ = evaluate_tool(capsys, trained, tmp_path / "checkpoint")
+    code, stdout, stderr = call(capsys, "eval", "--pred", tmp_path / "pred_only", "--gt", labels, "--num-classes",
+                                NUM_CLASSES, "--ignore-index", IGNORE, "--out", tmp_path / "scored")
+    assert code == 0, stderr
+    scored = json.loads((tmp_path / "scored" / "metrics.json").read_text())
+    assert scored["confusion_matrix"] == checkpoint["confusion_matrix"]
+    assert scored["metrics"]["miou"] == pytest.approx(checkpoint["metrics"]["miou"], abs=1e-12)
+    assert f"{NUM_TEST} mask pairs" in stdout and "class_0" in stdout
+    # with the config, its class names label the table
+    code, stdout, _ = call(capsys, "eval", "--pred", tmp_path / "pred_only", "--gt", labels, "--config",
+                           trained.config, "--output", tmp_path / "named")
+    assert code == 0 and "background" in stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give either --checkpoint (evaluate a model) or --pred and --gt (score masks)"),
+    (["--pred", "p", "--gt", "g"], "--pred needs --num-classes"),
+    (["--pred", "p"], "--pred needs --gt"),
+], ids=["neither", "no-classes", "no-gt"])
+def test_eval_says_which_arguments_are_missing(capsys, argv, message):
+    code, _, stderr = call(capsys, "eval", *argv)
+    assert code == 2 and message in stderr

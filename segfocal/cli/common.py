@@ -11,9 +11,12 @@ from typing import Callable, Iterator, List, Optional, Sequence
 from ..config import Config, ConfigError, load_config
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True,
-                        help="YAML config file, or the name of a recipe shipped with segfocal (e.g. synthetic_unet_focal)")
+def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--config``, ``--set`` and ``--work-dir``; ``required=False`` where a checkpoint brings its config."""
+    help_text = "YAML config file, or the name of a recipe shipped with segfocal (e.g. synthetic_unet_focal)"
+    if not required:
+        help_text += "; default: the config saved in the checkpoint"
+    parser.add_argument("--config", required=required, help=help_text)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.epochs=5 (repeatable)")
     parser.add_argument("--work-dir", help="run directory (overrides the config's work_dir)")
@@ -25,12 +28,23 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flip", action="store_true", help="horizontal-flip test-time augmentation")
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The config of ``--config`` with the command line's shortcuts, then ``--set`` (which wins), applied."""
+def config_from_args(args: argparse.Namespace, checkpoint: Optional[str] = None) -> Config:
+    """The config of ``--config`` (else the one saved in ``checkpoint``) with the command line's
+    shortcuts, then ``--set`` (which wins), applied."""
     shortcuts = [f"eval.mode={args.mode}"] if getattr(args, "mode", None) else []
     shortcuts += ["eval.flip=true"] if getattr(args, "flip", False) else []
     overrides = shortcuts + list(args.overrides) + ([f"work_dir={args.work_dir}"] if args.work_dir else [])
-    return load_config(args.config, overrides)
+    if args.config or checkpoint is None:
+        return load_config(args.config, overrides)
+    from ..engine.checkpoint import load_checkpoint
+    from ..engine.restore import saved_config
+
+    return saved_config(load_checkpoint(checkpoint), checkpoint, overrides)
+
+
+def add_output_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--output`` (``--out`` is accepted too: the spelling eval used to have)."""
+    parser.add_argument("--output", "--out", dest="output", help=help_text)
 
 
 @contextlib.contextmanager

@@ -1,11 +1,16 @@
-"""Evaluate a checkpoint: mIoU, per-class IoU/accuracy/Dice, pixel accuracy, confusion matrix.
+"""Evaluate a checkpoint, or masks predicted by any model: mIoU, per-class IoU/accuracy/Dice, pixel
+accuracy, confusion matrix.
 
-    segfocal eval --config CFG --checkpoint CKPT [--split test] [--auroc] [--mode whole|slide] [--flip]
-                  [--out DIR]
+    segfocal eval --checkpoint CKPT [--config CFG] [--split test] [--auroc] [--mode whole|slide] [--flip]
+                  [--output DIR]
+    segfocal eval --pred DIR --gt DIR (--num-classes N [--ignore-index I] | --config CFG) [--output DIR]
 
-Prints a per-class table and writes ``metrics.json`` and ``confusion_matrix.png`` to ``--out``
-(default: ``eval_<split>/`` beside the checkpoint). The checkpoint may be one the trainer wrote
-or a bare model state dict.
+Prints a per-class table and writes ``metrics.json`` and ``confusion_matrix.png`` to ``--output``
+(default: ``eval_<split>/`` beside the checkpoint, or ``eval_masks/`` beside ``--pred``). The
+checkpoint may be one the trainer wrote (its saved config is used unless ``--config`` is given)
+or a bare model state dict (``--config`` needed). With ``--pred``/``--gt``, two folders of masks
+are matched by file stem and scored with the same metrics; pixels whose ground truth is the
+ignore index are not scored.
 """
 from __future__ import annotations
 
@@ -13,27 +18,39 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import add_config_arguments, add_inference_arguments, config_from_args, command_main
+from ..config import ConfigError
+from ..evaluation import class_names, format_table, plot_confusion_matrix, write_json
+from .common import (add_config_arguments, add_inference_arguments, add_output_argument, command_main,
+                     config_from_args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--checkpoint", required=True, help="trainer checkpoint (last.pt/best.pt) or state-dict file")
+    add_config_arguments(parser, required=False)
+    parser.add_argument("--checkpoint", help="trainer checkpoint (last.pt/best.pt) or state-dict file")
     parser.add_argument("--split", help="dataset split (default: data.test_split)")
     add_inference_arguments(parser)
     parser.add_argument("--auroc", action="store_true", help="also per-class one-vs-rest AUROC of the softmax scores")
-    parser.add_argument("--out", help="output directory")
+    parser.add_argument("--pred", help="a folder of predicted masks to score instead of a checkpoint")
+    parser.add_argument("--gt", help="the folder of ground-truth masks for --pred")
+    parser.add_argument("--num-classes", type=int, help="with --pred and no --config: the number of classes")
+    parser.add_argument("--ignore-index", type=int, help="with --pred and no --config: the label not scored")
+    add_output_argument(parser, "output directory")
 
 
 def run(args: argparse.Namespace) -> dict:
+    if (args.checkpoint is None) == (args.pred is None):
+        raise ConfigError("give either --checkpoint (evaluate a model) or --pred and --gt (score masks)")
+    return score_masks(args) if args.pred else evaluate_checkpoint(args)
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     from ..data import build_dataset, build_loader
     from ..engine.distributed import resolve_device
     from ..engine.evaluate import evaluate
-    from ..engine.precision import resolve_precision
+    from ..engine.precision import inference_precision
     from ..engine.restore import restore_model
-    from ..evaluation import format_table, plot_confusion_matrix, write_json
 
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, checkpoint=args.checkpoint)
     data = cfg.data
     split = args.split or data.test_split
     device = resolve_device(cfg.device)
@@ -43,9 +60,9 @@ def run(args: argparse.Namespace) -> dict:
                           drop_last=False)
     model = restore_model(cfg, args.checkpoint, device)
     result = evaluate(model, loader, cfg.eval, data.num_classes, data.ignore_index, device,
-                      resolve_precision(cfg.train.amp, device), with_auroc=args.auroc)
-    names = data.class_names or [f"class_{index}" for index in range(data.num_classes)]
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / f"eval_{split}"
+                      inference_precision(cfg.train.amp, device), with_auroc=args.auroc)
+    names = class_names(data.class_names, data.num_classes)
+    out = Path(args.output) if args.output else Path(args.checkpoint).resolve().parent / f"eval_{split}"
     out.mkdir(parents=True, exist_ok=True)
     extra = {"checkpoint": str(args.checkpoint), "split": split, "num_images": len(dataset),
              "class_names": names, "confusion_matrix": result.confusion.tolist()}
@@ -58,6 +75,31 @@ def run(args: argparse.Namespace) -> dict:
     if result.auroc is not None:
         print("AUROC: " + ", ".join(f"{name} {value:.4f}" for name, value in zip(names, result.auroc)))
     print(f"wrote {out / 'metrics.json'} and {out / 'confusion_matrix.png'}")
+    return {"metrics": result.metrics, "out": out}
+
+
+def score_masks(args: argparse.Namespace) -> dict:
+    """``--pred``/``--gt``: the classes, ignore index, names and colour map from ``--config`` or the flags."""
+    from ..evaluation import score_mask_folders, write_mask_folder_report
+
+    if args.gt is None:
+        raise ConfigError("--pred needs --gt, the folder of ground-truth masks")
+    if args.config:
+        data = config_from_args(args).data
+        num_classes, ignore_index, names, color_map = data.num_classes, data.ignore_index, data.class_names, data.color_map
+    elif args.num_classes is None:
+        raise ConfigError("--pred needs --num-classes (or a --config that gives data.num_classes)")
+    else:
+        num_classes, ignore_index, names, color_map = args.num_classes, args.ignore_index, None, None
+    if num_classes < 1:
+        raise ConfigError(f"--num-classes must be at least 1, got {num_classes}")
+    result = score_mask_folders(args.pred, args.gt, num_classes, ignore_index=ignore_index, color_map=color_map)
+    names = class_names(names, num_classes)
+    out = Path(args.output) if args.output else Path(args.pred).resolve().parent / "eval_masks"
+    json_path, png_path = write_mask_folder_report(result, out, names)
+    print(f"{result.num_images} mask pairs: predictions {result.pred_dir} against ground truth {result.gt_dir}")
+    print(format_table(result.metrics, names))
+    print(f"wrote {json_path} and {png_path}")
     return {"metrics": result.metrics, "out": out}
 
 

@@ -1,7 +1,11 @@
 """Predict masks for new images of any size.
 
-    segfocal predict --config CFG --checkpoint CKPT --input DIR_OR_FILE --output DIR
+    segfocal predict --checkpoint CKPT --input DIR_OR_FILE --output DIR [--config CFG]
                      [--mode whole|slide] [--flip] [--max-pixels N]
+
+The config saved in a trainer checkpoint is used unless ``--config`` is given (a bare state-dict
+file needs it); ``--set`` overrides either. The masks are those of
+:class:`segfocal.segmenter.Segmenter` for the same checkpoint.
 
 For each image writes ``<stem>.png`` (a palette PNG whose pixel values are class indices) and
 ``<stem>_overlay.jpg`` (the prediction blended over the image).
@@ -30,7 +34,7 @@ MAX_PIXELS = 2048 * 2048
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
+    add_config_arguments(parser, required=False)
     parser.add_argument("--checkpoint", required=True, help="trainer checkpoint or state-dict file")
     parser.add_argument("--input", required=True, help="an image file or a directory of images")
     parser.add_argument("--output", required=True, help="directory for the masks and overlays (not inside --input)")
@@ -113,41 +117,31 @@ def inference_mode(path: Path, mode: str, max_pixels: int, crop_size: list) -> s
 
 def run(args: argparse.Namespace) -> list:
     import torch
-    import torch.nn.functional as F
     from PIL import Image
 
-    from ..data import build_transform, default_palette, read_image, write_palette_mask
+    from ..data import default_palette, read_image, write_palette_mask
     from ..engine.distributed import resolve_device
-    from ..engine.precision import resolve_precision
-    from ..engine.restore import restore_model
-    from ..evaluation import predict_logits
     from ..files import replaced_atomically
+    from ..segmenter import Segmenter
     from ..visualize import overlay_masks
 
-    cfg = config_from_args(args)
-    data, ev = cfg.data, cfg.eval
+    cfg = config_from_args(args, checkpoint=args.checkpoint)
     source, output = Path(args.input), Path(args.output)
     images = list_images(source)
     check_output_outside_input(source, output, images)  # before the model loads or anything is written
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.train.amp, device)
-    model = restore_model(cfg, args.checkpoint, device)
-    transform = build_transform(cfg.augment.val, data.mean, data.std)
-    palette = default_palette(data.num_classes)
+    segmenters = {cfg.eval.mode: Segmenter.from_checkpoint(args.checkpoint, config=cfg, device=device)}
+    palette = default_palette(cfg.data.num_classes)
     output.mkdir(parents=True, exist_ok=True)
     written = []
     for path in images:
-        mode = inference_mode(path, ev.mode, args.max_pixels, ev.crop_size)
+        mode = inference_mode(path, cfg.eval.mode, args.max_pixels, cfg.eval.crop_size)
+        if mode not in segmenters:  # the same model, run in sliding windows
+            segmenters[mode] = Segmenter(segmenters[cfg.eval.mode].model, cfg, device, mode=mode)
         rgb = read_image(path)  # DataError naming the file for any unreadable or oversized image
-        image = transform(image=rgb)["image"].unsqueeze(0).to(device)
-        with torch.no_grad(), precision.autocast():
-            logits = predict_logits(model, image, data.num_classes, mode=mode, crop_size=tuple(ev.crop_size),
-                                    stride=tuple(ev.stride), flip=ev.flip)
-        if logits.shape[-2:] != rgb.shape[:2]:  # the val pipeline resized the image
-            logits = F.interpolate(logits.float(), size=rgb.shape[:2], mode="bilinear", align_corners=False)
-        mask = logits.argmax(dim=1)[0].to(torch.uint8).cpu()
+        mask = torch.from_numpy(segmenters[mode].predict(rgb))
         blended = overlay_masks(torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0), mask.unsqueeze(0), palette,
-                                data.ignore_index)
+                                cfg.data.ignore_index)
         mask_name, overlay_name = output_names(path)
         with replaced_atomically(output / mask_name) as handle:
             write_palette_mask(handle, mask.numpy(), palette)
