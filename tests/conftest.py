@@ -1,6 +1,7 @@
 """Test-session setup."""
 import os
 
+import pytest
 import torch
 from hypothesis import settings
 
@@ -15,3 +16,13 @@ if not torch.cuda.is_available():
 # then sees exactly the examples CI will see. Cases a search finds are kept as @example.
 settings.register_profile("ci", derandomize=True, database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: small convolutions run fastest so, and stay fast when other
+    jobs share the CPUs. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
