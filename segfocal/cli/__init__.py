@@ -1,4 +1,5 @@
-"""The ``segfocal`` command: one subcommand per module (``train``, ``eval``, ``predict``, ``stats``).
+"""The ``segfocal`` command: one subcommand per module (``train``, ``eval``, ``predict``, ``stats``,
+``export``).
 
 Each command module provides ``add_arguments(parser)``, ``run(args)`` and a standalone ``main``
 (what ``tools/<name>.py`` calls); :func:`main` here dispatches ``segfocal <command> ...``. Only the
@@ -17,6 +18,7 @@ COMMANDS = {
     "eval": "metrics of a checkpoint on a split",
     "predict": "masks and overlays for new images",
     "stats": "class pixel counts of a split and the weights of every scheme",
+    "export": "the model as ONNX, a torch.export program or an smp folder",
 }
 # what `pip install segfocal` leaves out and the "train" extra brings (import names)
 TRAIN_EXTRA = frozenset({"segmentation_models_pytorch", "albumentations", "tensorboard", "matplotlib", "yaml",

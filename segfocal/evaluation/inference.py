@@ -78,17 +78,22 @@ def model_size_divisor(model: nn.Module) -> int:
     connections itself; versions without the attribute check every model). DataParallel,
     DistributedDataParallel and ``torch.compile`` wrappers are looked through.
     """
+    model = unwrap_model(model)
+    stride = getattr(getattr(model, "encoder", None), "output_stride", None)
+    if callable(getattr(model, "check_input_shape", None)) and isinstance(stride, int):
+        return stride if getattr(model, "requires_divisible_input_shape", True) else 1
+    return 1
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DataParallel, DistributedDataParallel and ``torch.compile`` wrappers."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
         else:
-            break
-    stride = getattr(getattr(model, "encoder", None), "output_stride", None)
-    if callable(getattr(model, "check_input_shape", None)) and isinstance(stride, int):
-        return stride if getattr(model, "requires_divisible_input_shape", True) else 1
-    return 1
+            return model
 
 
 def sliding_windows(size: int, crop: int, stride: int) -> List[int]:

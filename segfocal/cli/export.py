@@ -1,0 +1,64 @@
+"""Export a trained model to run without segfocal: ONNX, a torch.export program, or an smp folder.
+
+    segfocal export --checkpoint CKPT --format onnx|pt2|smp --output PATH [--config CFG] [--size H W]
+                    [--fixed-size]
+
+* ``onnx`` (needs ``pip install 'segfocal[export]'``): input ``image`` float32 ``[N, C, H, W]``,
+  normalised with the run's ``data.mean``/``data.std`` (both are in the file's metadata, with the
+  class names); output ``logits`` ``[N, classes, H, W]``; batch, height and width dynamic
+  (``--fixed-size`` fixes height and width to ``--size``, for PSPNet and UPerNet).
+* ``pt2``: a ``torch.export`` program with dynamic batch and size; load it with plain torch,
+  ``torch.export.load(PATH).module()``. (TorchScript is deprecated in PyTorch, so it is not offered.)
+* ``smp``: a ``save_pretrained`` folder that ``segmentation_models_pytorch.from_pretrained(PATH)`` loads.
+
+Each artefact is loaded back with its own runtime and compared with the PyTorch model at two batch
+and input sizes before it is written; if they differ, nothing is written and the command exits 2.
+The config saved in a trainer checkpoint is used unless ``--config`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .common import add_config_arguments, command_main, config_from_args
+
+FORMATS = ("onnx", "pt2", "smp")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, required=False)
+    parser.add_argument("--checkpoint", required=True, help="trainer checkpoint or state-dict file")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="what to write")
+    parser.add_argument("--output", "--out", dest="output", required=True,
+                        help="the .onnx or .pt2 file, or the folder for smp")
+    parser.add_argument("--size", nargs=2, type=int, default=[256, 256], metavar=("H", "W"),
+                        help="the example input size traced and checked (default: 256 256)")
+    parser.add_argument("--fixed-size", action="store_true", help="onnx: fix height and width to --size")
+
+
+def run(args: argparse.Namespace) -> list:
+    from ..export import ExportError, export_onnx, export_pt2, export_smp, model_from_checkpoint
+
+    cfg = config_from_args(args, checkpoint=args.checkpoint)
+    model, cfg = model_from_checkpoint(args.checkpoint, config=cfg)
+    size = tuple(args.size)
+    try:
+        if args.format == "onnx":
+            data = cfg.data
+            metadata = {"class_names": json.dumps(data.class_names or []), "mean": json.dumps(data.mean),
+                        "std": json.dumps(data.std), "ignore_index": str(data.ignore_index)}
+            written = export_onnx(model, args.output, in_channels=cfg.model.in_channels, example_size=size,
+                                  dynamic_size=not args.fixed_size, metadata=metadata)
+        elif args.format == "pt2":
+            written = export_pt2(model, args.output, example_size=size, in_channels=cfg.model.in_channels)
+        else:
+            written = export_smp(model, args.output, example_size=size)
+    except (ExportError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print("wrote " + ", ".join(str(path) for path in written))
+    return written
+
+
+main = command_main(sys.modules[__name__])
