@@ -18,13 +18,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, Subset
-from tqdm import tqdm
 
 from ..config import Config, ConfigError, save_config, to_dict
 from ..data import build_dataset, build_loader, default_palette
 from ..evaluation import class_names, format_table
 from ..models import build_model
 from ..visualize import denormalize, overlay_masks
+from .console import Console
 from .checkpoint import load_checkpoint, model_state_from, remove_stale_temporaries, resume_path, save_checkpoint
 from .criterion import build_criterion
 from .distributed import DistContext, init_distributed
@@ -70,7 +70,6 @@ class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None, progress: bool = True) -> None:
         self.cfg = cfg
         self.work_dir = Path(cfg.work_dir)
-        self.progress = progress
         self.dist: DistContext = init_distributed(cfg.device)
         self.device = self.dist.device
         data = cfg.data
@@ -129,6 +128,7 @@ class Trainer:
         self.class_names = class_names(data.class_names, data.num_classes)
         self.state = TrainState()
         self.stop_signals = StopSignals()
+        self.console = Console(self.dist.is_main, progress)
         self._resume_rng: Optional[Dict[str, Any]] = None
         self.logger = RunLogger(self.work_dir, enabled=self.dist.is_main)
 
@@ -146,6 +146,7 @@ class Trainer:
         Raises :class:`TrainingInterrupted` after saving ``last.pt`` when SIGINT or SIGTERM arrived.
         """
         cfg = self.cfg.train
+        epoch_times = []  # seconds per epoch (training and validation) in this process, for the ETA
         try:
             with self.stop_signals:
                 for epoch in range(self.state.epoch, cfg.epochs):
@@ -161,6 +162,9 @@ class Trainer:
                     if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
                         entry["val"] = self.validate()
                     self.logger.record(entry)
+                    epoch_times.append(time.perf_counter() - started)
+                    self.console.epoch(entry, cfg.epochs, cfg.checkpoint_metric, self.state.best_metric,
+                                       self.state.best_epoch, self.class_names, sum(epoch_times) / len(epoch_times))
                     self._save("last.pt")
                     if epoch + 1 < cfg.epochs and self._stop_signal():
                         raise self._interrupted()
@@ -181,8 +185,7 @@ class Trainer:
         loss_sum = torch.tensor(self.state.epoch_loss, device=self.device)
         interval_sum = torch.tensor(self.state.interval_loss, device=self.device)
         bad_steps = 0
-        batches = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       disable=not (self.progress and self.dist.is_main))
+        batches = self.console.progress(self.train_loader, f"epoch {epoch + 1}/{cfg.epochs}")
         for index, (images, targets) in enumerate(batches):
             if index < trained:
                 continue
@@ -205,6 +208,8 @@ class Trainer:
                 interval_sum.zero_()
                 batches.set_postfix(loss=f"{interval_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                 self._log_step(interval_loss)
+                self.console.step(epoch, cfg.epochs, index + 1, len(self.train_loader), interval_loss,
+                                  self.scheduler.get_last_lr()[0])
             if index + 1 < len(self.train_loader) and self._stop_signal():
                 self.state.batch, self.state.epoch_loss, self.state.interval_loss = (
                     index + 1, loss_sum.item(), interval_sum.item())
@@ -256,7 +261,7 @@ class Trainer:
         result = evaluate(
             self.model, self.val_loader, cfg.eval, data.num_classes, data.ignore_index, self.device,
             self.precision, num_examples=cfg.train.log_images if self.dist.is_main else 0,
-            progress=self.progress and self.dist.is_main,
+            progress=self.console.bars,
         )
         metrics = result.metrics
         if cfg.train.checkpoint_metric not in metrics:
