@@ -71,7 +71,8 @@ def check_consistency(config: Config, source: str = "config") -> None:
         if value < 1:
             raise ConfigError(f"{source}: {key} must be at least 1, got {value}")
     for key, value in {"train.epochs": train.epochs, "data.num_workers": data.num_workers,
-                       "train.max_bad_steps": train.max_bad_steps, "train.log_images": train.log_images}.items():
+                       "train.max_bad_steps": train.max_bad_steps, "train.log_images": train.log_images,
+                       "train.log_image_size": train.log_image_size, "train.max_log_mb": train.max_log_mb}.items():
         if value < 0:
             raise ConfigError(f"{source}: {key} must not be negative, got {value}")
     if data.class_names and len(data.class_names) != data.num_classes:

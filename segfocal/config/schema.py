@@ -127,6 +127,8 @@ class TrainConfig:
     val_every: int = 1
     log_every: int = 10
     log_images: int = 4
+    log_image_size: int = 512  # longest side of the images logged to TensorBoard; 0: as they are
+    max_log_mb: int = 1024  # warn once when the TensorBoard logs grow past this; 0: never
     checkpoint_metric: str = "miou"
     max_bad_steps: int = 10
     find_unused_parameters: bool = False

@@ -3,23 +3,33 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping
 
 import torch
+import torch.nn.functional as F
 
 
 class RunLogger:
-    """Writes ``metrics.jsonl`` and TensorBoard events under the run directory (rank 0 only)."""
+    """Writes ``metrics.jsonl`` and TensorBoard events under the run directory (rank 0 only).
 
-    def __init__(self, work_dir: Path, enabled: bool = True) -> None:
+    Logged images are downscaled to ``image_size`` pixels on their longest side (0: as they are),
+    so that a dataset of large images does not grow the event file by megabytes per validation;
+    once the TensorBoard folder passes ``max_mb`` megabytes (0: never), one warning says so.
+    """
+
+    def __init__(self, work_dir: Path, enabled: bool = True, image_size: int = 0, max_mb: int = 0) -> None:
         self.enabled = enabled
+        self.image_size, self.max_mb = image_size, max_mb
+        self._warned = False
         self.writer = None
         self.jsonl = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter  # tensorboard is only needed for training
 
-            self.writer = SummaryWriter(log_dir=str(work_dir / "tb"))
+            self.tb_dir = work_dir / "tb"
+            self.writer = SummaryWriter(log_dir=str(self.tb_dir))
             self.jsonl_path = work_dir / "metrics.jsonl"
             self.jsonl = open(self.jsonl_path, "a", encoding="utf-8")
 
@@ -48,15 +58,39 @@ class RunLogger:
         self.jsonl = open(self.jsonl_path, "a", encoding="utf-8")
 
     def images(self, tag: str, images: torch.Tensor, step: int) -> None:
-        """``images``: uint8 ``[N, 3, H, W]``."""
-        if self.writer is not None and len(images):
-            self.writer.add_images(tag, images, step, dataformats="NCHW")
+        """``images``: uint8 ``[N, 3, H, W]``, downscaled to ``image_size`` on the longest side."""
+        if self.writer is None or not len(images):
+            return
+        self.writer.add_images(tag, downscaled(images, self.image_size), step, dataformats="NCHW")
+        self._check_size()
+
+    def _check_size(self) -> None:
+        if self._warned or not self.max_mb:
+            return
+        self.writer.flush()
+        megabytes = sum(path.stat().st_size for path in self.tb_dir.rglob("*") if path.is_file()) / 2**20
+        if megabytes > self.max_mb:
+            self._warned = True
+            warnings.warn(f"the TensorBoard logs in {self.tb_dir} have grown to {megabytes:.0f} MB "
+                          f"(train.max_log_mb={self.max_mb}); log fewer or smaller images (train.log_images, "
+                          f"train.log_image_size) or validate less often", stacklevel=3)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def downscaled(images: torch.Tensor, longest_side: int) -> torch.Tensor:
+    """uint8 ``[N, C, H, W]`` images shrunk (area averaging) so that their longest side is at most
+    ``longest_side``; unchanged if already that small or ``longest_side`` is 0."""
+    height, width = images.shape[-2:]
+    if not longest_side or max(height, width) <= longest_side:
+        return images
+    scale = longest_side / max(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return F.interpolate(images.float(), size=size, mode="area").round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _nan_to_none(value: Any) -> Any:

@@ -130,7 +130,8 @@ class Trainer:
         self.stop_signals = StopSignals()
         self.console = Console(self.dist.is_main, progress)
         self._resume_rng: Optional[Dict[str, Any]] = None
-        self.logger = RunLogger(self.work_dir, enabled=self.dist.is_main)
+        self.logger = RunLogger(self.work_dir, enabled=self.dist.is_main, image_size=cfg.train.log_image_size,
+                                max_mb=cfg.train.max_log_mb)
 
         checkpoint = resume_path(self.work_dir, resume)
         if checkpoint is not None:
