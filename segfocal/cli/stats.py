@@ -1,10 +1,12 @@
-"""Class pixel frequencies of a dataset split and the class weights each scheme would give.
+"""Class pixel frequencies of a dataset split, the class weights each scheme would give, and the
+per-channel image mean/std.
 
     segfocal stats --config CFG [--split train] [--output weights.yaml]
 
-The per-scheme weights are printed and, with ``--output``, written as a YAML config fragment
-(``loss: {weight: [...]}`` per scheme) that a recipe can use as fixed weights via ``_base_`` or
-copy from.
+The per-scheme weights are printed, and so is the images' mean/std as a ``data: {mean, std}``
+line in the units of ``data.mean``/``data.std`` (fractions of 255). With ``--output`` both go
+into a YAML config fragment (``loss: {weight: [...]}`` of ``--scheme`` and ``data: {mean, std}``)
+that a recipe can use via ``_base_`` or copy from.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--split", help="dataset split (default: data.train_split)")
     parser.add_argument("--scheme", default="enet", help="scheme written as loss.weight in --output (default: enet)")
-    parser.add_argument("--output", help="write the chosen scheme's weights as a YAML config fragment")
+    parser.add_argument("--output", help="write the chosen scheme's weights and the image mean/std as a YAML "
+                                         "config fragment")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -28,6 +31,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from ..config import ConfigError
     from ..data import build_dataset
+    from ..data.channel_stats import image_mean_std
     from ..evaluation import class_names
     from ..losses import WEIGHT_SCHEMES, weights_from_histogram
 
@@ -51,12 +55,22 @@ def run(args: argparse.Namespace) -> dict:
     for index, name in enumerate(names):
         row = f"{name:<16}{int(counts[index]):>12}{int(counts[index]) / total:>9.4f}"
         print(row + "".join(f"{weights[scheme][index]:>11.4f}" for scheme in WEIGHT_SCHEMES))
+    mean, std = image_mean_std((image for image, _ in dataset.samples), skip_bad=data.bad_samples == "skip")
+    print("per-channel image mean/std (fractions of 255, as data.mean/data.std take them):")
+    print(f"data: {{mean: {_flow(mean)}, std: {_flow(std)}}}")
     if args.output:
-        fragment = {"loss": {"weight": weights[args.scheme]}}
-        comment = f"# {args.scheme} class weights of split '{split}' of {data.root} ({len(dataset)} images)\n"
+        fragment = {"loss": {"weight": weights[args.scheme]},
+                    "data": {"mean": [round(v, 6) for v in mean], "std": [round(v, 6) for v in std]}}
+        comment = (f"# {args.scheme} class weights and image mean/std of split '{split}' of {data.root} "
+                   f"({len(dataset)} images)\n")
         Path(args.output).write_text(comment + yaml.safe_dump(fragment, default_flow_style=None))
         print(f"wrote {args.output}")
-    return {"counts": counts.tolist(), "weights": weights}
+    return {"counts": counts.tolist(), "weights": weights, "data": {"mean": mean, "std": std}}
+
+
+def _flow(values: list) -> str:
+    """``values`` as a YAML flow list to 4 decimals, for a line to paste into a config."""
+    return "[" + ", ".join(f"{value:.4f}" for value in values) + "]"
 
 
 main = command_main(sys.modules[__name__])
