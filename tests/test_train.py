@@ -201,3 +201,45 @@ def test_bad_mask_values_exit_with_the_file_named(tmp_path):
     result = run_tool("tools/train.py", "--config", str(config))
     assert result.returncode == 2
     assert mask_path.name in result.stderr and "9" in result.stderr and "Traceback" not in result.stderr
+
+
+def epochs_saved_as_last_pt(trainer):
+    """Record the epoch at which each last.pt is written (the writes still happen)."""
+    saved = []
+    write = trainer._save
+
+    def save(name):
+        if name == "last.pt":
+            saved.append(trainer.state.epoch)
+        write(name)
+
+    trainer._save = save
+    return saved
+
+
+def test_save_every_writes_last_pt_every_n_epochs_at_the_end_and_on_a_stop(tmp_path):
+    import os
+    import signal
+
+    from segfocal.engine.interrupt import TrainingInterrupted
+
+    options = dict(train__epochs=5, train__save_every=2, train__log_images=0, train__val_every=5)
+    trainer = Trainer(load_config(tiny_recipe(tmp_path / "full", **options)), progress=False)
+    saved = epochs_saved_as_last_pt(trainer)
+    trainer.fit()
+    assert saved == [2, 4, 5]  # every 2 epochs, and the last one
+
+    trainer = Trainer(load_config(tiny_recipe(tmp_path / "stopped", **options)), progress=False)
+    saved = epochs_saved_as_last_pt(trainer)
+    train_one_epoch = trainer.train_one_epoch
+
+    def signal_at_the_end_of_the_third_epoch(epoch):
+        loss = train_one_epoch(epoch)
+        if epoch == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    trainer.train_one_epoch = signal_at_the_end_of_the_third_epoch
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit()
+    assert saved == [2, 3]  # epoch 3 is written because of the stop

@@ -66,6 +66,7 @@ def check_consistency(config: Config, source: str = "config") -> None:
     positive = {
         "data.num_classes": data.num_classes, "data.batch_size": data.batch_size, "eval.batch_size": config.eval.batch_size,
         "train.accumulate": train.accumulate, "train.val_every": train.val_every, "train.log_every": train.log_every,
+        "train.save_every": train.save_every,
     }
     for key, value in positive.items():
         if value < 1:

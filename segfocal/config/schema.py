@@ -125,6 +125,7 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     accumulate: int = 1
     val_every: int = 1
+    save_every: int = 1  # epochs between writes of last.pt (also written at the end and on a stop signal)
     log_every: int = 10
     log_images: int = 4
     log_image_size: int = 512  # longest side of the images logged to TensorBoard; 0: as they are

@@ -166,8 +166,10 @@ class Trainer:
                     epoch_times.append(time.perf_counter() - started)
                     self.console.epoch(entry, cfg.epochs, cfg.checkpoint_metric, self.state.best_metric,
                                        self.state.best_epoch, self.class_names, sum(epoch_times) / len(epoch_times))
-                    self._save("last.pt")
-                    if epoch + 1 < cfg.epochs and self._stop_signal():
+                    stop = epoch + 1 < cfg.epochs and self._stop_signal()
+                    if stop or (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+                        self._save("last.pt")
+                    if stop:
                         raise self._interrupted()
             return self.final_evaluation()
         finally:
