@@ -1,4 +1,5 @@
 """Bounded TensorBoard logs: images downscaled to a longest side, one warning past a size."""
+import json
 import warnings
 
 import numpy as np
@@ -43,3 +44,17 @@ def test_one_warning_once_the_logs_pass_the_limit(tmp_path):
         warnings.simplefilter("error")  # no second warning
         logger.images("noise", noise, step=2)
     logger.close()
+
+
+def test_resuming_drops_later_epochs_and_a_line_a_crash_cut_short(tmp_path):
+    logger = RunLogger(tmp_path)
+    for epoch in (1, 2, 3):
+        logger.record({"epoch": epoch, "train_loss": 0.5})
+    logger.jsonl.write('{"epoch": 4, "train_lo')  # killed in the middle of a write
+    logger.jsonl.flush()
+    logger.forget_after(2)
+    logger.record({"epoch": 3, "train_loss": 0.25})
+    logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"epoch": 1, "train_loss": 0.5}, {"epoch": 2, "train_loss": 0.5},
+                                                    {"epoch": 3, "train_loss": 0.25}]

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from segfocal.config import load_config
 from segfocal.engine.checkpoint import load_checkpoint
@@ -32,6 +33,8 @@ def test_training_lowers_the_loss_and_leaves_a_checkpoint_that_evaluates(tmp_pat
     assert "mIoU" in result.stdout and "background" in result.stdout  # the final per-class table
     for name in ("config.yaml", "last.pt", "best.pt"):
         assert (work_dir / name).is_file()
+    with Image.open(work_dir / "curves.png") as curves:  # refreshed at each validation
+        assert curves.format == "PNG" and curves.size == (800, 300)
     assert_tensorboard_has(work_dir / "tb", scalars={"train/loss", "train/lr", "class_weight/square", "val/miou",
                                                     "val_iou/line"},
                            images={"val/input", "val/label", "val/prediction"})

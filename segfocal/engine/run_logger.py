@@ -5,7 +5,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,7 @@ class RunLogger:
             return
         self.jsonl.close()
         kept = [line for line in self.jsonl_path.read_text(encoding="utf-8").splitlines(keepends=True)
-                if line.strip() and json.loads(line).get("epoch", 0) <= epoch]
+                if _epoch_of(line) is not None and _epoch_of(line) <= epoch]
         self.jsonl_path.write_text("".join(kept), encoding="utf-8")
         self.jsonl = open(self.jsonl_path, "a", encoding="utf-8")
 
@@ -91,6 +91,14 @@ def downscaled(images: torch.Tensor, longest_side: int) -> torch.Tensor:
     scale = longest_side / max(height, width)
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
     return F.interpolate(images.float(), size=size, mode="area").round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _epoch_of(line: str) -> Optional[int]:
+    """The epoch of a ``metrics.jsonl`` line; None for a blank line or one a crash cut short."""
+    try:
+        return int(json.loads(line).get("epoch", 0))
+    except (ValueError, AttributeError, TypeError):
+        return None
 
 
 def _nan_to_none(value: Any) -> Any:

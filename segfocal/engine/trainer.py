@@ -25,6 +25,7 @@ from ..evaluation import class_names, format_table
 from ..models import build_model
 from ..visualize import denormalize, overlay_masks
 from .console import Console
+from .curves import plot_curves_file
 from .checkpoint import load_checkpoint, model_state_from, remove_stale_temporaries, resume_path, save_checkpoint
 from .criterion import build_criterion
 from .distributed import DistContext, init_distributed
@@ -163,6 +164,9 @@ class Trainer:
                     if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
                         entry["val"] = self.validate()
                     self.logger.record(entry)
+                    if "val" in entry and self.dist.is_main:
+                        plot_curves_file(self.work_dir / "metrics.jsonl", self.work_dir / "curves.png",
+                                         self.class_names, cfg.checkpoint_metric)
                     epoch_times.append(time.perf_counter() - started)
                     self.console.epoch(entry, cfg.epochs, cfg.checkpoint_metric, self.state.best_metric,
                                        self.state.best_epoch, self.class_names, sum(epoch_times) / len(epoch_times))
