@@ -1,9 +1,25 @@
-"""Colour overlays of segmentation masks on images (TensorBoard, prediction output)."""
+"""Colour overlays of segmentation masks on images (TensorBoard, prediction output), and their legends."""
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import TYPE_CHECKING, List, Sequence
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:
+    from .config.schema import DataConfig
+
+SWATCH, GAP, MARGIN = 12, 4, 6  # legend layout in pixels, before scaling up for a wide image
+LEGEND_WIDTH = 640  # a legend for a wider image is drawn at this width and scaled up by a whole factor
+
+
+def palette_of(data: DataConfig) -> List[List[int]]:
+    """The colours of a run's classes: ``data.palette``, else :func:`~segfocal.data.default_palette`."""
+    from .data.masks import default_palette  # the data package pulls in albumentations
+
+    return data.palette or default_palette(data.num_classes)
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -27,3 +43,42 @@ def overlay_masks(
     rgb = images.float()
     blend = torch.where(valid.unsqueeze(1), (1 - opacity) * rgb + opacity * coloured, rgb)
     return blend.round().to(torch.uint8)
+
+
+def legend(colours: Sequence[Sequence[int]], names: Sequence[str], width: int) -> np.ndarray:
+    """An (H, W, 3) uint8 strip, white, with a swatch and a name per class in rows that wrap at ``width``.
+
+    W is ``width`` (a few pixels less once scaled), or more where one entry is wider. For a wide
+    image the legend is drawn at about :data:`LEGEND_WIDTH` and scaled up by a whole factor (nearest
+    neighbour: swatches keep their exact colours), so it stays readable with the image shrunk to a screen.
+    """
+    scale = max(1, width // LEGEND_WIDTH)
+    font = ImageFont.load_default()
+    text_top, text_bottom = font.getbbox("Ag")[1::2]
+    row = max(SWATCH, text_bottom - text_top) + GAP
+    spans = [SWATCH + GAP + math.ceil(font.getlength(name)) for name in names]
+    inner = max([1, width // scale - 2 * MARGIN, *spans])
+    places, x, y = [], 0, 0
+    for span in spans:  # left to right, a new row when the next entry does not fit
+        if x and x + span > inner:
+            x, y = 0, y + row
+        places.append((MARGIN + x, MARGIN + y))
+        x += span + 2 * SWATCH
+    strip = Image.new("RGB", (inner + 2 * MARGIN, y + row + 2 * MARGIN - GAP), "white")
+    draw = ImageDraw.Draw(strip)
+    for (left, top), colour, name in zip(places, colours, names):
+        draw.rectangle((left, top, left + SWATCH - 1, top + SWATCH - 1), fill=tuple(colour), outline="black")
+        draw.text((left + SWATCH + GAP, top + (SWATCH - text_top - text_bottom) // 2), name, fill="black", font=font)
+    if scale > 1:
+        strip = strip.resize((strip.width * scale, strip.height * scale), Image.NEAREST)
+    return np.array(strip)  # writable, for torch.from_numpy
+
+
+def with_legend(image: np.ndarray, palette: Sequence[Sequence[int]], names: Sequence[str],
+                classes: Sequence[int]) -> np.ndarray:
+    """(H, W, 3) uint8 ``image`` above the legend of ``classes``, on white where the two widths differ."""
+    strip = legend([palette[c] for c in classes], [names[c] for c in classes], image.shape[1])
+    canvas = np.full((image.shape[0] + strip.shape[0], max(image.shape[1], strip.shape[1]), 3), 255, np.uint8)
+    canvas[:image.shape[0], :image.shape[1]] = image
+    canvas[image.shape[0]:, :strip.shape[1]] = strip
+    return canvas

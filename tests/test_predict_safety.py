@@ -145,7 +145,7 @@ def test_a_single_input_file_in_the_output_folder_under_another_name_is_predicte
     code, _, stderr = predict(capsys, model, source, output)
     assert code == 0, stderr
     assert source.read_bytes() == before
-    assert sorted(path.name for path in output.iterdir()) == ["photo.bmp", "photo.png", "photo_overlay.jpg"]
+    assert sorted(path.name for path in output.iterdir()) == ["photo.bmp", "photo.png", "photo_overlay.png"]
 
 
 # -- writing never follows a symlink, and leaves nothing half-written ---------------------------
@@ -156,13 +156,13 @@ def test_symlinks_in_the_output_folder_are_replaced_not_written_through(capsys, 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (output / "a.png").symlink_to(victim)
-    (output / "a_overlay.jpg").symlink_to(tmp_path / "created.jpg")  # dangling: must not be created
+    (output / "a_overlay.png").symlink_to(tmp_path / "created.jpg")  # dangling: must not be created
     (output / "b.png").write_bytes(b"a stale mask")
     code, _, stderr = predict(capsys, model, images, output)
     assert code == 0, stderr
     assert victim.read_text() == "precious"
     assert not (tmp_path / "created.jpg").exists()
-    names = ["a.png", "a_overlay.jpg", "b.png", "b_overlay.jpg"]
+    names = ["a.png", "a_overlay.png", "b.png", "b_overlay.png"]
     assert sorted(path.name for path in output.iterdir()) == names  # no temporaries left behind
     mode = 0o666 & ~current_umask()
     for name in names:
@@ -171,8 +171,8 @@ def test_symlinks_in_the_output_folder_are_replaced_not_written_through(capsys, 
         assert path.stat().st_mode & 0o777 == mode, name  # as open() would make it, not mkstemp's 0o600
     for stem in ("a", "b"):
         assert_mask(output / f"{stem}.png", expected_mask(model, images / f"{stem}.png"))
-        with Image.open(output / f"{stem}_overlay.jpg") as overlay:
-            assert overlay.format == "JPEG" and overlay.size == Image.open(images / f"{stem}.png").size
+        with Image.open(output / f"{stem}_overlay.png") as overlay, Image.open(images / f"{stem}.png") as image:
+            assert overlay.format == "PNG" and overlay.width >= image.width and overlay.height > image.height
 
 
 # -- --max-pixels ------------------------------------------------------------------------------

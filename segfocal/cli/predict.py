@@ -1,14 +1,16 @@
 """Predict masks for new images of any size.
 
     segfocal predict --checkpoint CKPT --input DIR_OR_FILE --output DIR [--config CFG]
-                     [--mode whole|slide] [--flip] [--max-pixels N]
+                     [--mode whole|slide] [--flip] [--max-pixels N] [--overlay-format png|jpg]
 
 The config saved in a trainer checkpoint is used unless ``--config`` is given (a bare state-dict
 file needs it); ``--set`` overrides either. The masks are those of
 :class:`segfocal.segmenter.Segmenter` for the same checkpoint.
 
 For each image writes ``<stem>.png`` (a palette PNG whose pixel values are class indices) and
-``<stem>_overlay.jpg`` (the prediction blended over the image).
+``<stem>_overlay.png`` (the prediction blended over the image, above a legend of the classes it
+holds; ``--overlay-format jpg``: a smaller, lossy ``<stem>_overlay.jpg``). The colours are
+``data.palette``, else :func:`segfocal.data.default_palette`.
 
 Inputs are never overwritten: an ``--output`` that is the ``--input`` folder or lies inside it, or
 that would put a mask or overlay over an input file, is refused before anything is written or the
@@ -31,6 +33,7 @@ from .common import add_config_arguments, add_inference_arguments, config_from_a
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MAX_PIXELS = 2048 * 2048
+OVERLAY_FORMATS = {"png": ("PNG", {}), "jpg": ("JPEG", {"quality": 90})}  # suffix: PIL format, save options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=pixel_limit, default=MAX_PIXELS, metavar="N",
                         help=f"in whole mode, predict images of more than N pixels with sliding windows "
                              f"(eval.crop_size, eval.stride) to bound memory; 0: no limit (default: {MAX_PIXELS})")
+    parser.add_argument("--overlay-format", choices=list(OVERLAY_FORMATS), default="png",
+                        help="<stem>_overlay.png (lossless) or .jpg (smaller, blurred edges) (default: png)")
 
 
 def pixel_limit(text: str) -> int:
@@ -71,12 +76,12 @@ def list_images(path: Path) -> list:
     return images
 
 
-def output_names(image: Path) -> Tuple[str, str]:
+def output_names(image: Path, overlay_format: str) -> Tuple[str, str]:
     """The file names of the mask and the overlay that ``image`` gives."""
-    return f"{image.stem}.png", f"{image.stem}_overlay.jpg"
+    return f"{image.stem}.png", f"{image.stem}_overlay.{overlay_format}"
 
 
-def check_output_outside_input(source: Path, output: Path, images: list) -> None:
+def check_output_outside_input(source: Path, output: Path, images: list, overlay_format: str) -> None:
     """Raise DataError if writing to ``output`` could overwrite an input image.
 
     Paths are compared resolved, so a relative or symlinked spelling of the same folder is caught.
@@ -90,7 +95,7 @@ def check_output_outside_input(source: Path, output: Path, images: list) -> None
                         f"choose an output folder outside the input, so that no image is overwritten")
     for image in images:
         spellings = {image.parent.resolve() / image.name, image.resolve()}
-        for name in output_names(image):
+        for name in output_names(image, overlay_format):
             if folder / name in spellings:
                 raise DataError(f"--output {output} would overwrite the --input image {image} with {name}; "
                                 f"choose another output folder")
@@ -119,19 +124,22 @@ def run(args: argparse.Namespace) -> list:
     import torch
     from PIL import Image
 
-    from ..data import default_palette, read_image, write_palette_mask
+    from ..data import read_image, write_palette_mask
     from ..engine.distributed import resolve_device
+    from ..evaluation import class_names
     from ..files import replaced_atomically
     from ..segmenter import Segmenter
-    from ..visualize import overlay_masks
+    from ..visualize import overlay_masks, palette_of, with_legend
 
     cfg = config_from_args(args, checkpoint=args.checkpoint)
     source, output = Path(args.input), Path(args.output)
     images = list_images(source)
-    check_output_outside_input(source, output, images)  # before the model loads or anything is written
+    # before the model loads or anything is written
+    check_output_outside_input(source, output, images, args.overlay_format)
     device = resolve_device(cfg.device)
     segmenters = {cfg.eval.mode: Segmenter.from_checkpoint(args.checkpoint, config=cfg, device=device)}
-    palette = default_palette(cfg.data.num_classes)
+    palette, names = palette_of(cfg.data), class_names(cfg.data.class_names, cfg.data.num_classes)
+    overlay_format, save_options = OVERLAY_FORMATS[args.overlay_format]
     output.mkdir(parents=True, exist_ok=True)
     written = []
     for path in images:
@@ -142,11 +150,12 @@ def run(args: argparse.Namespace) -> list:
         mask = torch.from_numpy(segmenters[mode].predict(rgb))
         blended = overlay_masks(torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0), mask.unsqueeze(0), palette,
                                 cfg.data.ignore_index)
-        mask_name, overlay_name = output_names(path)
+        overlay = with_legend(blended[0].permute(1, 2, 0).numpy(), palette, names, mask.unique().tolist())
+        mask_name, overlay_name = output_names(path, args.overlay_format)
         with replaced_atomically(output / mask_name) as handle:
             write_palette_mask(handle, mask.numpy(), palette)
         with replaced_atomically(output / overlay_name) as handle:
-            Image.fromarray(blended[0].permute(1, 2, 0).numpy()).save(handle, format="JPEG", quality=90)
+            Image.fromarray(overlay).save(handle, format=overlay_format, **save_options)
         written.append(output / mask_name)
     print(f"wrote {len(written)} masks and overlays to {output}")
     return written

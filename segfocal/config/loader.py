@@ -88,6 +88,7 @@ def check_consistency(config: Config, source: str = "config") -> None:
         if len(value) != 2 or min(value) < 1:
             raise ConfigError(f"{source}: eval.{key} must be [height, width] of positive ints, got {value}")
     _check_placeholders(config, source)
+    _check_palette(config, source)
     _check_ranges(config, source)
 
 
@@ -106,6 +107,18 @@ def _check_placeholders(config: Config, source: str) -> None:
         if unknown:
             raise ConfigError(f"{source}: data.{key}={pattern!r} uses the placeholder {{{unknown[0]}}}; "
                               f"the only one is {{split}} (the split's name)")
+
+
+def _check_palette(config: Config, source: str) -> None:
+    """``data.palette``, when given, is one [r, g, b] of 0..255 values per class."""
+    palette, num_classes = config.data.palette, config.data.num_classes
+    if palette is None:
+        return
+    if len(palette) != num_classes:
+        raise ConfigError(f"{source}: data.palette has {len(palette)} colours for data.num_classes={num_classes}")
+    for index, colour in enumerate(palette):
+        if len(colour) != 3 or not all(0 <= value <= 255 for value in colour):
+            raise ConfigError(f"{source}: data.palette[{index}] must be [r, g, b] with values 0..255, got {colour}")
 
 
 def _check_ranges(config: Config, source: str) -> None:

@@ -38,6 +38,7 @@ class DataConfig:
     mask_dir: str = "{split}/masks"
     split_file: Optional[str] = None
     color_map: Optional[List[List[int]]] = None
+    palette: Optional[List[List[int]]] = None  # [r, g, b] per class for masks and overlays; null: default
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"

@@ -5,8 +5,9 @@ of its palette, and the class indices would be lost.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import BinaryIO, List, Optional, Sequence, Union
+from typing import BinaryIO, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -15,11 +16,18 @@ from .errors import DataError
 
 PathLike = Union[str, Path]
 
-# CamVid's 11 classes + Void, the colours SegNet's tutorial uses; more classes get generated colours.
-_CAMVID_COLOURS = [
-    [128, 128, 128], [128, 0, 0], [192, 192, 128], [128, 64, 128], [60, 40, 222], [128, 128, 0],
-    [192, 128, 128], [64, 64, 128], [64, 0, 128], [64, 64, 0], [0, 128, 192], [0, 0, 0],
-]
+
+def _candidates() -> np.ndarray:
+    """The colours the default palette picks from: an sRGB grid in steps of 17 (#rgb shorthand colours)
+    whose HSV saturation and value are at least 0.5, so that each stays a colour when blended over grey."""
+    grid = np.stack(np.meshgrid(*[np.arange(0, 256, 17)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    high, low = grid.max(1), grid.min(1)
+    return grid[(high - low >= 0.5 * high) & (high >= 0.5 * 255)]
+
+
+_CANDIDATES = _candidates()
+# Greys from black to white, the colours of grey (e.g. electron-microscopy) images, that the palette keeps away from.
+_GREYS = np.array([[g, g, g] for g in [*range(0, 256, 32), 255]])
 
 
 def read_mask(path: PathLike, color_map: Optional[Sequence[Sequence[int]]] = None) -> np.ndarray:
@@ -92,21 +100,40 @@ def check_mask_values(mask: np.ndarray, path: PathLike, num_classes: int, ignore
 
 
 def default_palette(num_classes: int) -> List[List[int]]:
-    """``num_classes`` distinct [r, g, b] colours: CamVid's first, then evenly spread hues."""
-    colours = [list(c) for c in _CAMVID_COLOURS[:num_classes]]
-    extra = num_classes - len(colours)
-    for index in range(extra):
-        hue = (index * 0.618033988749895) % 1.0  # golden-ratio steps keep neighbours apart
-        colours.append(_hsv_to_rgb(hue, 0.75 if index % 2 else 0.95, 0.95 if index % 3 else 0.7))
-    return colours
+    """``num_classes`` [r, g, b] colours, each far from the others and from grey.
+
+    Glasbey et al.'s construction (Colour displays for categorical images, 2007; ImageJ's "glasbey"
+    table): each colour is the candidate farthest in CIELAB from the greys and the colours before it,
+    so the first colours are the most distinct (blue, green, red, pink, yellow, ...) and a palette is
+    a prefix of any longer one. Deterministic; up to 2820 classes (the candidates).
+    """
+    if not 0 <= num_classes <= len(_CANDIDATES):
+        raise ValueError(f"default_palette makes 0..{len(_CANDIDATES)} colours, not {num_classes}; "
+                         f"list the colours in data.palette")
+    return [list(colour) for colour in _glasbey(num_classes)]
 
 
-def _hsv_to_rgb(h: float, s: float, v: float) -> List[int]:
-    i = int(h * 6) % 6
-    f = h * 6 - int(h * 6)
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    r, g, b = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
-    return [round(r * 255), round(g * 255), round(b * 255)]
+@functools.lru_cache(maxsize=None)
+def _glasbey(count: int) -> Tuple[Tuple[int, ...], ...]:
+    """The first ``count`` colours of the farthest-point sequence over the candidates."""
+    lab = _srgb_to_lab(_CANDIDATES)
+    nearest = ((lab[:, None] - _srgb_to_lab(_GREYS)[None]) ** 2).sum(-1).min(1)  # squared distance to the closest
+    chosen = []
+    for _ in range(count):
+        best = int(nearest.argmax())
+        chosen.append(tuple(int(v) for v in _CANDIDATES[best]))
+        nearest = np.minimum(nearest, ((lab - lab[best]) ** 2).sum(-1))
+    return tuple(chosen)
+
+
+def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) 8-bit sRGB → CIELAB (D65), float64."""
+    c = np.asarray(rgb, dtype=np.float64) / 255
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    xyz = linear @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
+    t = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(t > (6 / 29) ** 3, np.cbrt(t), t / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
 
 
 def write_palette_mask(path: Union[PathLike, BinaryIO], mask: np.ndarray, palette: Sequence[Sequence[int]]) -> None:

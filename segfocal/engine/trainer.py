@@ -20,10 +20,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, Subset
 
 from ..config import Config, ConfigError, save_config, to_dict
-from ..data import build_dataset, build_loader, default_palette
+from ..data import build_dataset, build_loader
 from ..evaluation import class_names, format_table
 from ..models import build_model
-from ..visualize import denormalize, overlay_masks
+from ..visualize import denormalize, legend, overlay_masks, palette_of
 from .console import Console
 from .curves import plot_curves_file
 from .checkpoint import load_checkpoint, model_state_from, remove_stale_temporaries, resume_path, save_checkpoint
@@ -318,11 +318,14 @@ class Trainer:
             return
         data = self.cfg.data
         images, targets, predictions = (torch.stack(parts) for parts in zip(*result.examples))
-        palette = default_palette(data.num_classes)
+        palette = palette_of(data)
         rgb = denormalize(images, data.mean, data.std)
         self.logger.images("val/input", rgb, step)
         for tag, masks in (("label", targets), ("prediction", predictions)):
             self.logger.images(f"val/{tag}", overlay_masks(rgb, masks, palette, data.ignore_index), step)
+        # every class's colour, as wide as the logger's images may be so it is not shrunk: a few kB a validation
+        key = legend(palette, self.class_names, self.cfg.train.log_image_size or rgb.shape[-1])
+        self.logger.images("val/legend", torch.from_numpy(key).permute(2, 0, 1).unsqueeze(0), step)
 
     def _save(self, name: str) -> None:
         """Write a checkpoint, never one with non-finite weights: those stop the run instead."""
