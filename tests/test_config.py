@@ -1,7 +1,9 @@
 """Config loading: _base_ inheritance, overrides, validation messages, the shipped recipes."""
+import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from segfocal.config import Config, ConfigError, load_config, save_config
@@ -133,3 +135,22 @@ def test_values_at_the_edge_of_their_range_are_accepted(tmp_path):
     config = load_config(tiny_recipe(tmp_path), ["train.grad_clip=null", "schedule.power=0", "loss.gamma=0",
                                                  "loss.weight=[0.0,1.0,1.0,1.0,1.0,1.0]", "loss.alpha=1.0"])
     assert config.train.grad_clip is None and config.loss.alpha == 1.0
+
+
+@pytest.mark.parametrize("metric, message", [
+    ("mIoU", "train.checkpoint_metric='mIoU' is not a metric; choose one of miou, mean_accuracy"),
+    ("iou", "train.checkpoint_metric='iou' is not a metric"),
+    ("iou.Line", "train.checkpoint_metric='iou.Line': no class 'Line'; the classes are background, slab"),
+], ids=["typo", "per-class-without-class", "unknown-class"])
+def test_a_checkpoint_metric_is_checked_at_load(tmp_path, metric, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(tiny_recipe(tmp_path, train__checkpoint_metric=metric))
+
+
+def test_every_checkpoint_metric_the_config_accepts_is_one_validation_reports():
+    from segfocal.config.schema import PER_CLASS_METRICS, SUMMARY_METRICS
+    from segfocal.evaluation import segmentation_metrics
+
+    metrics = segmentation_metrics(torch.tensor([[5, 1], [2, 3]]))
+    assert all(isinstance(metrics[name], float) for name in SUMMARY_METRICS)
+    assert all(len(metrics[name]) == 2 for name in PER_CLASS_METRICS)

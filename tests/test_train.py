@@ -246,3 +246,14 @@ def test_save_every_writes_last_pt_every_n_epochs_at_the_end_and_on_a_stop(tmp_p
     with pytest.raises(TrainingInterrupted):
         trainer.fit()
     assert saved == [2, 3]  # epoch 3 is written because of the stop
+
+
+def test_best_pt_follows_one_class_iou_when_the_checkpoint_metric_names_it(tmp_path):
+    trainer = Trainer(load_config(tiny_recipe(tmp_path, train__epochs=3, train__log_images=0,
+                                              train__checkpoint_metric="iou.line")), progress=False)
+    trainer.fit()
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    line_iou = [entry["val"]["iou"][4] for entry in log]  # class 4 is "line"
+    best = load_checkpoint(tmp_path / "run" / "best.pt")["state"]
+    expected = max((value, -index) for index, value in enumerate(line_iou) if value is not None)
+    assert best["best_metric"] == pytest.approx(expected[0], abs=1e-12) and best["best_epoch"] == 1 - expected[1]

@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterable, Mapping, Union
 
 import yaml
 
-from .schema import CHOICES, Config
+from .schema import CHOICES, PER_CLASS_METRICS, SUMMARY_METRICS, Config
 
 
 class ConfigError(ValueError):
@@ -88,8 +88,25 @@ def check_consistency(config: Config, source: str = "config") -> None:
         if len(value) != 2 or min(value) < 1:
             raise ConfigError(f"{source}: eval.{key} must be [height, width] of positive ints, got {value}")
     _check_placeholders(config, source)
+    _check_checkpoint_metric(config, source)
     _check_palette(config, source)
     _check_ranges(config, source)
+
+
+def _check_checkpoint_metric(config: Config, source: str) -> None:
+    """``train.checkpoint_metric`` names a metric validation reports (a typo used to fail only at the
+    first validation, and a per-class one with a TypeError)."""
+    metric = config.train.checkpoint_metric
+    kind, _, name = metric.partition(".")
+    names = config.data.class_names or [f"class_{index}" for index in range(config.data.num_classes)]
+    if metric in SUMMARY_METRICS or (kind in PER_CLASS_METRICS and name in names):
+        return
+    if kind in PER_CLASS_METRICS and name:
+        raise ConfigError(f"{source}: train.checkpoint_metric={metric!r}: no class {name!r}; the classes are "
+                          f"{', '.join(names)}")
+    raise ConfigError(f"{source}: train.checkpoint_metric={metric!r} is not a metric; choose one of "
+                      f"{', '.join(SUMMARY_METRICS)}, or one class's {'/'.join(PER_CLASS_METRICS)} as "
+                      f"'iou.<class name>'")
 
 
 def _check_placeholders(config: Config, source: str) -> None:

@@ -131,7 +131,7 @@ class TrainConfig:
     log_images: int = 4
     log_image_size: int = 512  # longest side of the images logged to TensorBoard; 0: as they are
     max_log_mb: int = 1024  # warn once when the TensorBoard logs grow past this; 0: never
-    checkpoint_metric: str = "miou"
+    checkpoint_metric: str = "miou"  # a SUMMARY_METRICS name, or "iou.<class name>" (any PER_CLASS_METRICS)
     max_bad_steps: int = 10
     find_unused_parameters: bool = False
 
@@ -164,6 +164,11 @@ class Config:
 
 
 # Keys whose value must be one of a fixed set, checked when the config is loaded.
+# What train.checkpoint_metric may name: a summary metric, or "<per-class metric>.<class name>"
+# (e.g. "iou.Pedestrian"); every one is higher-is-better.
+SUMMARY_METRICS = ("miou", "mean_accuracy", "mean_dice", "pixel_accuracy", "fwiou")
+PER_CLASS_METRICS = ("iou", "accuracy", "dice")
+
 CHOICES: Dict[str, tuple] = {
     "device": ("auto", "cpu", "cuda"),
     "data.bad_samples": ("error", "skip"),

@@ -39,8 +39,7 @@ class Console:
             if rarest is not None:
                 parts.append(f"rarest {class_names[rarest]} IoU {_percent(val['iou'][rarest])}")
         if best_epoch >= 0:
-            parts.append(f"best {metric} {_percent(best) if metric in _PERCENT else f'{best:.4f}'} "
-                         f"(epoch {best_epoch})")
+            parts.append(f"best {metric} {_percent(best)} (epoch {best_epoch})")  # every metric is a fraction
         remaining = (epochs - entry["epoch"]) * seconds_per_epoch
         parts.append(f"{seconds_per_epoch:.1f} s/epoch  ETA {_duration(remaining)}")
         self._print("  ".join(parts))
@@ -49,9 +48,6 @@ class Console:
     def _print(line: str) -> None:
         tqdm.write(line, file=sys.stdout)  # above any bar, never through it
         sys.stdout.flush()
-
-
-_PERCENT = {"miou", "mean_accuracy", "pixel_accuracy", "mean_dice", "fwiou"}
 
 
 def _percent(value: Optional[float]) -> str:

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, Subset
 
 from ..config import Config, ConfigError, save_config, to_dict
+from ..config.schema import SUMMARY_METRICS
 from ..data import build_dataset, build_loader
 from ..evaluation import class_names, format_table
 from ..models import build_model
@@ -149,6 +150,8 @@ class Trainer:
         """
         cfg = self.cfg.train
         epoch_times = []  # seconds per epoch (training and validation) in this process, for the ETA
+        # the curves star the best epoch of a summary metric (mIoU when the checkpoint follows one class)
+        curves_metric = cfg.checkpoint_metric if cfg.checkpoint_metric in SUMMARY_METRICS else "miou"
         try:
             with self.stop_signals:
                 for epoch in range(self.state.epoch, cfg.epochs):
@@ -166,7 +169,7 @@ class Trainer:
                     self.logger.record(entry)
                     if "val" in entry and self.dist.is_main:
                         plot_curves_file(self.work_dir / "metrics.jsonl", self.work_dir / "curves.png",
-                                         self.class_names, cfg.checkpoint_metric)
+                                         self.class_names, curves_metric)
                     epoch_times.append(time.perf_counter() - started)
                     self.console.epoch(entry, cfg.epochs, cfg.checkpoint_metric, self.state.best_metric,
                                        self.state.best_epoch, self.class_names, sum(epoch_times) / len(epoch_times))
@@ -271,14 +274,11 @@ class Trainer:
             progress=self.console.bars,
         )
         metrics = result.metrics
-        if cfg.train.checkpoint_metric not in metrics:
-            options = [key for key, value in metrics.items() if isinstance(value, float)]
-            raise ConfigError(f"train.checkpoint_metric={cfg.train.checkpoint_metric!r} is not a metric; choose one of {options}")
         step = self.state.step
         self.logger.scalars("val", {k: v for k, v in metrics.items() if isinstance(v, float)}, step)
         self.logger.scalars("val_iou", dict(zip(self.class_names, metrics["iou"])), step)
         self._log_examples(result, step)
-        score = metrics[cfg.train.checkpoint_metric]
+        score = checkpoint_score(metrics, cfg.train.checkpoint_metric, self.class_names)
         if not math.isnan(score) and score > self.state.best_metric:
             self.state.best_metric = score
             self.state.best_epoch = self.state.epoch
@@ -381,6 +381,14 @@ class Trainer:
             if before is not _MISSING and before != now:
                 raise ConfigError(f"cannot resume from {path}: it was trained with {key}={before!r} and this config "
                                   f"has {key}={now!r}; resume with the same value, or start a new work dir")
+
+
+def checkpoint_score(metrics: Dict[str, Any], metric: str, class_names: List[str]) -> float:
+    """The value of ``train.checkpoint_metric`` (checked at load): a summary metric, or one class's
+    ``iou``/``accuracy``/``dice`` named ``"iou.<class name>"``; NaN when it is undefined."""
+    kind, _, name = metric.partition(".")
+    value = metrics[kind][class_names.index(name)] if name else metrics[metric]
+    return math.nan if value is None else float(value)
 
 
 _MISSING = object()
