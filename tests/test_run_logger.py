@@ -46,15 +46,16 @@ def test_one_warning_once_the_logs_pass_the_limit(tmp_path):
     logger.close()
 
 
-def test_resuming_drops_later_epochs_and_a_line_a_crash_cut_short(tmp_path):
+def test_resuming_drops_later_entries_and_a_line_a_crash_cut_short(tmp_path):
     logger = RunLogger(tmp_path)
     for epoch in (1, 2, 3):
-        logger.record({"epoch": epoch, "train_loss": 0.5})
-    logger.jsonl.write('{"epoch": 4, "train_lo')  # killed in the middle of a write
+        logger.record({"epoch": epoch, "step": 10 * epoch, "train_loss": 0.5})
+    logger.jsonl.write('{"epoch": 4, "step": 40, "train_lo')  # killed in the middle of a write
     logger.jsonl.flush()
-    logger.forget_after(2)
-    logger.record({"epoch": 3, "train_loss": 0.25})
+    logger.forget_after(20)
+    logger.record({"epoch": 3, "step": 30, "train_loss": 0.25})
     logger.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line) for line in lines] == [{"epoch": 1, "train_loss": 0.5}, {"epoch": 2, "train_loss": 0.5},
-                                                    {"epoch": 3, "train_loss": 0.25}]
+    assert [json.loads(line) for line in lines] == [{"epoch": 1, "step": 10, "train_loss": 0.5},
+                                                    {"epoch": 2, "step": 20, "train_loss": 0.5},
+                                                    {"epoch": 3, "step": 30, "train_loss": 0.25}]

@@ -71,9 +71,12 @@ def check_consistency(config: Config, source: str = "config") -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{source}: {key} must be at least 1, got {value}")
+    if train.iters is not None and train.iters < 1:
+        raise ConfigError(f"{source}: train.iters must be at least 1 (or null to count train.epochs), got {train.iters}")
     for key, value in {"train.epochs": train.epochs, "data.num_workers": data.num_workers,
                        "train.max_bad_steps": train.max_bad_steps, "train.log_images": train.log_images,
-                       "train.log_image_size": train.log_image_size, "train.max_log_mb": train.max_log_mb}.items():
+                       "train.log_image_size": train.log_image_size, "train.max_log_mb": train.max_log_mb,
+                       "train.patience": train.patience}.items():
         if value < 0:
             raise ConfigError(f"{source}: {key} must not be negative, got {value}")
     if data.class_names and len(data.class_names) != data.num_classes:

@@ -117,21 +117,24 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    """The loop. ``find_unused_parameters`` is DistributedDataParallel's option: needed when part
+    """The loop, counted in ``epochs`` or, when ``iters`` is set, in optimiser steps (see
+    :mod:`segfocal.engine.timeline`). ``find_unused_parameters`` is DistributedDataParallel's option: needed when part
     of the model gets no gradient, e.g. an smp encoder with ``encoder_depth < 5``."""
 
     epochs: int = 10
+    iters: Optional[int] = None  # optimiser steps; when set, the run is counted in steps instead of epochs
     amp: str = "auto"
     channels_last: bool = True
     grad_clip: Optional[float] = None
     accumulate: int = 1
-    val_every: int = 1
-    save_every: int = 1  # epochs between writes of last.pt (also written at the end and on a stop signal)
+    val_every: int = 1  # in the run's unit: epochs, or steps when train.iters is set
+    save_every: int = 1  # units between writes of last.pt (also written at the end and on a stop signal)
     log_every: int = 10
     log_images: int = 4
     log_image_size: int = 512  # longest side of the images logged to TensorBoard; 0: as they are
     max_log_mb: int = 1024  # warn once when the TensorBoard logs grow past this; 0: never
     checkpoint_metric: str = "miou"  # a SUMMARY_METRICS name, or "iou.<class name>" (any PER_CLASS_METRICS)
+    patience: int = 0  # stop after this many validations without a new best checkpoint_metric; 0: never
     max_bad_steps: int = 10
     find_unused_parameters: bool = False
 

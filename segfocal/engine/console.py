@@ -1,12 +1,15 @@
 """What a training run prints: progress bars on a terminal, plain log lines elsewhere (a file, CI,
-``--no-progress``), and in both one summary line per epoch."""
+``--no-progress``), and in both one summary line per epoch (or per validation, counting steps)."""
 from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Dict, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional, Sequence
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from .timeline import Timeline
 
 
 class Console:
@@ -20,28 +23,38 @@ class Console:
         """``items`` with a progress bar when bars are on."""
         return tqdm(items, desc=description, leave=False, disable=not self.bars)
 
-    def step(self, epoch: int, epochs: int, batch: int, batches: int, loss: float, lr: float) -> None:
+    def line(self, text: str) -> None:
+        """A line for every console (rank 0), above any bar."""
+        if self.enabled:
+            self._print(text)
+
+    def step(self, epoch: int, timeline: "Timeline", batch: int, batches: int, step: int, loss: float,
+             lr: float) -> None:
         """A plain line for a logged optimiser step, where there is no bar to show it."""
         if self.enabled and not self.bars:
-            self._print(f"epoch {epoch + 1}/{epochs}  batch {batch}/{batches}  loss {loss:.4f}  lr {lr:.2e}")
+            self._print(f"epoch {epoch + 1}/{timeline.total_epochs}  batch {batch}/{batches}  "
+                        f"step {step}/{timeline.total_steps}  loss {loss:.4f}  lr {lr:.2e}")
 
-    def epoch(self, entry: Dict[str, Any], epochs: int, metric: str, best: float, best_epoch: int,
-              class_names: Sequence[str], seconds_per_epoch: float) -> None:
-        """One line per epoch: train loss; validation mIoU, class-average accuracy and the rarest class's
-        IoU (fewest val pixels) when the epoch validated; the best so far; time per epoch and ETA."""
+    def report(self, entry: Dict[str, Any], timeline: "Timeline", metric: str, best: float, best_at: int,
+               class_names: Sequence[str], seconds_per_unit: float) -> None:
+        """One line per ``metrics.jsonl`` entry (each epoch, or each validation when counting steps):
+        train loss; validation mIoU, class-average accuracy and the rarest class's IoU (fewest val
+        pixels) when it validated; the best so far; time per unit (epoch or step) and ETA."""
         if not self.enabled:
             return
-        parts = [f"epoch {entry['epoch']}/{epochs}", f"train loss {entry['train_loss']:.4f}"]
+        unit = timeline.unit
+        done = entry[unit]
+        parts = [f"{unit} {done}/{timeline.total}", f"train loss {entry['train_loss']:.4f}"]
         val = entry.get("val")
         if val is not None:
             parts += [f"val mIoU {_percent(val['miou'])}", f"class-acc {_percent(val['mean_accuracy'])}"]
             rarest = _rarest(val["support"])
             if rarest is not None:
                 parts.append(f"rarest {class_names[rarest]} IoU {_percent(val['iou'][rarest])}")
-        if best_epoch >= 0:
-            parts.append(f"best {metric} {_percent(best)} (epoch {best_epoch})")  # every metric is a fraction
-        remaining = (epochs - entry["epoch"]) * seconds_per_epoch
-        parts.append(f"{seconds_per_epoch:.1f} s/epoch  ETA {_duration(remaining)}")
+        if best_at >= 0:
+            parts.append(f"best {metric} {_percent(best)} ({unit} {best_at})")  # every metric is a fraction
+        remaining = max(0, timeline.total - done) * seconds_per_unit
+        parts.append(f"{seconds_per_unit:.{1 if seconds_per_unit >= 0.1 else 3}f} s/{unit}  ETA {_duration(remaining)}")
         self._print("  ".join(parts))
 
     @staticmethod

@@ -1,8 +1,8 @@
 """A small PNG of the training curves in the run directory, for readers without TensorBoard at hand.
 
-Drawn from ``metrics.jsonl`` (one object per epoch, see :class:`~segfocal.engine.run_logger.RunLogger`):
-left the train loss per epoch, right the validation mIoU, class-average accuracy and per-class IoU
-(in %), with a star at the best epoch by the checkpoint metric.
+Drawn from ``metrics.jsonl`` (one object per epoch, or per validation when the run counts steps; see
+:class:`~segfocal.engine.run_logger.RunLogger`): left the train loss, right the validation mIoU,
+class-average accuracy and per-class IoU (in %), with a star at the best by the checkpoint metric.
 """
 from __future__ import annotations
 
@@ -27,19 +27,19 @@ SUMMARY = {"miou": ("mIoU", "black", "-"), "mean_accuracy": ("class-avg acc", "t
 LEGEND_CHARS = 16  # longer class names are cut, so that the legend leaves room for the panels
 
 
-def curve_series(entries: Iterable[Mapping[str, Any]], metric: str = "miou") -> Dict[str, Any]:
-    """The series :func:`curves_figure` draws, in epoch order (see :func:`latest_history`); null becomes NaN.
+def curve_series(entries: Iterable[Mapping[str, Any]], metric: str = "miou", unit: str = "epoch") -> Dict[str, Any]:
+    """The series :func:`curves_figure` draws, in ``unit`` order (see :func:`latest_history`); null becomes NaN.
 
-    Keys: ``epoch``, ``train_loss``; over the validated epochs ``val_epoch``, ``miou``, ``mean_accuracy``,
-    ``metric``'s own values (under its name) and ``iou`` (one list per class); ``support``: the last
-    validation's pixels per class.
+    Keys: ``<unit>`` (``epoch`` or ``step``), ``train_loss``; over the validated entries ``val_<unit>``,
+    ``miou``, ``mean_accuracy``, ``metric``'s own values (under its name) and ``iou`` (one list per
+    class); ``support``: the last validation's pixels per class.
     """
-    history = latest_history(entries)
+    history = latest_history(entries, unit)
     vals = [entry["val"] for entry in history if entry.get("val")]
     series = {
-        "epoch": [entry["epoch"] for entry in history],
+        unit: [entry[unit] for entry in history],
         "train_loss": [_number(entry.get("train_loss")) for entry in history],
-        "val_epoch": [entry["epoch"] for entry in history if entry.get("val")],
+        f"val_{unit}": [entry[unit] for entry in history if entry.get("val")],
         "iou": [[_number(val["iou"][index]) for val in vals] for index in range(len(vals[-1]["iou"]) if vals else 0)],
         "support": list(vals[-1].get("support", [])) if vals else [],
     }
@@ -48,21 +48,21 @@ def curve_series(entries: Iterable[Mapping[str, Any]], metric: str = "miou") -> 
     return series
 
 
-def latest_history(entries: Iterable[Mapping[str, Any]]) -> List[Mapping[str, Any]]:
-    """The entries of the latest run, in epoch order: an entry replaces every earlier one of its epoch or
-    later (a resumed run logging an epoch again, a new run appending to an old ``metrics.jsonl``)."""
+def latest_history(entries: Iterable[Mapping[str, Any]], unit: str = "epoch") -> List[Mapping[str, Any]]:
+    """The entries of the latest run, in ``unit`` order: an entry replaces every earlier one of its epoch
+    (step) or later (a resumed run logging it again, a new run appending to an old ``metrics.jsonl``)."""
     history: List[Mapping[str, Any]] = []
     for entry in entries:
-        while history and history[-1]["epoch"] >= entry["epoch"]:
+        while history and history[-1][unit] >= entry[unit]:
             history.pop()
         history.append(entry)
     return history
 
 
-def best_point(series: Mapping[str, Any], metric: str = "miou") -> Optional[Tuple[int, float]]:
-    """``(epoch, value)`` of the highest ``metric`` (the first such epoch, as the trainer picks ``best.pt``),
+def best_point(series: Mapping[str, Any], metric: str = "miou", unit: str = "epoch") -> Optional[Tuple[int, float]]:
+    """``(epoch or step, value)`` of the highest ``metric`` (the first such, as the trainer picks ``best.pt``),
     or None before any validation with a value."""
-    points = [(value, -epoch) for epoch, value in zip(series["val_epoch"], series[metric]) if not math.isnan(value)]
+    points = [(value, -at) for at, value in zip(series[f"val_{unit}"], series[metric]) if not math.isnan(value)]
     if not points:
         return None
     value, negative_epoch = max(points)
@@ -79,14 +79,14 @@ def shown_classes(support: Sequence[int], num_classes: int) -> List[int]:
 
 
 def curves_figure(entries: Iterable[Mapping[str, Any]], class_names: Optional[Sequence[str]] = None,
-                  metric: str = "miou") -> Optional["Figure"]:
+                  metric: str = "miou", unit: str = "epoch") -> Optional["Figure"]:
     """The two-panel figure of ``entries`` (Agg canvas, no pyplot state); None when there are none."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    series = curve_series(entries, metric)
-    if not series["epoch"]:
+    series = curve_series(entries, metric, unit)
+    if not series[unit]:
         return None
     num_classes = len(series["iou"])  # 0 before the first validation: any names will do
     names = default_class_names(class_names, num_classes)
@@ -96,10 +96,11 @@ def curves_figure(entries: Iterable[Mapping[str, Any]], class_names: Optional[Se
     FigureCanvasAgg(figure)
     loss_axes, val_axes = figure.subplots(1, 2, sharex=True)
     loss_axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-    loss_axes.set_xlim(series["epoch"][0] - 0.5, series["epoch"][-1] + 0.5)
-    loss_axes.plot(series["epoch"], series["train_loss"], color="tab:blue", marker=".", label="train loss")
-    loss_axes.set(title="Train loss", xlabel="epoch")
-    _draw_validation(val_axes, series, names, metric)
+    margin = 0.5 if unit == "epoch" else 0.02 * max(1, series[unit][-1] - series[unit][0])
+    loss_axes.set_xlim(series[unit][0] - margin, series[unit][-1] + margin)
+    loss_axes.plot(series[unit], series["train_loss"], color="tab:blue", marker=".", label="train loss")
+    loss_axes.set(title="Train loss", xlabel=unit)
+    _draw_validation(val_axes, series, names, metric, unit)
     for axes in (loss_axes, val_axes):
         axes.title.set_fontsize(9)
         axes.tick_params(labelsize=7)
@@ -110,10 +111,10 @@ def curves_figure(entries: Iterable[Mapping[str, Any]], class_names: Optional[Se
 
 
 def plot_curves(entries: Iterable[Mapping[str, Any]], path: PathLike, class_names: Optional[Sequence[str]] = None,
-                metric: str = "miou") -> Optional[Path]:
+                metric: str = "miou", unit: str = "epoch") -> Optional[Path]:
     """Save :func:`curves_figure` as a PNG at ``path``, replaced atomically; returns the path, or None
     (nothing written) when there are no entries."""
-    figure = curves_figure(entries, class_names, metric)
+    figure = curves_figure(entries, class_names, metric, unit)
     if figure is None:
         return None
     path = Path(path)
@@ -123,9 +124,9 @@ def plot_curves(entries: Iterable[Mapping[str, Any]], path: PathLike, class_name
 
 
 def plot_curves_file(jsonl_path: PathLike, png_path: PathLike, class_names: Optional[Sequence[str]] = None,
-                     metric: str = "miou") -> Optional[Path]:
+                     metric: str = "miou", unit: str = "epoch") -> Optional[Path]:
     """:func:`plot_curves` of a ``metrics.jsonl``; see :func:`read_entries`."""
-    return plot_curves(read_entries(jsonl_path), png_path, class_names, metric)
+    return plot_curves(read_entries(jsonl_path), png_path, class_names, metric, unit)
 
 
 def read_entries(jsonl_path: PathLike) -> List[Dict[str, Any]]:
@@ -140,19 +141,19 @@ def read_entries(jsonl_path: PathLike) -> List[Dict[str, Any]]:
     return entries
 
 
-def _draw_validation(axes: Any, series: Mapping[str, Any], names: Sequence[str], metric: str) -> None:
-    """Summary curves (thick), per-class IoU (thin), the best epoch's star and a legend beside the panel."""
+def _draw_validation(axes: Any, series: Mapping[str, Any], names: Sequence[str], metric: str, unit: str) -> None:
+    """Summary curves (thick), per-class IoU (thin), the best point's star and a legend beside the panel."""
     from matplotlib import colormaps
 
-    epochs = series["val_epoch"]
+    epochs = series[f"val_{unit}"]
     for key in dict.fromkeys((*SUMMARY, metric)):
         label, color, style = SUMMARY.get(key, (key, "tab:purple", "-"))
         axes.plot(epochs, _percent(series[key]), linewidth=1.8, marker=".", zorder=3, label=label, color=color,
                   linestyle=style)
-    best = best_point(series, metric)
+    best = best_point(series, metric, unit)
     if best is not None:
         axes.plot([best[0]], [100 * best[1]], linestyle="none", marker="*", markersize=10, color="gold",
-                  markeredgecolor="black", zorder=4, label=f"best {metric} {100 * best[1]:.1f} (ep {best[0]})")
+                  markeredgecolor="black", zorder=4, label=f"best {metric} {100 * best[1]:.1f} ({'ep' if unit == 'epoch' else 'step'} {best[0]})")
     colors = colormaps["tab20"]
     shown = shown_classes(series["support"], len(series["iou"]))
     for index in shown:
@@ -161,7 +162,7 @@ def _draw_validation(axes: Any, series: Mapping[str, Any], names: Sequence[str],
     if not epochs:
         axes.text(0.5, 0.5, "no validation yet", transform=axes.transAxes, ha="center", va="center", color="gray")
     rarest = f", IoU of the {len(shown)} rarest classes" if len(shown) < len(series["iou"]) else ""
-    axes.set(title=f"Validation (%){rarest}", xlabel="epoch", ylim=(0, 100))
+    axes.set(title=f"Validation (%){rarest}", xlabel=unit, ylim=(0, 100))
     axes.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
 
 

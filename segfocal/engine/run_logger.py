@@ -47,13 +47,13 @@ class RunLogger:
         self.jsonl.write(json.dumps(_nan_to_none(entry)) + "\n")
         self.jsonl.flush()
 
-    def forget_after(self, epoch: int) -> None:
-        """Drop ``metrics.jsonl`` entries of epochs after ``epoch`` (a resumed run logs them again)."""
+    def forget_after(self, step: int) -> None:
+        """Drop ``metrics.jsonl`` entries logged after optimiser step ``step`` (a resumed run logs them again)."""
         if self.jsonl is None:
             return
         self.jsonl.close()
         kept = [line for line in self.jsonl_path.read_text(encoding="utf-8").splitlines(keepends=True)
-                if _epoch_of(line) is not None and _epoch_of(line) <= epoch]
+                if _step_of(line) is not None and _step_of(line) <= step]
         self.jsonl_path.write_text("".join(kept), encoding="utf-8")
         self.jsonl = open(self.jsonl_path, "a", encoding="utf-8")
 
@@ -93,10 +93,10 @@ def downscaled(images: torch.Tensor, longest_side: int) -> torch.Tensor:
     return F.interpolate(images.float(), size=size, mode="area").round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _epoch_of(line: str) -> Optional[int]:
-    """The epoch of a ``metrics.jsonl`` line; None for a blank line or one a crash cut short."""
+def _step_of(line: str) -> Optional[int]:
+    """The step of a ``metrics.jsonl`` line; None for a blank line or one a crash cut short."""
     try:
-        return int(json.loads(line).get("epoch", 0))
+        return int(json.loads(line).get("step", 0))
     except (ValueError, AttributeError, TypeError):
         return None
 

@@ -36,6 +36,7 @@ from .optim import build_optimizer, build_scheduler
 from .precision import resolve_precision
 from .run_logger import RunLogger
 from .seeding import reseed_transform, restore_rng_state, rng_state, seed_everything
+from .timeline import Timeline
 from .work_dir_lock import WorkDirLock
 
 
@@ -45,16 +46,30 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainState:
-    """Progress saved in every checkpoint: completed epochs, optimiser steps, best metric so far, and,
-    for a run stopped mid-epoch, the micro-batches of epoch ``epoch`` already trained and their loss sums."""
+    """Progress saved in every checkpoint: completed epochs, optimiser steps, the best metric so far
+    and the validations since; for a run stopped mid-epoch, the micro-batches of epoch ``epoch``
+    already trained; the loss sums since the last ``metrics.jsonl`` entry and the last logged step."""
 
     epoch: int = 0
     step: int = 0
     best_metric: float = -math.inf
     best_epoch: int = -1
+    best_step: int = -1
+    validations_since_best: int = 0
+    stopped_early: bool = False
     batch: int = 0
-    epoch_loss: float = 0.0
+    report_loss: float = 0.0
+    report_batches: int = 0
     interval_loss: float = 0.0
+
+    @classmethod
+    def from_saved(cls, saved: Dict[str, Any]) -> "TrainState":
+        """The state of a checkpoint, including one written before entries could span epochs."""
+        saved = dict(saved)
+        if "epoch_loss" in saved:  # then an entry was always one epoch: its sum over the batches done
+            saved["report_loss"] = saved.pop("epoch_loss")
+            saved.setdefault("report_batches", saved.get("batch", 0))
+        return cls(**saved)
 
 
 # Keys a run cannot change on resume: they change the shape or kind of the saved state.
@@ -123,15 +138,18 @@ class Trainer:
         self.precision = resolve_precision(cfg.train.amp, self.device)
         self.scaler = self.precision.grad_scaler()
         self.optimizer = build_optimizer(cfg.optim, model)
-        self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.train.accumulate)
-        self.scheduler = build_scheduler(
-            cfg.schedule, self.optimizer, cfg.train.epochs * self.steps_per_epoch, cfg.optim.lr
-        )
+        self.timeline = Timeline.from_config(cfg.train, math.ceil(len(self.train_loader) / cfg.train.accumulate))
+        self.scheduler = build_scheduler(cfg.schedule, self.optimizer, self.timeline.total_steps, cfg.optim.lr)
         self.class_names = class_names(data.class_names, data.num_classes)
         self.state = TrainState()
         self.stop_signals = StopSignals()
         self.console = Console(self.dist.is_main, progress)
         self._resume_rng: Optional[Dict[str, Any]] = None
+        # loss sums on the device, read back only when logged or saved: since the last metrics.jsonl
+        # entry (with its micro-batch count) and since the last logged step
+        self._report_sum = torch.zeros((), device=self.device)
+        self._interval_sum = torch.zeros((), device=self.device)
+        self._clock = _Clock()
         self.logger = RunLogger(self.work_dir, enabled=self.dist.is_main, image_size=cfg.train.log_image_size,
                                 max_mb=cfg.train.max_log_mb)
 
@@ -144,47 +162,30 @@ class Trainer:
         return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
 
     def fit(self) -> Optional[EvalResult]:
-        """Train to ``train.epochs``; returns the evaluation of the best checkpoint on the val split.
+        """Train to the end of the timeline (or an early stop); returns the evaluation of the best
+        checkpoint on the val split.
 
         Raises :class:`TrainingInterrupted` after saving ``last.pt`` when SIGINT or SIGTERM arrived.
         """
-        cfg = self.cfg.train
-        epoch_times = []  # seconds per epoch (training and validation) in this process, for the ETA
-        # the curves star the best epoch of a summary metric (mIoU when the checkpoint follows one class)
-        curves_metric = cfg.checkpoint_metric if cfg.checkpoint_metric in SUMMARY_METRICS else "miou"
+        self.console.line(self.timeline.describe())
+        self._clock.start(self.timeline.count(self.state.epoch, self.state.step))
         try:
             with self.stop_signals:
-                for epoch in range(self.state.epoch, cfg.epochs):
+                while not (self.timeline.finished(self.state.epoch, self.state.step) or self.state.stopped_early):
+                    epoch = self.state.epoch
                     self._seed_epoch(epoch)
-                    started = time.perf_counter()
-                    train_loss = self.train_one_epoch(epoch)
-                    if train_loss is None:  # stopped mid-epoch
-                        self._save("last.pt")
-                        raise self._interrupted()
-                    self.state.epoch = epoch + 1
-                    entry: Dict[str, Any] = {"epoch": epoch + 1, "step": self.state.step, "train_loss": train_loss,
-                                             "epoch_seconds": time.perf_counter() - started}
-                    if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-                        entry["val"] = self.validate()
-                    self.logger.record(entry)
-                    if "val" in entry and self.dist.is_main:
-                        plot_curves_file(self.work_dir / "metrics.jsonl", self.work_dir / "curves.png",
-                                         self.class_names, curves_metric)
-                    epoch_times.append(time.perf_counter() - started)
-                    self.console.epoch(entry, cfg.epochs, cfg.checkpoint_metric, self.state.best_metric,
-                                       self.state.best_epoch, self.class_names, sum(epoch_times) / len(epoch_times))
-                    stop = epoch + 1 < cfg.epochs and self._stop_signal()
-                    if stop or (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-                        self._save("last.pt")
-                    if stop:
-                        raise self._interrupted()
+                    if self.train_one_epoch(epoch) is None:  # training ended part-way through the epoch
+                        break
+                    self._after_step(epoch_end=True)
             return self.final_evaluation()
         finally:
             self.logger.close()
             self.work_dir_lock.release()
 
     def train_one_epoch(self, epoch: int) -> Optional[float]:
-        """One pass over the training loader; returns the mean loss, or None if a stop signal ended it early.
+        """One pass over the training loader, counted in ``state.epoch``; returns the mean loss since the
+        last ``metrics.jsonl`` entry (the epoch's, when the run counts epochs), or None if training
+        ended part-way through.
 
         A run resumed mid-epoch reads and skips the ``state.batch`` micro-batches trained before.
         """
@@ -192,10 +193,8 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         trained = self.state.batch
-        loss_sum = torch.tensor(self.state.epoch_loss, device=self.device)
-        interval_sum = torch.tensor(self.state.interval_loss, device=self.device)
         bad_steps = 0
-        batches = self.console.progress(self.train_loader, f"epoch {epoch + 1}/{cfg.epochs}")
+        batches = self.console.progress(self.train_loader, f"epoch {epoch + 1}/{self.timeline.total_epochs}")
         for index, (images, targets) in enumerate(batches):
             if index < trained:
                 continue
@@ -208,24 +207,66 @@ class Trainer:
                 logits = self.model(images)
             loss = self.criterion(logits, targets)
             self.scaler.scale(loss / cfg.accumulate).backward()
-            loss_sum += loss.detach()
-            interval_sum += loss.detach()
+            self._report_sum += loss.detach()
+            self._interval_sum += loss.detach()
+            self.state.batch, self.state.report_batches = index + 1, self.state.report_batches + 1
             if (index + 1) % cfg.accumulate and index + 1 != len(self.train_loader):
                 continue
             bad_steps = self._optimizer_step(loss, bad_steps)
             if self.state.step % cfg.log_every == 0:
-                interval_loss = interval_sum.item() / (cfg.log_every * cfg.accumulate)
-                interval_sum.zero_()
+                interval_loss = self._interval_sum.item() / (cfg.log_every * cfg.accumulate)
+                self._interval_sum.zero_()
                 batches.set_postfix(loss=f"{interval_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                 self._log_step(interval_loss)
-                self.console.step(epoch, cfg.epochs, index + 1, len(self.train_loader), interval_loss,
-                                  self.scheduler.get_last_lr()[0])
-            if index + 1 < len(self.train_loader) and self._stop_signal():
-                self.state.batch, self.state.epoch_loss, self.state.interval_loss = (
-                    index + 1, loss_sum.item(), interval_sum.item())
+                self.console.step(epoch, self.timeline, index + 1, len(self.train_loader), self.state.step,
+                                  interval_loss, self.scheduler.get_last_lr()[0])
+            if index + 1 < len(self.train_loader) and self._after_step(epoch_end=False):
                 return None
-        self.state.batch, self.state.epoch_loss, self.state.interval_loss = 0, 0.0, 0.0
-        return loss_sum.item() / len(self.train_loader)
+        self.state.epoch, self.state.batch = epoch + 1, 0
+        return self._report_sum.item() / max(1, self.state.report_batches)
+
+    def _after_step(self, epoch_end: bool) -> bool:
+        """What follows an optimiser step, or an epoch's end: a ``metrics.jsonl`` entry (each epoch, or
+        at each validation when counting steps), validation and ``last.pt`` when their interval ends
+        (see :class:`Timeline`), and the stop on a signal. Returns True when training ends here."""
+        timeline, state = self.timeline, self.state
+        boundary = timeline.boundary(epoch_end)
+        finished = boundary and timeline.finished(state.epoch, state.step)
+        count = timeline.count(state.epoch, state.step)
+        validate = boundary and timeline.due(timeline.val_every, count)
+        if validate or (boundary and timeline.unit == "epoch"):
+            self._report(validate, count)
+        stop = not finished and self._stop_signal()
+        ending = finished or state.stopped_early
+        if stop or ending or (boundary and timeline.due(timeline.save_every, count)):
+            self._save("last.pt")
+        if stop:
+            raise self._interrupted()
+        return ending
+
+    def _report(self, validate: bool, count: int) -> None:
+        """Log an entry (train loss since the last one; the validation, when due) and its console line."""
+        cfg, state = self.cfg.train, self.state
+        entry: Dict[str, Any] = {"epoch": state.epoch, "step": state.step,
+                                 "train_loss": self._report_sum.item() / max(1, state.report_batches),
+                                 "seconds": self._clock.lap()}
+        self._report_sum.zero_()
+        state.report_batches = 0
+        if validate:
+            entry["val"] = self.validate()
+            self.model.train()
+        self.logger.record(entry)
+        if validate and self.dist.is_main:
+            # the curves star the best of a summary metric (mIoU when the checkpoint follows one class)
+            metric = cfg.checkpoint_metric if cfg.checkpoint_metric in SUMMARY_METRICS else "miou"
+            plot_curves_file(self.work_dir / "metrics.jsonl", self.work_dir / "curves.png", self.class_names,
+                             metric, unit=self.timeline.unit)
+        best_at = self.timeline.count(state.best_epoch, state.best_step)
+        self.console.report(entry, self.timeline, cfg.checkpoint_metric, state.best_metric, best_at,
+                            self.class_names, self._clock.seconds_per_unit(count))
+        if state.stopped_early:
+            self.console.line(f"early stop: no better {cfg.checkpoint_metric} in {cfg.patience} validations "
+                              f"(train.patience) since {self.timeline.unit} {best_at}")
 
     def _stop_signal(self) -> int:
         """The stop signal's number if one arrived (on any rank: all ranks agree on the step), else 0."""
@@ -279,10 +320,14 @@ class Trainer:
         self.logger.scalars("val_iou", dict(zip(self.class_names, metrics["iou"])), step)
         self._log_examples(result, step)
         score = checkpoint_score(metrics, cfg.train.checkpoint_metric, self.class_names)
-        if not math.isnan(score) and score > self.state.best_metric:
-            self.state.best_metric = score
-            self.state.best_epoch = self.state.epoch
+        state = self.state
+        if not math.isnan(score) and score > state.best_metric:
+            state.best_metric, state.best_epoch, state.best_step = score, state.epoch, state.step
+            state.validations_since_best = 0
             self._save("best.pt")
+        else:
+            state.validations_since_best += 1
+            state.stopped_early = 0 < cfg.train.patience <= state.validations_since_best
         return metrics
 
     def final_evaluation(self) -> Optional[EvalResult]:
@@ -338,6 +383,7 @@ class Trainer:
                 f"train.grad_clip, or check the data.")
         if not self.dist.is_main:
             return
+        self.state.report_loss, self.state.interval_loss = self._report_sum.item(), self._interval_sum.item()
         save_checkpoint(
             {
                 "model": self.bare_model.state_dict(),
@@ -362,11 +408,13 @@ class Trainer:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.scheduler.load_state_dict(checkpoint["scheduler"])
             self.scaler.load_state_dict(checkpoint["scaler"])
-            self.state = TrainState(**checkpoint["state"])
+            self.state = TrainState.from_saved(checkpoint["state"])
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
             raise ConfigError(f"cannot resume from {path}: it does not match this config ({error})") from None
         self._resume_rng = checkpoint.get("rng") if self.state.batch else None
-        self.logger.forget_after(self.state.epoch)  # epochs logged after this checkpoint are redone
+        self._report_sum.fill_(self.state.report_loss)
+        self._interval_sum.fill_(self.state.interval_loss)
+        self.logger.forget_after(self.state.step)  # entries logged after this checkpoint are redone
         if self.dist.is_main:
             print(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}")
 
@@ -400,3 +448,23 @@ def _lookup(tree: Dict[str, Any], dotted: str) -> Any:
             return _MISSING
         tree = tree[part]
     return tree
+
+
+class _Clock:
+    """Seconds between entries, and the mean seconds per unit (epoch or step) in this process, for the ETA."""
+
+    def __init__(self) -> None:
+        self._began = self._last = time.perf_counter()
+        self._first_count = 0
+
+    def start(self, count: int) -> None:
+        self._began = self._last = time.perf_counter()
+        self._first_count = count
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        seconds, self._last = now - self._last, now
+        return seconds
+
+    def seconds_per_unit(self, count: int) -> float:
+        return (time.perf_counter() - self._began) / max(1, count - self._first_count)
