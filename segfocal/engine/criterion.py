@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import ConfigError, LossConfig
 from ..losses import DiceLoss, FocalLoss, class_histogram, weights_from_histogram
+from ..losses.class_weights import keep_class_weight
 from ..losses.labels import sum_over_ranks
 
 
@@ -23,8 +24,7 @@ class CrossEntropy(nn.Module):
     def __init__(self, weight: Union[str, list, None], ignore_index: int, enet_c: float, effective_beta: float,
                  sync_histogram: bool):
         super().__init__()
-        self.weight_scheme = weight if isinstance(weight, str) else None
-        self.register_buffer("weight", None if weight is None or isinstance(weight, str) else torch.tensor(weight))
+        keep_class_weight(self, weight)
         self.ignore_index = ignore_index
         self.enet_c = enet_c
         self.effective_beta = effective_beta
@@ -96,18 +96,9 @@ def _loss(name: str, options: Any, class_weight: Union[str, list, None], cfg: Lo
             return DiceLoss(weight=class_weight, ignore_index=ignore_index, smooth_nr=options.smooth_nr,
                             smooth_dr=options.smooth_dr, batch=options.batch, enet_c=cfg.enet_c,
                             effective_beta=cfg.effective_beta, sync_histogram=cfg.sync_histogram)
-        return FocalLoss(
-            gamma=options.gamma,
-            alpha=options.alpha,
-            weight=class_weight,
-            ignore_index=ignore_index,
-            normalize=options.normalize,
-            poly_epsilon=options.poly_epsilon,
-            enet_c=cfg.enet_c,
-            effective_beta=cfg.effective_beta,
-            sync_histogram=cfg.sync_histogram,
-            histogram_momentum=options.histogram_momentum,
-            num_classes=num_classes,
-        )
+        return FocalLoss(gamma=options.gamma, alpha=options.alpha, weight=class_weight, ignore_index=ignore_index,
+                         normalize=options.normalize, poly_epsilon=options.poly_epsilon, enet_c=cfg.enet_c,
+                         effective_beta=cfg.effective_beta, sync_histogram=cfg.sync_histogram,
+                         histogram_momentum=options.histogram_momentum, num_classes=num_classes)
     except ValueError as error:  # an option the loss rejects: name the config section
         raise ConfigError(f"{key}: {error}") from None

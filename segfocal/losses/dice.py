@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .class_weights import WEIGHT_SCHEMES, class_histogram, weights_from_histogram
+from .class_weights import WEIGHT_SCHEMES, class_histogram, keep_class_weight, weights_from_histogram
 from .focal import REDUCTIONS, WeightArg, _per_class, check_class_factors, check_inputs
 from .labels import not_ignored, sum_over_ranks
 from .layout import flat_labels, flat_logits
@@ -96,9 +96,7 @@ class DiceLoss(nn.Module):
         check_dice_options(ignore_index=ignore_index, reduction=reduction, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
                            weight=weight)
         check_class_factors(weight=weight, alpha=None)
-        self.weight_scheme = weight if isinstance(weight, str) else None
-        fixed = None if weight is None or isinstance(weight, str) else torch.as_tensor(weight, dtype=torch.float32)
-        self.register_buffer("weight", fixed)
+        keep_class_weight(self, weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.smooth_nr = float(smooth_nr)
