@@ -14,7 +14,7 @@ HEAVY = ("albumentations", "segmentation_models_pytorch", "tensorboard", "cv2", 
 _PROBE = """
 import json, sys
 import segfocal.losses
-from segfocal.losses import FocalLoss, focal_loss, class_weights
+from segfocal.losses import DiceLoss, FocalLoss, class_weights, dice_loss, focal_loss
 print(json.dumps({"loaded": sorted(m for m in HEAVY if m in sys.modules), "torch": "torch" in sys.modules}))
 """.replace("HEAVY", repr(HEAVY))
 

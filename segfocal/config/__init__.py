@@ -6,6 +6,7 @@ from .schema import (
     DataConfig,
     EvalConfig,
     LossConfig,
+    LossTermConfig,
     ModelConfig,
     OptimConfig,
     ScheduleConfig,
@@ -14,7 +15,7 @@ from .schema import (
 )
 
 __all__ = [
-    "Config", "DataConfig", "SyntheticConfig", "AugmentConfig", "ModelConfig", "LossConfig",
+    "Config", "DataConfig", "SyntheticConfig", "AugmentConfig", "ModelConfig", "LossConfig", "LossTermConfig",
     "OptimConfig", "ScheduleConfig", "TrainConfig", "EvalConfig",
     "ConfigError", "load_config", "config_from_tree", "save_config", "apply_override", "to_dict",
 ]

@@ -19,7 +19,8 @@ from typing import Any, Dict, Iterable, Mapping, Union
 
 import yaml
 
-from .schema import CHOICES, PER_CLASS_METRICS, SUMMARY_METRICS, Config
+from .schema import (CHOICES, PER_CLASS_METRICS, SUMMARY_METRICS, TERM_NAMES, TERM_OPTIONS, WEIGHT_SCHEMES, Config,
+                     LossTermConfig)
 
 
 class ConfigError(ValueError):
@@ -159,25 +160,63 @@ def _check_ranges(config: Config, source: str) -> None:
         ("train.grad_clip", config.train.grad_clip,
          config.train.grad_clip is None or (finite(config.train.grad_clip) and config.train.grad_clip > 0),
          "a finite number > 0, or null for no clipping"),
-        ("loss.gamma", loss.gamma, finite(loss.gamma) and loss.gamma >= 0, "a finite number >= 0"),
         ("loss.enet_c", loss.enet_c, finite(loss.enet_c) and loss.enet_c > 1,
          "a finite number > 1 (w = 1 / ln(c + f) must stay finite and positive)"),
         ("loss.effective_beta", loss.effective_beta, 0 < loss.effective_beta < 1, "in (0, 1)"),
-        ("loss.histogram_momentum", loss.histogram_momentum,
-         loss.histogram_momentum is None or 0 <= loss.histogram_momentum < 1, "in [0, 1), or null"),
     ]
-    for key in ("weight", "alpha"):
-        values = getattr(loss, key)
-        if isinstance(values, list):
-            checks.append((f"loss.{key}", values, len(values) == num_classes
-                           and all(finite(v) and v >= 0 for v in values),
-                           f"one finite value >= 0 per class (data.num_classes={num_classes})"))
-    if isinstance(loss.alpha, float):
-        checks.append(("loss.alpha", loss.alpha, 0 <= loss.alpha <= 1, "in [0, 1] (class 0 gets alpha, the others "
-                                                                         "1 - alpha)"))
+    checks += _loss_option_checks("loss", loss, "weight", num_classes)
+    for index, term in enumerate(loss.terms):
+        checks += _term_checks(f"loss.terms[{index}]", term, num_classes, source)
     for key, value, valid, expected in checks:
         if not valid:
             raise ConfigError(f"{source}: {key} must be {expected}, got {value!r}")
+    if loss.terms and not any(term.weight > 0 for term in loss.terms):
+        raise ConfigError(f"{source}: loss.terms: every term has weight 0, so nothing would be trained")
+
+
+def _loss_option_checks(prefix: str, options: Any, weight_key: str, num_classes: int) -> list:
+    """(key, value, valid, expected) of the per-loss options of the loss section or of one term, whose
+    class weights are ``weight_key``."""
+    finite, weight = math.isfinite, getattr(options, weight_key)
+    schemes = WEIGHT_SCHEMES + (("auto",) if weight_key == "class_weight" else ())
+    checks = [
+        (f"{prefix}.gamma", options.gamma, finite(options.gamma) and options.gamma >= 0, "a finite number >= 0"),
+        (f"{prefix}.histogram_momentum", options.histogram_momentum,
+         options.histogram_momentum is None or 0 <= options.histogram_momentum < 1, "in [0, 1), or null"),
+        (f"{prefix}.{weight_key}", weight, not isinstance(weight, str) or weight in schemes,
+         f"one of {', '.join(schemes)}, a list or null"),
+    ]
+    for key, values in ((weight_key, weight), ("alpha", options.alpha)):
+        if isinstance(values, list):
+            checks.append((f"{prefix}.{key}", values, len(values) == num_classes
+                           and all(finite(v) and v >= 0 for v in values),
+                           f"one finite value >= 0 per class (data.num_classes={num_classes})"))
+    if isinstance(options.alpha, float):
+        checks.append((f"{prefix}.alpha", options.alpha, 0 <= options.alpha <= 1,
+                       "in [0, 1] (class 0 gets alpha, the others 1 - alpha)"))
+    return checks
+
+
+def _term_checks(prefix: str, term: LossTermConfig, num_classes: int, source: str) -> list:
+    """The range checks of one ``loss.terms`` item; raise for a bad name or an option its loss does not take."""
+    if term.name not in TERM_NAMES:
+        found = f"got {term.name!r}" if term.name else "but it is missing"
+        raise ConfigError(f"{source}: {prefix}.name must be one of {list(TERM_NAMES)}, {found}")
+    defaults = LossTermConfig()
+    for key, owners in TERM_OPTIONS.items():
+        if term.name not in owners and getattr(term, key) != getattr(defaults, key):
+            raise ConfigError(f"{source}: {prefix}.{key}={getattr(term, key)!r} applies to {' and '.join(owners)} "
+                              f"terms only, and this term is {term.name}")
+    finite = math.isfinite
+    return _loss_option_checks(prefix, term, "class_weight", num_classes) + [
+        (f"{prefix}.weight", term.weight, finite(term.weight) and term.weight >= 0, "a finite number >= 0"),
+        (f"{prefix}.normalize", term.normalize, term.normalize in CHOICES["loss.normalize"],
+         f"one of {list(CHOICES['loss.normalize'])}"),
+        (f"{prefix}.smooth_nr", term.smooth_nr, finite(term.smooth_nr) and term.smooth_nr >= 0,
+         "a finite number >= 0"),
+        (f"{prefix}.smooth_dr", term.smooth_dr, finite(term.smooth_dr) and term.smooth_dr > 0,
+         "a finite number > 0 (a sample without counted pixels divides by it)"),
+    ]
 
 
 def load_yaml_tree(path: Path, _seen: tuple = ()) -> Dict[str, Any]:

@@ -75,8 +75,34 @@ class ModelConfig:
 
 
 @dataclass
+class LossTermConfig:
+    """One term of ``loss.terms``: the loss ``name`` times ``weight`` (the term's factor in the sum).
+
+    The options are those of the loss section, with the class weights named ``class_weight``;
+    ``"auto"`` is each loss's own default: ENet weights for focal and cross-entropy, none for Dice.
+    ``gamma`` to ``histogram_momentum`` apply to focal terms, ``smooth_nr`` to ``batch`` to Dice
+    terms (:func:`segfocal.losses.dice_loss`); ``loss.enet_c``, ``effective_beta`` and
+    ``sync_histogram`` apply to every term.
+    """
+
+    name: str = ""  # one of TERM_NAMES; no default, checked at load
+    weight: float = 1.0
+    class_weight: Union[str, List[float], None] = "auto"
+    gamma: float = 2.0
+    alpha: Union[float, List[float], None] = None
+    normalize: str = "pixels"
+    poly_epsilon: float = 0.0
+    histogram_momentum: Optional[float] = None
+    smooth_nr: float = 1e-5
+    smooth_dr: float = 1e-5
+    batch: bool = False
+
+
+@dataclass
 class LossConfig:
-    """``focal`` (segfocal's loss) or ``cross_entropy`` (``F.cross_entropy``), with class weights.
+    """``focal`` (segfocal's loss) or ``cross_entropy`` (``F.cross_entropy``), with class weights;
+    or, when ``terms`` is not empty, the weighted sum of its terms (``loss.name`` and the per-loss
+    keys are then unused).
 
     ``sync_histogram``: under DistributedDataParallel, compute the on-the-fly weights from the
     label histogram of the global batch (summed over ranks), as one process would.
@@ -94,6 +120,7 @@ class LossConfig:
     effective_beta: float = 0.9999
     sync_histogram: bool = True
     histogram_momentum: Optional[float] = None
+    terms: List[LossTermConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -171,6 +198,15 @@ class Config:
 # (e.g. "iou.Pedestrian"); every one is higher-is-better.
 SUMMARY_METRICS = ("miou", "mean_accuracy", "mean_dice", "pixel_accuracy", "fwiou")
 PER_CLASS_METRICS = ("iou", "accuracy", "dice")
+
+# loss.terms[i].name, and the term options that only some of those losses take
+TERM_NAMES = ("focal", "cross_entropy", "dice")
+TERM_OPTIONS = {
+    "gamma": ("focal",), "alpha": ("focal",), "normalize": ("focal",), "poly_epsilon": ("focal",),
+    "histogram_momentum": ("focal",), "smooth_nr": ("dice",), "smooth_dr": ("dice",), "batch": ("dice",),
+}
+# the scheme names of segfocal.losses.WEIGHT_SCHEMES (this module needs no torch)
+WEIGHT_SCHEMES = ("enet", "inverse", "median", "effective")
 
 CHOICES: Dict[str, tuple] = {
     "device": ("auto", "cpu", "cuda"),

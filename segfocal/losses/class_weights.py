@@ -105,6 +105,14 @@ def class_weights(
     )
 
 
+def keep_class_weight(module: torch.nn.Module, weight) -> None:
+    """Store a loss module's ``weight`` argument: a scheme name as ``module.weight_scheme``, fixed
+    values as the float32 buffer ``module.weight`` (so they follow ``.to()`` and the state dict)."""
+    module.weight_scheme = weight if isinstance(weight, str) else None
+    fixed = None if weight is None or isinstance(weight, str) else torch.as_tensor(weight, dtype=torch.float32)
+    module.register_buffer("weight", fixed)
+
+
 def _median_of_present(freq: torch.Tensor, present: torch.Tensor, num_present: torch.Tensor) -> torch.Tensor:
     """Median of ``freq`` over the present classes (mean of the two middle values for an even count)."""
     if freq.numel() == 0:  # no classes: nothing to index

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .class_weights import WEIGHT_SCHEMES, class_histogram, weights_from_histogram
+from .class_weights import WEIGHT_SCHEMES, class_histogram, keep_class_weight, weights_from_histogram
 from .fused import fused_focal_loss
 from .labels import mean_denominator, not_ignored, per_class_factor, sum_over_ranks
 
@@ -139,11 +139,9 @@ class FocalLoss(nn.Module):
         self.sync_histogram = sync_histogram
         self.implementation = implementation
         self.validate = validate
-        self.weight_scheme = weight if isinstance(weight, str) else None
-        if self.weight_scheme is not None and self.weight_scheme not in WEIGHT_SCHEMES:
+        if isinstance(weight, str) and weight not in WEIGHT_SCHEMES:
             raise ValueError(f"unknown weight {weight!r}; expected one of {WEIGHT_SCHEMES}, a tensor, or None")
-        fixed_weight = None if weight is None or isinstance(weight, str) else torch.as_tensor(weight, dtype=torch.float32)
-        self.register_buffer("weight", fixed_weight)
+        keep_class_weight(self, weight)
         self.alpha_scalar = float(alpha) if isinstance(alpha, (int, float)) else None
         alpha_tensor = None if alpha is None or self.alpha_scalar is not None else torch.as_tensor(alpha, dtype=torch.float32)
         self.register_buffer("alpha", alpha_tensor)

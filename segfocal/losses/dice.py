@@ -1,0 +1,181 @@
+"""Softmax multi-class soft Dice loss, the overlap term nnU-Net and MONAI pair with cross-entropy or focal.
+
+With softmax probabilities ``p`` and one-hot labels ``g`` over the counted (non-ignored) pixels of one
+sample (or of the whole batch with ``batch=True``), per class ``c``::
+
+    L_c = 1 - (2 sum(p_c g_c) + smooth_nr) / (sum(p_c) + sum(g_c) + smooth_dr)
+
+MONAI's ``DiceLoss(softmax=True, to_onehot_y=True)`` convention (sums over the spatial dimensions, and the
+batch with ``batch=True``). Class weights ``w_c`` make the ``"mean"`` a weighted mean over classes,
+``sum w_c L_c / sum w_c`` (averaged over samples), as ``CrossEntropyLoss(weight=)`` does for pixels; with
+weights that average 1 this is MONAI's ``mean(w_c L_c)``.
+
+A class absent from the target with (next to) no predicted mass gives ``L_c = 1 - smooth_nr / smooth_dr``,
+0 with the default equal smoothing: it neither helps nor hurts. Predicted mass ``P`` on an absent class
+gives ``1 - smooth_nr / (P + smooth_dr)``, close to 1 once ``P`` is well above the smoothing. The weight
+schemes give classes absent from the batch weight 0 (except ``"enet"``), which drops them from the mean.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from .class_weights import WEIGHT_SCHEMES, class_histogram, keep_class_weight, weights_from_histogram
+from .focal import REDUCTIONS, WeightArg, _per_class, check_class_factors, check_inputs
+from .labels import not_ignored, sum_over_ranks
+from .layout import flat_labels, flat_logits
+
+
+def dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    weight: WeightArg = None,
+    ignore_index: int = 255,
+    reduction: str = "mean",
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    enet_c: float = 1.10,
+    effective_beta: float = 0.9999,
+    sync_histogram: bool = False,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Soft Dice loss for logits ``[N, C]``, ``[B, C, H, W]`` or ``[B, C, D, H, W]`` and integer labels.
+
+    Args:
+        logits: unnormalised scores, class dimension 1, any float dtype (``[N, C]`` is one sample of
+            ``N`` pixels).
+        target: class indices, the shape of ``logits`` without dimension 1.
+        weight: ``None`` (every class counts alike, MONAI's default); a scheme name
+            (``"enet"``, ``"inverse"``, ``"median"``, ``"effective"``) computed from this batch's
+            label histogram as the focal loss does; or ``C`` fixed weights (e.g. 0 for a background).
+        ignore_index: label whose pixels count in neither the intersection nor the denominators.
+        reduction: ``"mean"`` (weighted mean over classes, then mean over samples), ``"sum"`` (of
+            ``w_c L_c``) or ``"none"`` (``w_c L_c`` as ``[B, C]``, or ``[C]`` with ``batch=True``).
+        smooth_nr, smooth_dr: added to the numerator and the denominator; ``smooth_dr > 0`` keeps a
+            sample without counted pixels finite.
+        batch: sum over the whole batch before dividing (one Dice per class) instead of per sample.
+            Under DDP the sums are this rank's: only the class-weight histogram is synced.
+        enet_c, effective_beta, sync_histogram: as in :func:`segfocal.losses.focal_loss`.
+        validate: check shapes, dtypes and labels (one host synchronisation).
+
+    fp16/bf16 logits are upcast: softmax and every sum run in float32 (float64 stays float64), so
+    large images neither overflow nor lose the sums to fp16 rounding.
+    """
+    check_class_factors(weight=weight, alpha=None)
+    return _dice_loss(logits, target, weight, ignore_index, reduction, smooth_nr, smooth_dr, batch, enet_c,
+                      effective_beta, sync_histogram, validate)[0]
+
+
+class DiceLoss(nn.Module):
+    """Module form of :func:`dice_loss`, with the same arguments.
+
+    Fixed weights are a buffer (saved in the state dict); with a weight scheme, the weights of the
+    last forward are kept in :attr:`last_class_weights` (detached) for logging.
+    """
+
+    def __init__(
+        self,
+        *,
+        weight: WeightArg = None,
+        ignore_index: int = 255,
+        reduction: str = "mean",
+        smooth_nr: float = 1e-5,
+        smooth_dr: float = 1e-5,
+        batch: bool = False,
+        enet_c: float = 1.10,
+        effective_beta: float = 0.9999,
+        sync_histogram: bool = False,
+        validate: bool = True,
+    ) -> None:
+        super().__init__()
+        check_dice_options(ignore_index=ignore_index, reduction=reduction, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
+                           weight=weight)
+        check_class_factors(weight=weight, alpha=None)
+        keep_class_weight(self, weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.smooth_nr = float(smooth_nr)
+        self.smooth_dr = float(smooth_dr)
+        self.batch = bool(batch)
+        self.enet_c = enet_c
+        self.effective_beta = effective_beta
+        self.sync_histogram = sync_histogram
+        self.validate = validate
+        self.last_class_weights: Optional[torch.Tensor] = None
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.weight is not None else self.weight_scheme
+        loss, class_weight = _dice_loss(logits, target, weight, self.ignore_index, self.reduction, self.smooth_nr,
+                                        self.smooth_dr, self.batch, self.enet_c, self.effective_beta,
+                                        self.sync_histogram, self.validate)
+        if self.weight_scheme is not None:
+            self.last_class_weights = class_weight.detach()
+        return loss
+
+    def extra_repr(self) -> str:
+        weight = self.weight_scheme if self.weight_scheme is not None else ("fixed" if self.weight is not None else None)
+        return (f"weight={weight}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"smooth_nr={self.smooth_nr}, smooth_dr={self.smooth_dr}, batch={self.batch}")
+
+
+def check_dice_options(*, ignore_index: int, reduction: str, smooth_nr: float, smooth_dr: float,
+                       weight: WeightArg) -> None:
+    """Raise ``ValueError`` naming the first invalid scalar option (no tensor is read)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an integer label value, got {ignore_index!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not (isinstance(smooth_nr, (int, float)) and math.isfinite(smooth_nr) and smooth_nr >= 0):
+        raise ValueError(f"smooth_nr must be a finite number >= 0, got {smooth_nr!r}")
+    if not (isinstance(smooth_dr, (int, float)) and math.isfinite(smooth_dr) and smooth_dr > 0):
+        raise ValueError(f"smooth_dr must be a finite number > 0, got {smooth_dr!r}")
+    if isinstance(weight, str) and weight not in WEIGHT_SCHEMES:
+        raise ValueError(f"unknown weight {weight!r}; expected one of {WEIGHT_SCHEMES}, a tensor, or None")
+
+
+def _dice_loss(logits, target, weight, ignore_index, reduction, smooth_nr, smooth_dr, batch, enet_c, effective_beta,
+               sync_histogram, validate) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The loss and the class weights in use (``None`` without weights)."""
+    check_dice_options(ignore_index=ignore_index, reduction=reduction, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
+                       weight=weight)
+    if validate:
+        check_inputs(logits, target, ignore_index)
+    num_classes = logits.shape[1]
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    scores, _ = flat_logits(logits)  # [B, C, S]; [N, C] is one sample of N pixels
+    labels = flat_labels(target)[0]  # [B, S]
+    probs = torch.softmax(scores, dim=1, dtype=dtype)
+    counted = not_ignored(labels, ignore_index).unsqueeze(1)  # [B, 1, S]
+    classes = torch.arange(num_classes, device=logits.device).view(1, -1, 1)
+    one_hot = (labels.unsqueeze(1) == classes) & counted  # [B, C, S]
+    sums_over = (0, 2) if batch else (2,)
+    intersection = torch.where(one_hot, probs, 0.0).sum(sums_over)
+    predicted = torch.where(counted, probs, 0.0).sum(sums_over)
+    truth = one_hot.sum(sums_over, dtype=dtype)
+    per_class = 1.0 - (2.0 * intersection + smooth_nr) / (predicted + truth + smooth_dr)  # [B, C] or [C]
+
+    class_weight = None
+    if isinstance(weight, str):
+        histogram = class_histogram(target, num_classes, ignore_index)
+        if sync_histogram:
+            histogram, _ = sum_over_ranks(histogram)
+        class_weight = weights_from_histogram(histogram, weight, enet_c=enet_c, effective_beta=effective_beta,
+                                              dtype=dtype)
+    elif weight is not None:
+        class_weight = _per_class(weight, num_classes, "weight", dtype, logits.device)
+    weighted = per_class if class_weight is None else per_class * class_weight
+    if reduction == "none":
+        return weighted, class_weight
+    total = weighted.sum()
+    if reduction == "sum":
+        return total, class_weight
+    samples = 1 if batch else per_class.shape[0]
+    per_sample_weight = num_classes if class_weight is None else class_weight.sum()
+    denominator = torch.as_tensor(per_sample_weight * samples, dtype=dtype, device=logits.device)
+    mean = total / denominator.clamp_min(torch.finfo(dtype).tiny)
+    return torch.where(denominator > 0, mean, 0.0), class_weight  # 0 when every weight is 0 (or no sample)
