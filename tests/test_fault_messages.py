@@ -63,6 +63,15 @@ def test_resuming_with_another_optimizer_names_the_key_and_keeps_the_checkpoints
     assert snapshot(work_dir) == before
 
 
+def test_resuming_with_other_loss_terms_names_them(capsys, trained, tmp_path):
+    """A single focal loss has no state to mismatch: without the check, a term list would resume silently."""
+    work_dir = copy_run(trained, tmp_path)
+    line = fails_in_one_line(capsys, TRAIN, "--config", trained[1], "--work-dir", work_dir, "--resume", "auto",
+                             "--set", "loss.terms=[{name: focal}, {name: dice}]", "--set", "train.epochs=2",
+                             "--no-progress")
+    assert "it was trained with loss.terms.name=[] and this config has loss.terms.name=['focal', 'dice']" in line
+
+
 @pytest.mark.parametrize("content, expected", [
     ({"model": "str"}, "holds no model weights"),
     ({"model": {"conv.weight": "str"}}, "entry 'conv.weight' holds a str, not a tensor"),

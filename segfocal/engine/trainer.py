@@ -73,8 +73,9 @@ class TrainState:
 
 
 # Keys a run cannot change on resume: they change the shape or kind of the saved state.
+# "loss.terms.name" is the list of the terms' names (their factors may change).
 RESUME_KEYS = ("model.arch", "model.encoder_name", "model.in_channels", "model.kwargs", "data.num_classes",
-               "loss.name", "optim.name", "schedule.name")
+               "loss.name", "loss.terms.name", "optim.name", "schedule.name")
 
 
 class Trainer:
@@ -442,12 +443,14 @@ def checkpoint_score(metrics: Dict[str, Any], metric: str, class_names: List[str
 _MISSING = object()
 
 
-def _lookup(tree: Dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return _MISSING
-        tree = tree[part]
-    return tree
+def _lookup(tree: Any, dotted: str) -> Any:
+    """The value at ``dotted`` in nested dicts; through a list, the list of each item's value."""
+    head, _, rest = dotted.partition(".")
+    if isinstance(tree, list):
+        return [_lookup(item, dotted) for item in tree]
+    if not isinstance(tree, dict) or head not in tree:
+        return _MISSING
+    return _lookup(tree[head], rest) if rest else tree[head]
 
 
 class _Clock:
