@@ -8,11 +8,12 @@ on) the epoch's earlier batches, so the data and augmentation streams continue e
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, ContextManager, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -204,14 +205,20 @@ class Trainer:
                 self._resume_rng = None
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(self.device, non_blocking=True)
-            with self.precision.autocast():
-                logits = self.model(images)
-            loss = self.criterion(logits, targets)
-            self.scaler.scale(loss / cfg.accumulate).backward()
+            # a group of micro-batches makes one step: the last group of an epoch may be shorter, and each
+            # micro-batch's loss counts 1/(its group's size), so every sample of a step weighs the same
+            group_start = index - index % cfg.accumulate
+            group_size = min(cfg.accumulate, len(self.train_loader) - group_start)
+            steps_now = index + 1 == group_start + group_size
+            with self._gradient_sync(steps_now):
+                with self.precision.autocast():
+                    logits = self.model(images)
+                loss = self.criterion(logits, targets)
+                self.scaler.scale(loss / group_size).backward()
             self._report_sum += loss.detach()
             self._interval_sum += loss.detach()
             self.state.batch, self.state.report_batches = index + 1, self.state.report_batches + 1
-            if (index + 1) % cfg.accumulate and index + 1 != len(self.train_loader):
+            if not steps_now:
                 continue
             bad_steps = self._optimizer_step(loss, bad_steps)
             if self.state.step % cfg.log_every == 0:
@@ -225,6 +232,13 @@ class Trainer:
                 return None
         self.state.epoch, self.state.batch = epoch + 1, 0
         return self._report_sum.item() / max(1, self.state.report_batches)
+
+    def _gradient_sync(self, sync: bool) -> ContextManager:
+        """Under DistributedDataParallel, all-reduce gradients only on a group's last micro-batch
+        (``no_sync`` on the others: the communication of one step, not one per micro-batch)."""
+        if sync or not isinstance(self.model, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
 
     def _after_step(self, epoch_end: bool) -> bool:
         """What follows an optimiser step, or an epoch's end: a ``metrics.jsonl`` entry (each epoch, or
