@@ -33,6 +33,8 @@ def accumulating_trainer(tmp_path, batch_size):
 
 def use_model(trainer, model):
     trainer.model = model
+    trainer.bare_model = getattr(model, "module", model)
+    trainer.ddp_model = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
     trainer.optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
 

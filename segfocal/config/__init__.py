@@ -4,6 +4,7 @@ from .schema import (
     AugmentConfig,
     Config,
     DataConfig,
+    EmaConfig,
     EvalConfig,
     LossConfig,
     LossTermConfig,
@@ -15,7 +16,7 @@ from .schema import (
 )
 
 __all__ = [
-    "Config", "DataConfig", "SyntheticConfig", "AugmentConfig", "ModelConfig", "LossConfig", "LossTermConfig",
+    "Config", "DataConfig", "EmaConfig", "SyntheticConfig", "AugmentConfig", "ModelConfig", "LossConfig", "LossTermConfig",
     "OptimConfig", "ScheduleConfig", "TrainConfig", "EvalConfig",
     "ConfigError", "load_config", "config_from_tree", "save_config", "apply_override", "to_dict",
 ]

@@ -145,6 +145,7 @@ def _check_palette(config: Config, source: str) -> None:
 def _check_ranges(config: Config, source: str) -> None:
     """Values that would wreck training silently (a flipped gradient, NaN weights), checked before any step."""
     optim, schedule, loss, num_classes = config.optim, config.schedule, config.loss, config.data.num_classes
+    ema = config.train.ema
     finite = math.isfinite
     checks = [
         ("optim.lr", optim.lr, finite(optim.lr) and optim.lr > 0, "a finite number > 0"),
@@ -160,6 +161,8 @@ def _check_ranges(config: Config, source: str) -> None:
         ("train.grad_clip", config.train.grad_clip,
          config.train.grad_clip is None or (finite(config.train.grad_clip) and config.train.grad_clip > 0),
          "a finite number > 0, or null for no clipping"),
+        ("train.ema.decay", ema and ema.decay, ema is None or 0 <= ema.decay < 1, "in [0, 1)"),
+        ("train.ema.warmup", ema and ema.warmup, ema is None or ema.warmup >= 0, ">= 0"),
         ("loss.enet_c", loss.enet_c, finite(loss.enet_c) and loss.enet_c > 1,
          "a finite number > 1 (w = 1 / ln(c + f) must stay finite and positive)"),
         ("loss.effective_beta", loss.effective_beta, 0 < loss.effective_beta < 1, "in (0, 1)"),

@@ -143,6 +143,15 @@ class ScheduleConfig:
 
 
 @dataclass
+class EmaConfig:
+    """``train.ema``: validate (and keep in ``best.pt``) an exponential moving average of the weights;
+    ``warmup`` ramps the decay up over the first updates (see :mod:`segfocal.engine.ema`)."""
+
+    decay: float = 0.999
+    warmup: int = 10
+
+
+@dataclass
 class TrainConfig:
     """The loop, counted in ``epochs`` or, when ``iters`` is set, in optimiser steps (see
     :mod:`segfocal.engine.timeline`). ``find_unused_parameters`` is DistributedDataParallel's option: needed when part
@@ -162,6 +171,8 @@ class TrainConfig:
     max_log_mb: int = 1024  # warn once when the TensorBoard logs grow past this; 0: never
     checkpoint_metric: str = "miou"  # a SUMMARY_METRICS name, or "iou.<class name>" (any PER_CLASS_METRICS)
     patience: int = 0  # stop after this many validations without a new best checkpoint_metric; 0: never
+    ema: Optional[EmaConfig] = None  # null: validate the trained weights themselves
+    compile: bool = False  # torch.compile the model (checkpoints hold the plain module's weights)
     max_bad_steps: int = 10
     find_unused_parameters: bool = False
 

@@ -31,6 +31,7 @@ from .curves import plot_curves_file
 from .checkpoint import load_checkpoint, model_state_from, remove_stale_temporaries, resume_path, save_checkpoint
 from .criterion import build_criterion
 from .distributed import DistContext, init_distributed
+from .ema import build_ema
 from .evaluate import EvalResult, evaluate
 from .interrupt import StopSignals, TrainingInterrupted
 from .optim import build_optimizer, build_scheduler
@@ -135,7 +136,11 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=cfg.train.find_unused_parameters,
             )
-        self.model = model
+        self.ddp_model = model if self.dist.enabled else None
+        # the module checkpoints hold: not the DDP or torch.compile wrapper (no "module."/"_orig_mod." keys)
+        self.bare_model = model.module if self.dist.enabled else model
+        self.model = torch.compile(model) if cfg.train.compile else model
+        self.ema = build_ema(cfg.train.ema, self.bare_model) if cfg.train.ema else None
         self.criterion = build_criterion(cfg.loss, data.num_classes, data.ignore_index).to(self.device)
         self.precision = resolve_precision(cfg.train.amp, self.device)
         self.scaler = self.precision.grad_scaler()
@@ -160,8 +165,15 @@ class Trainer:
             self._load(checkpoint)
 
     @property
-    def bare_model(self) -> nn.Module:
-        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+    def evaluated_model(self) -> nn.Module:
+        """The module validation runs and ``best.pt`` keeps: the weights' moving average under
+        ``train.ema``, else the trained model (as wrapped for DDP or torch.compile)."""
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def evaluated_weights(self) -> nn.Module:
+        """:attr:`evaluated_model` unwrapped: the module whose state dict ``best.pt`` holds."""
+        return self.ema.module if self.ema is not None else self.bare_model
 
     def fit(self) -> Optional[EvalResult]:
         """Train to the end of the timeline (or an early stop); returns the evaluation of the best
@@ -236,9 +248,9 @@ class Trainer:
     def _gradient_sync(self, sync: bool) -> ContextManager:
         """Under DistributedDataParallel, all-reduce gradients only on a group's last micro-batch
         (``no_sync`` on the others: the communication of one step, not one per micro-batch)."""
-        if sync or not isinstance(self.model, DistributedDataParallel):
+        if sync or self.ddp_model is None:
             return contextlib.nullcontext()
-        return self.model.no_sync()
+        return self.ddp_model.no_sync()
 
     def _after_step(self, epoch_end: bool) -> bool:
         """What follows an optimiser step, or an epoch's end: a ``metrics.jsonl`` entry (each epoch, or
@@ -318,6 +330,8 @@ class Trainer:
             bad_steps = 0
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.bare_model)
         self.state.step += 1
         return bad_steps
 
@@ -325,7 +339,7 @@ class Trainer:
         """Evaluate on the val split, log it, update ``best.pt``; returns the metrics."""
         cfg, data = self.cfg, self.cfg.data
         result = evaluate(
-            self.model, self.val_loader, cfg.eval, data.num_classes, data.ignore_index, self.device,
+            self.evaluated_model, self.val_loader, cfg.eval, data.num_classes, data.ignore_index, self.device,
             self.precision, num_examples=cfg.train.log_images if self.dist.is_main else 0,
             progress=self.console.bars,
         )
@@ -349,9 +363,9 @@ class Trainer:
         """Evaluate ``best.pt`` (or the final weights) on the val split and print the per-class table."""
         best = self.work_dir / "best.pt"
         if best.is_file():
-            self.bare_model.load_state_dict(model_state_from(load_checkpoint(best, self.device), best))
+            self.evaluated_weights.load_state_dict(model_state_from(load_checkpoint(best, self.device), best))
         data = self.cfg.data
-        result = evaluate(self.model, self.val_loader, self.cfg.eval, data.num_classes, data.ignore_index,
+        result = evaluate(self.evaluated_model, self.val_loader, self.cfg.eval, data.num_classes, data.ignore_index,
                           self.device, self.precision, progress=False)
         if self.dist.is_main:
             print(f"\nBest checkpoint (epoch {self.state.best_epoch}) on split '{data.val_split}':")
@@ -401,7 +415,8 @@ class Trainer:
         self.state.report_loss, self.state.interval_loss = self._report_sum.item(), self._interval_sum.item()
         save_checkpoint(
             {
-                "model": self.bare_model.state_dict(),
+                "model": (self.evaluated_weights if name == "best.pt" else self.bare_model).state_dict(),
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
                 "criterion": self.criterion.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
@@ -423,6 +438,8 @@ class Trainer:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.scheduler.load_state_dict(checkpoint["scheduler"])
             self.scaler.load_state_dict(checkpoint["scaler"])
+            if self.ema is not None and "ema" in checkpoint:  # else the average starts from these weights
+                self.ema.load_state_dict(checkpoint["ema"])
             self.state = TrainState.from_saved(checkpoint["state"])
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
             raise ConfigError(f"cannot resume from {path}: it does not match this config ({error})") from None
