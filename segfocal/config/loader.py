@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterable, Mapping, Union
 
 import yaml
 
-from .schema import CHOICES, PER_CLASS_METRICS, SUMMARY_METRICS, Config
+from .schema import CHOICES, PER_CLASS_METRICS, SUMMARY_METRICS, Config, DataConfig
 
 
 class ConfigError(ValueError):
@@ -91,6 +91,7 @@ def check_consistency(config: Config, source: str = "config") -> None:
     _check_checkpoint_metric(config, source)
     _check_palette(config, source)
     _check_ranges(config, source)
+    _check_data(config, source)
 
 
 def _check_checkpoint_metric(config: Config, source: str) -> None:
@@ -136,6 +137,29 @@ def _check_palette(config: Config, source: str) -> None:
     for index, colour in enumerate(palette):
         if len(colour) != 3 or not all(0 <= value <= 255 for value in colour):
             raise ConfigError(f"{source}: data.palette[{index}] must be [r, g, b] with values 0..255, got {colour}")
+
+
+def _check_data(config: Config, source: str) -> None:
+    """``data.scale``, ``data.label_map``, ``data.reduce_zero_label`` and ``data.layout``'s folder keys."""
+    data, default = config.data, DataConfig()
+    if data.scale is not None and not (math.isfinite(data.scale) and data.scale > 0):
+        raise ConfigError(f"{source}: data.scale must be a finite number > 0 (or null: the type's full range), "
+                          f"got {data.scale!r}")
+    if data.label_map is not None and data.reduce_zero_label:
+        raise ConfigError(f"{source}: data.label_map and data.reduce_zero_label are both set; use one (list the "
+                          f"shifted ids in data.label_map)")
+    for key, value in (data.label_map or {}).items():
+        where = f"{source}: data.label_map[{key!r}]={value!r}"
+        if type(key) is not int or key < 0:
+            raise ConfigError(f"{where}: stored mask values are integers >= 0")
+        if type(value) is not int or not (0 <= value < data.num_classes or value == data.ignore_index):
+            raise ConfigError(f"{where}: a train id must be a class 0..{data.num_classes - 1} "
+                              f"(data.num_classes={data.num_classes}) or data.ignore_index={data.ignore_index}")
+    if data.layout != "folder":
+        for key in ("image_dir", "mask_dir", "split_file"):
+            if getattr(data, key) != getattr(default, key):
+                raise ConfigError(f"{source}: data.{key}={getattr(data, key)!r} is not used with data.layout="
+                                  f"{data.layout!r}, which knows where its files are; remove data.{key}")
 
 
 def _check_ranges(config: Config, source: str) -> None:
