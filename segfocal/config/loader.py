@@ -140,7 +140,8 @@ def _check_palette(config: Config, source: str) -> None:
 
 
 def _check_data(config: Config, source: str) -> None:
-    """``data.scale``, ``data.label_map``, ``data.reduce_zero_label`` and ``data.layout``'s folder keys."""
+    """``data.scale``, ``data.label_map``, ``data.reduce_zero_label``, ``data.val_fraction`` and ``data.layout``'s
+    folder keys."""
     data, default = config.data, DataConfig()
     if data.scale is not None and not (math.isfinite(data.scale) and data.scale > 0):
         raise ConfigError(f"{source}: data.scale must be a finite number > 0 (or null: the type's full range), "
@@ -155,6 +156,9 @@ def _check_data(config: Config, source: str) -> None:
         if type(value) is not int or not (0 <= value < data.num_classes or value == data.ignore_index):
             raise ConfigError(f"{where}: a train id must be a class 0..{data.num_classes - 1} "
                               f"(data.num_classes={data.num_classes}) or data.ignore_index={data.ignore_index}")
+    if data.val_fraction is not None and not (0 < data.val_fraction < 1 and data.val_split != data.train_split):
+        raise ConfigError(f"{source}: data.val_fraction={data.val_fraction!r} must be in (0, 1), with data.val_split "
+                          f"(the carved part, {data.val_split!r}) named apart from data.train_split")
     if data.layout != "folder":
         for key in ("image_dir", "mask_dir", "split_file"):
             if getattr(data, key) != getattr(default, key):

@@ -34,7 +34,8 @@ class DataConfig:
     the model as ``(x * scale - mean) / std``, ``scale`` null meaning the type's full range (1/255
     for 8-bit, 1/65535 for 16-bit, 1 for float images). ``label_map`` (stored value → train id, the
     values it leaves out → ``ignore_index``) or ``reduce_zero_label`` (0 → ignore, v → v - 1) turns
-    stored mask values into train ids.
+    stored mask values into train ids. ``val_fraction`` carves the val split from the train split
+    (drawn with the run's seed, recorded in ``work_dir/val_split.json``).
     """
 
     root: str = "data/synthetic"
@@ -60,6 +61,7 @@ class DataConfig:
     scale: Optional[float] = None
     label_map: Optional[Dict[int, int]] = None
     reduce_zero_label: bool = False
+    val_fraction: Optional[float] = None
 
 
 @dataclass
