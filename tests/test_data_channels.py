@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import struct
+
 import numpy as np
 import pytest
 import torch
@@ -119,6 +121,34 @@ def test_multipage_tiff_pages_are_channels(tmp_path):
     frame.save(rgb_pages, save_all=True, append_images=[frame])
     with pytest.raises(DataError, match="page 0 of this multi-page TIFF is RGB 64x32; pages are read as channels"):
         read_image(rgb_pages, channels=2)
+
+
+def write_chunky_tiff(path: Path, bands: np.ndarray) -> None:
+    """A one-page uncompressed TIFF of an (H, W, S) uint16 array, samples interleaved, as GIS tools write
+    4-band imagery (PIL cannot write one). Tags per the TIFF 6.0 baseline, in ascending order."""
+    height, width, samples = bands.shape
+    pixels = bands.astype("<u2").tobytes()
+    per_sample = struct.pack(f"<{samples}H", *[16] * samples) + struct.pack(f"<{samples}H", *[1] * samples)
+    arrays_at = 8 + len(pixels)  # BitsPerSample, then SampleFormat, after the pixels (one sample: in the tags)
+    bits, formats = (16, 1) if samples == 1 else (arrays_at, arrays_at + 2 * samples)
+    tags = [(256, 3, 1, width), (257, 3, 1, height), (258, 3, samples, bits), (259, 3, 1, 1), (262, 3, 1, 1),
+            (273, 4, 1, 8), (277, 3, 1, samples), (278, 3, 1, height), (279, 4, 1, len(pixels)), (284, 3, 1, 1),
+            (339, 3, samples, formats)]
+    entries = b"".join(struct.pack("<HHII" if count > 1 or kind == 4 else "<HHIH2x", tag, kind, count, value)
+                       for tag, kind, count, value in tags)
+    ifd = struct.pack("<H", len(tags)) + entries + struct.pack("<I", 0)
+    path.write_bytes(b"II*\x00" + struct.pack("<I", arrays_at + len(per_sample)) + pixels + per_sample + ifd)
+
+
+def test_a_one_page_multiband_tiff_is_refused_with_how_to_store_it(tmp_path):
+    single = tmp_path / "single.tif"
+    write_chunky_tiff(single, grey16(0)[..., None])  # the writer is right: PIL reads its one-band form
+    np.testing.assert_array_equal(read_image(single, channels=1)[..., 0], grey16(0))
+    path = tmp_path / "bands.tif"
+    write_chunky_tiff(path, bands4(0))
+    with pytest.raises(DataError, match=r"cannot read image .*bands.tif: .*save the bands as an \(H, W, C\) .npy, "
+                                        r"or as the pages of a multi-page TIFF"):
+        read_image(path, channels=4)
 
 
 def test_an_image_with_another_channel_count_is_named_at_start(tmp_path):

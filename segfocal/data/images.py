@@ -50,7 +50,7 @@ def read_image(path: PathLike, channels: Optional[int] = 3) -> np.ndarray:
     except DataError:
         raise
     except _READ_ERRORS as error:
-        raise DataError(f"cannot read image {path}: {error}", path) from None
+        raise _unreadable(path, error) from None
     check_channels(path, array.shape[2], channels)
     return array.astype(array.dtype.newbyteorder("="), copy=False)  # torch needs native byte order
 
@@ -75,7 +75,7 @@ def check_image(path: PathLike, decode: bool = False, channels: Optional[int] = 
     except DataError:
         raise
     except _READ_ERRORS as error:
-        raise DataError(f"cannot read image {path}: {error}", path) from None
+        raise _unreadable(path, error) from None
     check_channels(path, count, channels)
     return height, width
 
@@ -124,6 +124,15 @@ def pil_array(image: Image.Image, channels: Optional[int], path: PathLike = "PIL
         if image.mode in _KEPT_AS:
             image = image.convert(_KEPT_AS[image.mode])
     return _hwc(np.array(image), path)
+
+
+def _unreadable(path: Path, error: Exception) -> DataError:
+    """The DataError for a file PIL/NumPy cannot read; for a TIFF, how to store several bands readably."""
+    hint = ""
+    if path.suffix.lower() in (".tif", ".tiff") and isinstance(error, Image.UnidentifiedImageError):
+        hint = (" (if it holds several bands in one page: PIL reads single-band pages and 8-bit RGB/RGBA ones "
+                "only; save the bands as an (H, W, C) .npy, or as the pages of a multi-page TIFF)")
+    return DataError(f"cannot read image {path}: {error}{hint}", path)
 
 
 def _pages(image: Image.Image, path: Path) -> np.ndarray:
