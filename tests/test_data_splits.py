@@ -24,7 +24,8 @@ def add_images(root: Path, stems) -> None:
     for stem in stems:
         image = np.random.default_rng(len(stem)).integers(0, 256, (32, 64, 3), dtype=np.uint8)
         Image.fromarray(image).save(root / "train" / "images" / f"{stem}.png")
-        Image.fromarray(np.arange(64, dtype=np.uint8)[None].repeat(32, 0) % 6).save(root / "train" / "masks" / f"{stem}.png")
+        mask = np.arange(64, dtype=np.uint8)[None].repeat(32, 0) % 6
+        Image.fromarray(mask).save(root / "train" / "masks" / f"{stem}.png")
 
 
 def config(tmp_path: Path, run: str = "run", **overrides):

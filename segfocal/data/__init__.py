@@ -1,4 +1,5 @@
-"""Data: paired image/mask folders (any channel count and bit depth), label masks and their remapping, albumentations pipelines, the synthetic set, loaders.
+"""Data: paired image/mask folders and the standard layouts (images of any channel count and bit depth),
+label masks and their remapping, albumentations pipelines, the synthetic set, loaders.
 
 Problems with the user's files raise :class:`DataError`, whose message names the path at fault.
 """

@@ -26,7 +26,7 @@ CITYSCAPES_IMAGE, CITYSCAPES_MASK = "_leftImg8bit.png", "_gtFine_labelIds.png"
 
 def layout_folders(layout: str, image_dir: str, mask_dir: str,
                    split_file: Optional[str]) -> Tuple[str, str, Optional[str]]:
-    """(image_dir, mask_dir, split_file) of ``layout``: the ``data`` keys for ``folder``, the dataset's own otherwise."""
+    """(image_dir, mask_dir, split_file) of ``layout``: the ``data`` keys for ``folder``, else the dataset's own."""
     return FOLDERS.get(layout, (image_dir, mask_dir, split_file))
 
 

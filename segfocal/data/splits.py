@@ -23,7 +23,8 @@ from .folder import SegmentationFolder
 RECORD = "val_split.json"
 
 
-def run_dataset(cfg: Config, augment_items: List[Dict[str, Any]], split: str, record: bool = False) -> SegmentationFolder:
+def run_dataset(cfg: Config, augment_items: List[Dict[str, Any]], split: str,
+                record: bool = False) -> SegmentationFolder:
     """:func:`build_dataset` of ``split`` for the run ``cfg``: with ``data.val_fraction``, the train and
     val splits are the two parts of ``data.train_split``. ``record``: write the val part to the run
     directory if it is not there yet (the trainer's main process does)."""
