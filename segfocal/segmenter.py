@@ -18,11 +18,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageMode
+from PIL import Image
 from torch import nn
 
 from .config import Config, load_config
-from .data import build_transform, read_image
+from .data import build_transform, pipeline_image, read_image
+from .data.images import check_channels, pil_array
 from .engine.distributed import resolve_device
 from .engine.precision import inference_precision
 from .engine.restore import prepare_for_inference, restore_with_config
@@ -56,7 +57,7 @@ class Segmenter:
         self.num_classes = data.num_classes
         self.class_names = class_names(data.class_names, data.num_classes)
         self._channels = self.config.model.in_channels
-        self._transform = build_transform(self.config.augment.val, data.mean, data.std)
+        self._transform = build_transform(self.config.augment.val, data.mean, data.std, scale=data.scale)
         self._precision = inference_precision(self.config.train.amp, self.device)
 
     @classmethod
@@ -101,7 +102,9 @@ class Segmenter:
     def _logits(self, arrays: List[np.ndarray]) -> torch.Tensor:
         """Float32 logits [B, C, H, W] of same-size images, resized back if the val pipeline resized them."""
         ev = self.config.eval
-        batch = torch.stack([self._transform(image=array)["image"] for array in arrays]).to(self.device)
+        scale = self.config.data.scale
+        batch = torch.stack([self._transform(image=pipeline_image(array, scale))["image"] for array in arrays])
+        batch = batch.to(self.device)
         with torch.inference_mode():
             with self._precision.autocast():
                 logits = predict_logits(self.model, batch, self.num_classes, mode=self.mode,
@@ -112,13 +115,12 @@ class Segmenter:
         return logits
 
     def _as_array(self, image: ImageInput) -> np.ndarray:
-        """``image`` as the (H, W, channels) uint8 array the val pipeline takes; ValueError/TypeError if not."""
+        """``image`` as an (H, W, channels) array as training read it; ValueError/TypeError if it cannot be."""
         if isinstance(image, (str, Path)):
-            array = read_image(Path(image))  # DataError naming the file if it is unreadable or not 8-bit
+            array = read_image(Path(image), self._channels)  # DataError naming the file if it is unfit
         elif isinstance(image, Image.Image):
-            if ImageMode.getmode(image.mode).typestr not in ("|u1", "|b1"):  # RGB would clip values above 255
-                raise ValueError(f"PIL image mode {image.mode!r} is not 8-bit; scale it to 8 bits first")
-            array = np.asarray(image.convert("RGB"))
+            array = pil_array(image, self._channels)
+            check_channels("PIL image", array.shape[2], self._channels)
         elif isinstance(image, np.ndarray):
             array = image
         else:
@@ -126,14 +128,15 @@ class Segmenter:
         return self._checked(array)
 
     def _checked(self, array: np.ndarray) -> np.ndarray:
-        """``array`` if it is (H, W, channels) uint8; an (H, W) one repeated to 1 or 3 channels (grey to RGB)."""
+        """``array`` if it is (H, W, channels) numbers (uint8, uint16, float, or others with ``data.scale``);
+        an (H, W) one repeated to 1 or 3 channels (grey to RGB)."""
         channels = self._channels
         fits = array.ndim == 3 and array.shape[2] == channels
         grey = array.ndim == 2 and channels in (1, 3)
-        if array.dtype != np.uint8 or not (fits or grey) or 0 in array.shape:
+        if array.dtype.kind not in "uif" or not (fits or grey) or 0 in array.shape:
             colour = "RGB" if channels == 3 else f"{channels} channels"
             extra = " or (H, W) greyscale" if channels in (1, 3) else ""
-            raise ValueError(f"image must be a uint8 array of shape (H, W, {channels}) {colour}{extra}, "
+            raise ValueError(f"image must be a uint8/uint16/float array of shape (H, W, {channels}) {colour}{extra}, "
                              f"got {array.dtype} of shape {array.shape}")
         return np.repeat(array[..., None], channels, axis=2) if grey else array
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, List, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,10 +23,31 @@ def palette_of(data: DataConfig) -> List[List[int]]:
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Undo ``(x - mean) / std`` on ``[N, 3, H, W]`` images scaled to [0, 1]; returns uint8."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    return ((images.float() * std_t + mean_t).clamp(0, 1) * 255).round().to(torch.uint8)
+    """Undo ``(x - mean) / std`` on ``[N, C, H, W]`` model inputs; returns uint8 ``[N, 3, H, W]`` to show.
+
+    The values shown are the scaled ones (``x * data.scale``; 0..1 by default), clipped to 0..1, of
+    the first three channels, or of the first as grey (see :func:`rgb_channels`).
+    """
+    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return rgb_channels(((images.float() * std_t + mean_t).clamp(0, 1) * 255).round().to(torch.uint8))
+
+
+def display_images(images: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+    """Stored images ``[N, C, H, W]`` (any type) as uint8 ``[N, 3, H, W]`` to draw on: 8-bit ones as they
+    are, others as ``x * scale`` (``data.scale``, default the type's full range) clipped to 0..1."""
+    from .data.images import value_scale  # the data package pulls in albumentations
+
+    if images.dtype != torch.uint8:
+        factor = value_scale(np.dtype(str(images.dtype).removeprefix("torch.")), scale)
+        images = ((images.double() * factor).clamp(0, 1) * 255).round().to(torch.uint8)
+    return rgb_channels(images)
+
+
+def rgb_channels(images: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W]`` → ``[N, 3, H, W]``: the first three channels (e.g. R, G, B of RGB + near-infrared),
+    or the first channel repeated as grey when there are fewer than three."""
+    return images[:, :3] if images.shape[1] >= 3 else images[:, :1].repeat(1, 3, 1, 1)
 
 
 def overlay_masks(

@@ -1,5 +1,5 @@
 """Data that must not be lost or silently changed: a user's files in a synthetic root, images cut
-short on disk (``data.verify``), and 16-bit images that converting to RGB would clip."""
+short on disk (``data.verify``), and 16-bit images that converting to RGB would clip (they load as they are)."""
 from __future__ import annotations
 
 import json
@@ -146,33 +146,35 @@ def test_data_verify_config_key(tmp_path):
         load_config(tiny_recipe(tmp_path / "c", data__verify="fast"))
 
 
-# -- images must be 8-bit: 16-bit and float would be clipped to 255 by the RGB conversion ------------
+# -- 16-bit and float images keep their values (converting to RGB would clip them to 255) --------------
 def _deep_image(mode: str) -> Image.Image:
     """A non-8-bit grey image in PIL ``mode``, with values up to 60000 (1.5 as float): far above 255."""
+    return Image.fromarray(_deep_values(mode)) if mode != "I;16B" else Image.frombytes(
+        mode, (48, 40), _deep_values(mode).astype(">u2").tobytes())
+
+
+def _deep_values(mode: str) -> np.ndarray:
     ramp = np.linspace(0, 60000, 40 * 48).reshape(40, 48)
-    if mode == "I;16B":
-        return Image.frombytes(mode, (48, 40), ramp.astype(">u2").tobytes())
     if mode == "F":
-        return Image.fromarray((ramp / 40000).astype(np.float32))
-    return Image.fromarray(ramp.astype(np.uint16 if mode == "I;16" else np.int32))
+        return (ramp / 40000).astype(np.float32)
+    return ramp.astype(np.int32 if mode == "I" else np.uint16)
 
 
-@pytest.mark.parametrize("case, suffix, depth", [
-    ("I;16", ".png", "16-bit integer"), ("I;16B", ".tif", "16-bit integer"), ("I", ".tif", "32-bit integer"),
-    ("F", ".tif", "32-bit float"),
-])
-def test_non_8bit_image_is_refused_at_start_up_and_at_loading(tmp_path, case, suffix, depth):
+@pytest.mark.parametrize("case, suffix", [("I;16", ".png"), ("I;16B", ".tif"), ("I", ".tif"), ("F", ".tif")])
+def test_non_8bit_grey_image_loads_unclipped_for_one_channel_and_is_refused_for_three(tmp_path, case, suffix):
     path = _write_pair(tmp_path, "deep", _deep_image(case), suffix)
     with Image.open(path) as reread:
-        mode = reread.mode
-    assert mode == case, "PIL reads the file back in the mode it was written"
-    dataset = SegmentationFolder(tmp_path, "train")
-    with pytest.raises(DataError, match="must be 8-bit") as info:
-        dataset.validate(num_classes=3, ignore_index=255)
-    assert str(path) in str(info.value) and f"{mode!r} ({depth})" in str(info.value)
-    with pytest.raises(DataError, match="must be 8-bit") as info:
+        assert reread.mode == case, "PIL reads the file back in the mode it was written"
+    array = read_image(path, channels=1)
+    np.testing.assert_array_equal(array[..., 0], _deep_values(case))
+    assert array.shape == (40, 48, 1) and array.dtype.isnative
+    assert SegmentationFolder(tmp_path, "train", channels=1, verify="full").validate(3, 255) == []
+
+    with pytest.raises(DataError, match="has 1 channel but model.in_channels=3") as info:
+        SegmentationFolder(tmp_path, "train").validate(num_classes=3, ignore_index=255)
+    assert str(path) in str(info.value)
+    with pytest.raises(DataError, match="has 1 channel but model.in_channels=3"):
         read_image(path)
-    assert str(path) in str(info.value) and repr(mode) in str(info.value)
 
 
 @pytest.mark.parametrize("mode, suffix", [

@@ -189,20 +189,21 @@ def test_the_val_pipeline_resizing_is_undone_on_the_logits(capsys, run, tmp_path
 
 
 @pytest.mark.parametrize("array", [
-    np.zeros((32, 32, 3), dtype=np.float32),   # not uint8
+    np.zeros((32, 32, 3), dtype=bool),         # not numbers
     np.zeros((32, 32, 4), dtype=np.uint8),     # RGBA
     np.zeros((3, 32, 32), dtype=np.uint8),     # channels first
     np.zeros((1, 32, 32, 3), dtype=np.uint8),  # a batch
     np.zeros((0, 32, 3), dtype=np.uint8),      # empty
-], ids=["float32", "rgba", "chw", "batch", "empty"])
+], ids=["bool", "rgba", "chw", "batch", "empty"])
 def test_an_array_of_the_wrong_shape_or_dtype_says_what_is_expected(segmenter, array):
-    with pytest.raises(ValueError, match=r"uint8 array of shape \(H, W, 3\) RGB or \(H, W\) greyscale") as caught:
+    expected = r"uint8/uint16/float array of shape \(H, W, 3\) RGB or \(H, W\) greyscale"
+    with pytest.raises(ValueError, match=expected) as caught:
         segmenter.predict(array)
     assert str(array.shape) in str(caught.value) and str(array.dtype) in str(caught.value)
 
 
 def test_other_unusable_inputs_raise_naming_the_problem(run, segmenter, tmp_path):
-    with pytest.raises(ValueError, match="'I;16' is not 8-bit"):
+    with pytest.raises(ValueError, match="PIL image: the image has 1 channel but model.in_channels=3"):
         segmenter.predict(Image.fromarray(np.full((8, 8), 1000, dtype=np.uint16)))
     with pytest.raises(TypeError, match="path, a PIL image or a NumPy array, got list"):
         segmenter.predict([[0, 1], [2, 3]])

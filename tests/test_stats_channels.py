@@ -7,7 +7,7 @@ import yaml
 from PIL import Image
 
 from segfocal.config import load_config
-from segfocal.data.channel_stats import mean_std_from_histograms
+from segfocal.data.channel_stats import Moments
 
 from recipes import load_tool, run_tool, tiny_recipe
 
@@ -86,11 +86,12 @@ def test_stats_of_another_split_and_a_bad_image(capsys, tmp_path):
     np.testing.assert_allclose(result["data"]["std"], std, rtol=0, atol=1e-9)
 
 
-def test_mean_std_from_histograms_does_not_cancel():
-    """2e15 pixels of 254 and 255, and a constant channel: a float64 sum of squares would lose these."""
-    counts = np.zeros((2, 256), np.int64)
-    counts[0, 254] = counts[0, 255] = 10 ** 15
-    counts[1, 17] = 3 * 10 ** 15
-    mean, std = mean_std_from_histograms(counts)
+def test_moments_do_not_cancel():
+    """2e15 pixels of 254 and 255 (as two summaries), and a constant channel: a float64 sum of squares
+    would lose these."""
+    moments = Moments()
+    moments.merge(10 ** 15, np.array([254 / 255, 17 / 255]), np.zeros(2))
+    moments.merge(10 ** 15, np.array([255 / 255, 17 / 255]), np.zeros(2))
+    mean, std = moments.mean_std()
     assert mean == pytest.approx([254.5 / 255, 17 / 255], rel=1e-15)
     assert std[0] == pytest.approx(0.5 / 255, rel=1e-12) and std[1] == 0.0

@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
-    from ..data import build_dataset, build_loader
+    from ..data import build_loader
+    from ..data.splits import run_dataset
     from ..engine.distributed import resolve_device
     from ..engine.evaluate import evaluate
     from ..engine.precision import inference_precision
@@ -54,7 +55,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     data = cfg.data
     split = args.split or data.test_split
     device = resolve_device(cfg.device)
-    dataset = build_dataset(data, cfg.augment.val, split)
+    dataset = run_dataset(cfg, cfg.augment.val, split)
     dataset.validate(data.num_classes, data.ignore_index)
     loader = build_loader(dataset, cfg.eval.batch_size, shuffle=False, num_workers=data.num_workers, seed=cfg.seed,
                           drop_last=False)

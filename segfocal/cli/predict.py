@@ -7,10 +7,12 @@ The config saved in a trainer checkpoint is used unless ``--config`` is given (a
 file needs it); ``--set`` overrides either. The masks are those of
 :class:`segfocal.segmenter.Segmenter` for the same checkpoint.
 
-For each image writes ``<stem>.png`` (a palette PNG whose pixel values are class indices) and
+Images are read as training read them (any bit depth; ``model.in_channels`` channels, ``.npy``
+too). For each image writes ``<stem>.png`` (a palette PNG whose pixel values are class indices) and
 ``<stem>_overlay.png`` (the prediction blended over the image, above a legend of the classes it
 holds; ``--overlay-format jpg``: a smaller, lossy ``<stem>_overlay.jpg``). The colours are
-``data.palette``, else :func:`segfocal.data.default_palette`.
+``data.palette``, else :func:`segfocal.data.default_palette`; the overlay shows a grey image's one
+channel as grey and an image of more channels by its first three, non-8-bit values times ``data.scale``.
 
 Inputs are never overwritten: an ``--output`` that is the ``--input`` folder or lies inside it, or
 that would put a mask or overlay over an input file, is refused before anything is written or the
@@ -31,7 +33,7 @@ from typing import Tuple
 
 from .common import add_config_arguments, add_inference_arguments, config_from_args, command_main
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".npy")
 MAX_PIXELS = 2048 * 2048
 OVERLAY_FORMATS = {"png": ("PNG", {}), "jpg": ("JPEG", {"quality": 90})}  # suffix: PIL format, save options
 
@@ -101,17 +103,17 @@ def check_output_outside_input(source: Path, output: Path, images: list, overlay
                                 f"choose another output folder")
 
 
-def inference_mode(path: Path, mode: str, max_pixels: int, crop_size: list) -> str:
+def inference_mode(path: Path, mode: str, max_pixels: int, crop_size: list, channels: int = 3) -> str:
     """``mode``, or "slide" for a whole-mode image of more than ``max_pixels`` pixels (0: no limit).
 
     One forward pass over a large image needs memory in proportion to its pixels (a 4000x4000
     PNG took 6 GB); windows of ``crop_size`` bound it. The size is read from the header only.
     """
-    from ..data.folder import check_image
+    from ..data.images import check_image
 
     if mode != "whole" or not max_pixels:
         return mode
-    height, width = check_image(path)  # the header only; DataError naming the file if it is unfit
+    height, width = check_image(path, channels=channels)  # the header only; DataError naming the file if unfit
     if height * width <= max_pixels:
         return mode
     print(f"{path}: {width}x{height} = {height * width} pixels is more than --max-pixels {max_pixels}; "
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> list:
     from ..evaluation import class_names
     from ..files import replaced_atomically
     from ..segmenter import Segmenter
-    from ..visualize import overlay_masks, palette_of, with_legend
+    from ..visualize import display_images, overlay_masks, palette_of, with_legend
 
     cfg = config_from_args(args, checkpoint=args.checkpoint)
     source, output = Path(args.input), Path(args.output)
@@ -143,13 +145,13 @@ def run(args: argparse.Namespace) -> list:
     output.mkdir(parents=True, exist_ok=True)
     written = []
     for path in images:
-        mode = inference_mode(path, cfg.eval.mode, args.max_pixels, cfg.eval.crop_size)
+        mode = inference_mode(path, cfg.eval.mode, args.max_pixels, cfg.eval.crop_size, cfg.model.in_channels)
         if mode not in segmenters:  # the same model, run in sliding windows
             segmenters[mode] = Segmenter(segmenters[cfg.eval.mode].model, cfg, device, mode=mode)
-        rgb = read_image(path)  # DataError naming the file for any unreadable or oversized image
-        mask = torch.from_numpy(segmenters[mode].predict(rgb))
-        blended = overlay_masks(torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0), mask.unsqueeze(0), palette,
-                                cfg.data.ignore_index)
+        image = read_image(path, cfg.model.in_channels)  # DataError naming the file if unreadable or oversized
+        mask = torch.from_numpy(segmenters[mode].predict(image))
+        shown = display_images(torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0), cfg.data.scale)
+        blended = overlay_masks(shown, mask.unsqueeze(0), palette, cfg.data.ignore_index)
         overlay = with_legend(blended[0].permute(1, 2, 0).numpy(), palette, names, mask.unique().tolist())
         mask_name, overlay_name = output_names(path, args.overlay_format)
         with replaced_atomically(output / mask_name) as handle:

@@ -1,10 +1,12 @@
-"""Class pixel frequencies of a dataset split, the class weights each scheme would give, and the
-per-channel image mean/std.
+"""Class pixel frequencies of a dataset split, the class weights each scheme would give, the mask
+values as stored and the per-channel image mean/std.
 
     segfocal stats --config CFG [--split train] [--output weights.yaml]
 
-The per-scheme weights are printed, and so is the images' mean/std as a ``data: {mean, std}``
-line in the units of ``data.mean``/``data.std`` (fractions of 255). With ``--output`` both go
+The per-scheme weights are printed; so are the mask values found in the files before
+``data.label_map``/``data.reduce_zero_label`` (to write a label map from), and the images' mean/std,
+one value per channel, as a ``data: {mean, std}`` line in the units of ``data.mean``/``data.std``
+(stored values times ``data.scale``; fractions of 255 for 8-bit images by default). With ``--output`` both go
 into a YAML config fragment (``loss: {weight: [...]}`` of ``--scheme`` and ``data: {mean, std}``)
 that a recipe can use via ``_base_`` or copy from.
 """
@@ -55,8 +57,13 @@ def run(args: argparse.Namespace) -> dict:
     for index, name in enumerate(names):
         row = f"{name:<16}{int(counts[index]):>12}{int(counts[index]) / total:>9.4f}"
         print(row + "".join(f"{weights[scheme][index]:>11.4f}" for scheme in WEIGHT_SCHEMES))
-    mean, std = image_mean_std((image for image, _ in dataset.samples), skip_bad=data.bad_samples == "skip")
-    print("per-channel image mean/std (fractions of 255, as data.mean/data.std take them):")
+    stored = dataset.stored_value_counts()
+    shown = ", ".join(f"{value}: {pixels}" for value, pixels in list(stored.items())[:_SHOWN_VALUES])
+    more = f" and {len(stored) - _SHOWN_VALUES} more" if len(stored) > _SHOWN_VALUES else ""
+    print(f"mask values as stored (value: pixels), before data.label_map/reduce_zero_label: {shown}{more}")
+    mean, std = image_mean_std((image for image, _ in dataset.samples), channels=len(data.mean), scale=data.scale,
+                               skip_bad=data.bad_samples == "skip")
+    print("per-channel image mean/std (stored values x data.scale, as data.mean/data.std take them):")
     print(f"data: {{mean: {_flow(mean)}, std: {_flow(std)}}}")
     if args.output:
         fragment = {"loss": {"weight": weights[args.scheme]},
@@ -65,7 +72,10 @@ def run(args: argparse.Namespace) -> dict:
                    f"({len(dataset)} images)\n")
         Path(args.output).write_text(comment + yaml.safe_dump(fragment, default_flow_style=None))
         print(f"wrote {args.output}")
-    return {"counts": counts.tolist(), "weights": weights, "data": {"mean": mean, "std": std}}
+    return {"counts": counts.tolist(), "weights": weights, "data": {"mean": mean, "std": std}, "stored_values": stored}
+
+
+_SHOWN_VALUES = 40  # mask values printed
 
 
 def _flow(values: list) -> str:

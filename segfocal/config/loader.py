@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, Mapping, Union
 import yaml
 
 from .schema import (CHOICES, PER_CLASS_METRICS, SUMMARY_METRICS, TERM_NAMES, TERM_OPTIONS, WEIGHT_SCHEMES, Config,
-                     LossTermConfig)
+                     DataConfig, LossTermConfig)
 
 
 class ConfigError(ValueError):
@@ -95,6 +95,7 @@ def check_consistency(config: Config, source: str = "config") -> None:
     _check_checkpoint_metric(config, source)
     _check_palette(config, source)
     _check_ranges(config, source)
+    _check_data(config, source)
 
 
 def _check_checkpoint_metric(config: Config, source: str) -> None:
@@ -140,6 +141,33 @@ def _check_palette(config: Config, source: str) -> None:
     for index, colour in enumerate(palette):
         if len(colour) != 3 or not all(0 <= value <= 255 for value in colour):
             raise ConfigError(f"{source}: data.palette[{index}] must be [r, g, b] with values 0..255, got {colour}")
+
+
+def _check_data(config: Config, source: str) -> None:
+    """``data.scale``, ``data.label_map``, ``data.reduce_zero_label``, ``data.val_fraction`` and ``data.layout``'s
+    folder keys."""
+    data, default = config.data, DataConfig()
+    if data.scale is not None and not (math.isfinite(data.scale) and data.scale > 0):
+        raise ConfigError(f"{source}: data.scale must be a finite number > 0 (or null: the type's full range), "
+                          f"got {data.scale!r}")
+    if data.label_map is not None and data.reduce_zero_label:
+        raise ConfigError(f"{source}: data.label_map and data.reduce_zero_label are both set; use one (list the "
+                          f"shifted ids in data.label_map)")
+    for key, value in (data.label_map or {}).items():
+        where = f"{source}: data.label_map[{key!r}]={value!r}"
+        if type(key) is not int or key < 0:
+            raise ConfigError(f"{where}: stored mask values are integers >= 0")
+        if type(value) is not int or not (0 <= value < data.num_classes or value == data.ignore_index):
+            raise ConfigError(f"{where}: a train id must be a class 0..{data.num_classes - 1} "
+                              f"(data.num_classes={data.num_classes}) or data.ignore_index={data.ignore_index}")
+    if data.val_fraction is not None and not (0 < data.val_fraction < 1 and data.val_split != data.train_split):
+        raise ConfigError(f"{source}: data.val_fraction={data.val_fraction!r} must be in (0, 1), with data.val_split "
+                          f"(the carved part, {data.val_split!r}) named apart from data.train_split")
+    if data.layout != "folder":
+        for key in ("image_dir", "mask_dir", "split_file"):
+            if getattr(data, key) != getattr(default, key):
+                raise ConfigError(f"{source}: data.{key}={getattr(data, key)!r} is not used with data.layout="
+                                  f"{data.layout!r}, which knows where its files are; remove data.{key}")
 
 
 def _check_ranges(config: Config, source: str) -> None:

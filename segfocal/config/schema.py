@@ -27,7 +27,15 @@ class DataConfig:
     ``image_dir``/``mask_dir`` are relative to ``root``, with ``{split}`` replaced by the split
     name: ``{split}/images`` + ``{split}/masks`` for the synthetic set, ``{split}`` + ``{split}annot``
     for CamVid as downloaded. ``split_file``, when set, lists the stems (or "image mask" path pairs)
-    of a split, one a line.
+    of a split, one a line. ``layout`` other than ``folder`` finds the files where Cityscapes, Pascal
+    VOC or ADE20K put them instead (``image_dir``/``mask_dir``/``split_file`` are then not used).
+
+    Images have ``len(mean)`` = ``model.in_channels`` channels of any bit depth; a value ``x`` reaches
+    the model as ``(x * scale - mean) / std``, ``scale`` null meaning the type's full range (1/255
+    for 8-bit, 1/65535 for 16-bit, 1 for float images). ``label_map`` (stored value → train id, the
+    values it leaves out → ``ignore_index``) or ``reduce_zero_label`` (0 → ignore, v → v - 1) turns
+    stored mask values into train ids. ``val_fraction`` carves the val split from the train split
+    (drawn with the run's seed, recorded in ``work_dir/val_split.json``).
     """
 
     root: str = "data/synthetic"
@@ -49,6 +57,11 @@ class DataConfig:
     bad_samples: str = "error"
     verify: str = "header"
     synthetic: Optional[SyntheticConfig] = None
+    layout: str = "folder"
+    scale: Optional[float] = None
+    label_map: Optional[Dict[int, int]] = None
+    reduce_zero_label: bool = False
+    val_fraction: Optional[float] = None
 
 
 @dataclass
@@ -223,6 +236,7 @@ CHOICES: Dict[str, tuple] = {
     "device": ("auto", "cpu", "cuda"),
     "data.bad_samples": ("error", "skip"),
     "data.verify": ("header", "full"),
+    "data.layout": ("folder", "cityscapes", "voc", "ade20k"),
     "loss.name": ("focal", "cross_entropy"),
     "loss.normalize": ("pixels", "weights"),
     "optim.name": ("adamw", "sgd"),

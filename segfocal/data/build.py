@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..config import DataConfig
 from ..engine.seeding import reseed_transform, seed_augmentation_worker
 from .folder import SegmentationFolder
+from .labels import LabelRemap
+from .layouts import layout_folders
 from .synthetic import ensure_synthetic_dataset
 from .transforms import build_transform
 
@@ -25,16 +27,21 @@ def build_dataset(data: DataConfig, augment_items: List[Dict[str, Any]], split: 
     ``augment_items`` + normalisation as its transform; the synthetic set is generated first
     when ``data.synthetic`` is set and ``data.root`` does not hold it yet.
 
-    Loaded masks are checked against ``data.num_classes``/``data.ignore_index``; ``data.verify``
-    sets how closely the dataset's ``validate`` reads the images.
+    Loaded masks are remapped by ``data.label_map``/``data.reduce_zero_label`` and checked against
+    ``data.num_classes``/``data.ignore_index``; ``data.verify`` sets how closely the dataset's
+    ``validate`` reads the images. Images must have one channel per ``data.mean`` value, which the
+    config loader has checked to be ``model.in_channels``.
     """
     if data.synthetic is not None:
         ensure_synthetic_dataset(Path(data.root), data.synthetic, data.num_classes, data.ignore_index)
-    transform = build_transform(augment_items, data.mean, data.std, ignore_index=data.ignore_index)
+    transform = build_transform(augment_items, data.mean, data.std, ignore_index=data.ignore_index, scale=data.scale)
+    image_dir, mask_dir, split_file = layout_folders(data.layout, data.image_dir, data.mask_dir, data.split_file)
     return SegmentationFolder(
-        data.root, split, image_dir=data.image_dir, mask_dir=data.mask_dir, split_file=data.split_file,
+        data.root, split, image_dir=image_dir, mask_dir=mask_dir, split_file=split_file,
         color_map=data.color_map, transform=transform, bad_samples=data.bad_samples,
         num_classes=data.num_classes, ignore_index=data.ignore_index, verify=data.verify,
+        channels=len(data.mean), scale=data.scale, layout=data.layout,
+        remap=LabelRemap(data.label_map, data.reduce_zero_label, data.ignore_index),
     )
 
 

@@ -1,8 +1,9 @@
 """A split of paired image/mask folders as a torch Dataset, matched by file stem.
 
 Layouts: ``root/{split}/images`` + ``root/{split}/masks`` (the synthetic set) or ``root/{split}`` +
-``root/{split}annot`` (CamVid as downloaded). Every problem with the files raises
-:class:`DataError` naming the path, or, with ``bad_samples="skip"``, skips the sample.
+``root/{split}annot`` (CamVid as downloaded), and the standard datasets' (:mod:`.layouts`). Every
+problem with the files raises :class:`DataError` naming the path, or, with ``bad_samples="skip"``,
+skips the sample.
 """
 from __future__ import annotations
 
@@ -12,64 +13,20 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageMode
 from torch.utils.data import Dataset
 
 from .errors import DataError
+from .images import IMAGE_SUFFIXES, check_image, pipeline_image, read_image
+from .labels import LabelRemap
+from .layouts import cityscapes_samples
 from .masks import check_mask_values, read_mask
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-MASK_SUFFIXES = IMAGE_SUFFIXES
+MASK_SUFFIXES = tuple(suffix for suffix in IMAGE_SUFFIXES if suffix != ".npy")
 BAD_SAMPLE_MODES = ("error", "skip")
 VERIFY_MODES = ("header", "full")
 _SHOWN = 5  # how many stems/files an error message lists
 
 Sample = Tuple[Path, Path]
-_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-def read_image(path: Path) -> np.ndarray:
-    """The 8-bit image at ``path`` as an (H, W, 3) uint8 RGB array; unreadable files raise DataError."""
-    try:
-        with Image.open(path) as image:
-            _require_8bit(image.mode, path)
-            return np.array(image.convert("RGB"))
-    except DataError:
-        raise
-    except _READ_ERRORS as error:
-        raise DataError(f"cannot read image {path}: {error}", path) from None
-
-
-def check_image(path: Path, decode: bool = False) -> Tuple[int, int]:
-    """(height, width) of the 8-bit image at ``path``, raising DataError for an image unfit to load.
-
-    By default only the header is read: that catches a missing, unrecognised or non-8-bit file but
-    not truncated or corrupt pixel data, which ``decode=True`` catches by decoding every pixel.
-    """
-    try:
-        with Image.open(path) as image:
-            if decode:
-                image.load()
-            mode, (width, height) = image.mode, image.size
-    except _READ_ERRORS as error:
-        raise DataError(f"cannot read image {path}: {error}", path) from None
-    _require_8bit(mode, path)
-    return height, width
-
-
-def _require_8bit(mode: str, path: Path) -> None:
-    """Raise DataError unless PIL ``mode`` has 8 (or 1) bits a channel.
-
-    Converting a 16-bit or float image to RGB would clip every value above 255.
-    """
-    typestr = ImageMode.getmode(mode).typestr  # e.g. "|u1" for L/RGB/P, "<u2" for I;16, "<f4" for F
-    if typestr in ("|u1", "|b1"):
-        return
-    kind = "float" if typestr[1] == "f" else "integer"
-    raise DataError(
-        f"{path}: image mode {mode!r} ({8 * int(typestr[2:])}-bit {kind}) is not supported; images must be "
-        f"8-bit (L, RGB, RGBA, P, ...): convert it (e.g. scale it to 8 bits) for now", path
-    )
 
 
 def _check_same_size(mask_path: Path, mask_size: Sequence[int], image_path: Path, image_size: Sequence[int]) -> None:
@@ -107,9 +64,13 @@ class SegmentationFolder(Dataset):
     replaced by ``split``. ``split_file`` lines are a stem (or file name), or an "image mask" pair
     of paths such as CamVid's ``/SegNet/CamVid/train/x.png /SegNet/CamVid/trainannot/x.png``, of
     which only the file stems are used to find the files in the folders. ``transform`` is an
-    albumentations pipeline called with ``image=`` and ``mask=``.
+    albumentations pipeline called with ``image=`` and ``mask=``; it gets images as
+    :func:`~segfocal.data.images.pipeline_image` makes them with ``scale``. ``layout="cityscapes"``
+    pairs ``*_leftImg8bit.png`` with ``*_gtFine_labelIds.png`` in the city folders instead.
 
-    Items are ``(image float32 [3, H, W], mask int64 [H, W])``. With ``num_classes`` (and
+    Images must have ``channels`` channels (``model.in_channels``); masks are remapped by
+    ``remap`` (a :class:`~segfocal.data.labels.LabelRemap`) as they are read.
+    Items are ``(image float32 [channels, H, W], mask int64 [H, W])``. With ``num_classes`` (and
     ``ignore_index``) set, every loaded mask's values are checked too. ``bad_samples="skip"``
     replaces a sample that cannot be used by the next good one and records it in ``skipped``
     as ``(path, reason)``; in DataLoader workers that list is the worker's own copy, so call
@@ -130,6 +91,10 @@ class SegmentationFolder(Dataset):
         num_classes: Optional[int] = None,
         ignore_index: Optional[int] = None,
         verify: str = "header",
+        channels: int = 3,
+        scale: Optional[float] = None,
+        remap: Optional[LabelRemap] = None,
+        layout: str = "folder",
     ) -> None:
         if bad_samples not in BAD_SAMPLE_MODES:
             raise ValueError(f"bad_samples must be one of {BAD_SAMPLE_MODES}, got {bad_samples!r}")
@@ -146,12 +111,18 @@ class SegmentationFolder(Dataset):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.verify = verify
+        self.channels = channels
+        self.scale = scale
+        self.remap = remap
+        self.layout = layout
         self.skipped: List[Tuple[str, str]] = []
         self._bad: Set[Path] = set()
         self.samples: List[Sample] = self._find_samples()
 
     # -- discovery -------------------------------------------------------------------------
     def _find_samples(self) -> List[Sample]:
+        if self.layout == "cityscapes":
+            return cityscapes_samples(self.image_folder, self.mask_folder)
         images = index_folder(self.image_folder, IMAGE_SUFFIXES, "image")
         masks = index_folder(self.mask_folder, MASK_SUFFIXES, "mask")
         if self.split_file is not None:
@@ -224,15 +195,20 @@ class SegmentationFolder(Dataset):
 
     def _load(self, sample: Sample) -> Tuple[torch.Tensor, torch.Tensor]:
         image_path, mask_path = sample
-        image = read_image(image_path)
-        mask = read_mask(mask_path, self.color_map)
+        image = read_image(image_path, self.channels)
+        mask = self.read_mask(mask_path)
         _check_same_size(mask_path, mask.shape, image_path, image.shape[:2])
         if self.num_classes is not None:
             check_mask_values(mask, mask_path, self.num_classes, _ignore(self.ignore_index))
         if self.transform is not None:
-            out = self.transform(image=image, mask=mask)
+            out = self.transform(image=pipeline_image(image, self.scale, image_path), mask=mask)
             image, mask = out["image"], out["mask"]
         return _image_tensor(image), _mask_tensor(mask)
+
+    def read_mask(self, path: Path) -> np.ndarray:
+        """The mask at ``path`` in train ids: decoded with ``color_map``, then remapped."""
+        mask = read_mask(path, self.color_map)
+        return mask if self.remap is None else self.remap(mask)
 
     def _skip(self, sample: Sample, error: DataError) -> None:
         self._bad.add(sample[0])
@@ -242,7 +218,7 @@ class SegmentationFolder(Dataset):
 
     # -- whole-split passes ----------------------------------------------------------------
     def validate(self, num_classes: int, ignore_index: int) -> List[Tuple[str, str]]:
-        """Check every mask's values and readability, and every image's bit depth and size.
+        """Check every mask's values and readability, and every image's channel count and size.
 
         Reads each mask once and, with ``verify="header"``, only the header of each image (a
         truncated or corrupt image then fails when loaded); ``verify="full"`` decodes every image
@@ -257,9 +233,9 @@ class SegmentationFolder(Dataset):
         pixels: Dict[Sample, int] = {}
         for sample in self.samples:
             try:
-                mask = read_mask(sample[1], self.color_map)
+                mask = self.read_mask(sample[1])
                 check_mask_values(mask, sample[1], num_classes, ignore_index)
-                size = check_image(sample[0], decode=self.verify == "full")
+                size = check_image(sample[0], decode=self.verify == "full", channels=self.channels)
                 _check_same_size(sample[1], mask.shape, sample[0], size)
                 good.append(sample)
                 pixels[sample] = size[0] * size[1]
@@ -287,7 +263,7 @@ class SegmentationFolder(Dataset):
         except DataError:
             raise
         except Exception as error:  # albumentations raises several types; the message says what
-            height, width = check_image(sample[0])
+            height, width = check_image(sample[0], channels=self.channels)
             raise DataError(f"the augmentation pipeline of split '{self.split}' fails on {sample[0]} ({width}x"
                             f"{height}, its smallest image): {type(error).__name__}: {str(error).splitlines()[0]}. "
                             f"Pad (PadIfNeeded) or resize before cropping, or crop smaller", sample[0]) from None
@@ -300,7 +276,7 @@ class SegmentationFolder(Dataset):
         counts = np.zeros(num_classes, dtype=np.int64)
         for sample in self.samples:
             try:
-                mask = read_mask(sample[1], self.color_map)
+                mask = self.read_mask(sample[1])
             except DataError as error:
                 if self.bad_samples == "error":
                     raise
@@ -313,6 +289,21 @@ class SegmentationFolder(Dataset):
             counts[self.ignore_index] = 0
         return torch.from_numpy(counts)
 
+    def stored_value_counts(self) -> Dict[int, int]:
+        """Pixels per mask value as the files store it, before the remap (colour masks: after
+        ``color_map``), over the split's readable masks, in value order: what a label map maps from."""
+        totals: Dict[int, int] = {}
+        for _, path in self.samples:
+            try:
+                values, pixels = np.unique(read_mask(path, self.color_map), return_counts=True)
+            except DataError:
+                if self.bad_samples == "error":
+                    raise
+                continue
+            for value, count in zip(values.tolist(), pixels.tolist()):
+                totals[value] = totals.get(value, 0) + count
+        return dict(sorted(totals.items()))
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(split={self.split!r}, samples={len(self)}, images={self.image_folder}, "
                 f"masks={self.mask_folder})")
@@ -323,7 +314,7 @@ def _ignore(ignore_index: Optional[int]) -> int:
 
 
 def _image_tensor(image: Any) -> torch.Tensor:
-    """A float32 [3, H, W] tensor from a transform's output (tensor or HWC array; uint8 → [0, 1])."""
+    """A float32 [C, H, W] tensor from a transform's output (tensor or HWC array; uint8 → [0, 1])."""
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
     if image.dtype == torch.uint8:

@@ -2,7 +2,9 @@
 
 A config lists transforms as ``A.to_dict(pipeline)["transform"]["transforms"]`` would, for example
 ``{"__class_fullname__": "HorizontalFlip", "p": 0.5}``; :func:`build_transform` wraps them in a
-Compose dict, restores it with ``A.from_dict`` and appends ``Normalize`` and ``ToTensorV2``.
+Compose dict, restores it with ``A.from_dict`` and appends :class:`ScaledNormalize` and ``ToTensorV2``.
+The pipeline takes what :func:`~segfocal.data.images.pipeline_image` gives: uint8 images, or float32
+images already multiplied by ``data.scale``.
 
 Three segmentation safeguards on top of plain ``A.from_dict``:
 
@@ -25,9 +27,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import albumentations as A
 import albumentations.pytorch  # noqa: F401  (registers ToTensorV2 for A.from_dict)
 import cv2
+import numpy as np
 from albumentations.core.serialization import SERIALIZABLE_REGISTRY, shorten_class_name
 
 from ..config import ConfigError
+from .images import uint8_max_pixel_value
 
 _NEAREST = cv2.INTER_NEAREST
 # fill_mask is the value of a dropped object here, not of padding: leave it as configured.
@@ -41,23 +45,27 @@ def build_transform(
     std: Sequence[float],
     ignore_index: Optional[int] = None,
     seed: Optional[int] = None,
+    scale: Optional[float] = None,
 ) -> A.Compose:
-    """``A.from_dict`` of ``items`` in a Compose, then ``Normalize(mean, std)`` and ``ToTensorV2``.
+    """``A.from_dict`` of ``items`` in a Compose, then :class:`ScaledNormalize` and ``ToTensorV2``.
 
-    Invalid items raise :class:`ConfigError` naming the item's index and albumentations' message.
-    ``seed`` seeds the Compose's own random state (the DataLoader re-seeds it per worker).
+    An image value ``x`` reaches the model as ``(x * scale - mean) / std`` per channel, with ``scale``
+    (``data.scale``) 1/255 for uint8 images by default. Invalid items raise :class:`ConfigError`
+    naming the item's index and albumentations' message. ``seed`` seeds the Compose's own random
+    state (the DataLoader re-seeds it per worker).
     """
     items = [] if items is None else items
-    if len(mean) != len(std) or len(mean) not in (1, 3) or not all(float(value) > 0 for value in std):
-        raise ConfigError(f"data.mean={list(mean)} / data.std={list(std)}: expected 3 (or 1) values each, "
-                          f"std > 0")
+    if len(mean) != len(std) or not mean or not all(float(value) > 0 for value in std):
+        raise ConfigError(f"data.mean={list(mean)} / data.std={list(std)}: expected one value each per "
+                          f"channel, std > 0")
     if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Sequence):
         raise ConfigError(f"augmentation: expected a list of albumentations transform dicts, got {items!r}")
     prepared = [_prepare(item, f"augmentation item {index}", ignore_index) for index, item in enumerate(items)]
     for index, item in enumerate(prepared):
         _instantiate(item, f"augmentation item {index} ({items[index]!r})")
     tail = [
-        {"__class_fullname__": "Normalize", "mean": list(mean), "std": list(std), "max_pixel_value": 255.0, "p": 1.0},
+        {"__class_fullname__": ScaledNormalize.get_class_fullname(), "mean": list(mean), "std": list(std),
+         "uint8_max": uint8_max_pixel_value(scale), "p": 1.0},
         {"__class_fullname__": "ToTensorV2", "p": 1.0},
     ]
     compose = {"__class_fullname__": "Compose", "p": 1.0, "transforms": prepared + tail,
@@ -68,6 +76,24 @@ def build_transform(
             return A.from_dict({"transform": compose})
         except Exception as error:  # only the appended Normalize can still fail here
             raise ConfigError(f"data.mean={list(mean)} / data.std={list(std)}: {_message(error)}") from None
+
+
+class ScaledNormalize(A.ImageOnlyTransform):
+    """albumentations' ``Normalize(mean, std)`` for both kinds of pipeline image: uint8 ones with
+    ``max_pixel_value=uint8_max`` (``1 / data.scale``, 255 by default: the 8-bit path as it always
+    was) and float32 ones, already scaled, with ``max_pixel_value=1`` (nothing clipped)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], uint8_max: float = 255.0, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        self.mean, self.std, self.uint8_max = list(mean), list(std), uint8_max
+        self._uint8 = A.Normalize(mean=self.mean, std=self.std, max_pixel_value=uint8_max, p=1.0)
+        self._scaled = A.Normalize(mean=self.mean, std=self.std, max_pixel_value=1.0, p=1.0)
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        return (self._uint8 if img.dtype == np.uint8 else self._scaled).apply(img)
+
+    def get_transform_init_args_names(self) -> Tuple[str, ...]:
+        return ("mean", "std", "uint8_max")
 
 
 def _prepare(item: Any, where: str, ignore_index: Optional[int]) -> Dict[str, Any]:
@@ -152,4 +178,4 @@ def _message(error: Exception) -> str:
     return f"{type(error).__name__}: " + "; ".join(kept)
 
 
-__all__: List[str] = ["build_transform"]
+__all__: List[str] = ["build_transform", "ScaledNormalize"]

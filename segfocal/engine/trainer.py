@@ -22,7 +22,8 @@ from torch.utils.data import DistributedSampler, Subset
 
 from ..config import Config, ConfigError, save_config, to_dict
 from ..config.schema import SUMMARY_METRICS
-from ..data import build_dataset, build_loader
+from ..data import build_loader
+from ..data.splits import run_dataset
 from ..evaluation import class_names, format_table
 from ..models import build_model
 from ..visualize import denormalize, legend, overlay_masks, palette_of
@@ -105,8 +106,8 @@ class Trainer:
             except OSError as error:
                 raise ConfigError(f"work_dir {self.work_dir} cannot be written ({error.filename}: {error.strerror}); "
                                   f"choose a writable one with --work-dir") from None
-        self.train_set = build_dataset(data, cfg.augment.train, data.train_split)
-        self.val_set = build_dataset(data, cfg.augment.val, data.val_split)
+        self.train_set = run_dataset(cfg, cfg.augment.train, data.train_split, record=self.dist.is_main)
+        self.val_set = run_dataset(cfg, cfg.augment.val, data.val_split)
         for dataset in (self.train_set, self.val_set):
             dataset.validate(data.num_classes, data.ignore_index)
         self.train_sampler = (

@@ -1,0 +1,167 @@
+"""Images of any channel count and bit depth as (H, W, C) arrays, and their scaling for the pipeline.
+
+PIL reads PNG, JPEG, BMP and TIFF (8-bit, 16-bit ``I;16``, 32-bit ``I`` and float ``F`` modes); a
+multi-page TIFF of single-band pages is read as one image with a channel per page; NumPy ``.npy``
+files hold (H, W) or (H, W, C) arrays. Values keep their type: nothing is clipped to 8 bits.
+
+For a 3-channel model (``channels=3``), 8-bit images are converted to RGB as before (grey
+repeated, palette colours looked up, alpha dropped), so RGB datasets load exactly as they did.
+
+albumentations takes uint8 images (0..255) and float32 images (0..1 by its pixel-level
+transforms' convention), nothing else. :func:`pipeline_image` therefore leaves uint8 images as
+they are (``Normalize``'s ``max_pixel_value`` is then ``1 / scale``) and turns any other image into
+float32 ``value * scale``; ``scale`` (``data.scale``) defaults to the type's full range:
+1/255 for uint8, 1/65535 for uint16, 1 for float.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import numpy as np
+from PIL import Image, ImageMode, ImageSequence
+
+from .errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
+DEFAULT_SCALES = {np.dtype(np.uint8): 1 / 255, np.dtype(np.uint16): 1 / 65535}
+_READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+_EIGHT_BIT = ("|u1", "|b1")
+# 8-bit modes read as other modes when the channels are kept: bits as grey, palettes as their colours
+_KEPT_AS = {"1": "L", "P": "RGB", "PA": "RGBA"}
+
+PathLike = Union[str, Path]
+
+
+def read_image(path: PathLike, channels: Optional[int] = 3) -> np.ndarray:
+    """The image at ``path`` as an (H, W, C) array of its own type.
+
+    ``channels`` is the model's ``in_channels``: an image with another channel count raises
+    :class:`DataError` naming the file and both counts (``None``: any count). Unreadable files
+    raise DataError too.
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".npy":
+            array = _hwc(np.load(path, allow_pickle=False), path)
+        else:
+            with Image.open(path) as image:
+                array = pil_array(image, channels, path)
+    except DataError:
+        raise
+    except _READ_ERRORS as error:
+        raise _unreadable(path, error) from None
+    check_channels(path, array.shape[2], channels)
+    return array.astype(array.dtype.newbyteorder("="), copy=False)  # torch needs native byte order
+
+
+def check_image(path: PathLike, decode: bool = False, channels: Optional[int] = 3) -> Tuple[int, int]:
+    """(height, width) of the image at ``path``, raising DataError for an image unfit to load.
+
+    By default only the header is read: that catches a missing or unrecognised file and a wrong
+    channel count, but not truncated or corrupt pixel data, which ``decode=True`` catches by
+    decoding every pixel.
+    """
+    path = Path(path)
+    if decode:
+        return read_image(path, channels).shape[:2]
+    try:
+        if path.suffix.lower() == ".npy":
+            array = _hwc(np.load(path, mmap_mode="r", allow_pickle=False), path)  # the header only
+            height, width, count = array.shape
+        else:
+            with Image.open(path) as image:
+                (width, height), count = image.size, _channel_count(image, channels)
+    except DataError:
+        raise
+    except _READ_ERRORS as error:
+        raise _unreadable(path, error) from None
+    check_channels(path, count, channels)
+    return height, width
+
+
+def check_channels(path: PathLike, count: int, channels: Optional[int]) -> None:
+    """Raise DataError naming ``path`` unless the image's ``count`` channels are the model's ``channels``."""
+    if channels is not None and count != channels:
+        raise DataError(f"{path}: the image has {count} channel{'s' * (count != 1)} but model.in_channels="
+                        f"{channels} (and data.mean/data.std have {channels} values); every image must have "
+                        f"model.in_channels channels", path)
+
+
+def pipeline_image(image: np.ndarray, scale: Optional[float], path: PathLike = "image") -> np.ndarray:
+    """``image`` as albumentations takes it: uint8 as it is, anything else float32 ``value * scale``."""
+    if image.dtype == np.uint8:
+        return image
+    return image.astype(np.float32) * np.float32(value_scale(image.dtype, scale, path))
+
+
+def value_scale(dtype: np.dtype, scale: Optional[float], path: PathLike = "image") -> float:
+    """The factor from stored values to the units of ``data.mean``/``data.std``: ``scale`` (``data.scale``)
+    or, when None, the type's full range; a type without one (e.g. int32) raises DataError naming
+    ``path`` and ``data.scale``."""
+    if scale is not None:
+        return scale
+    if dtype.kind == "f":
+        return 1.0
+    if dtype not in DEFAULT_SCALES:
+        raise DataError(f"{path}: {dtype} image values have no default scale; set data.scale (the factor that "
+                        f"brings them to the units of data.mean/data.std)", path)
+    return DEFAULT_SCALES[dtype]
+
+
+def uint8_max_pixel_value(scale: Optional[float]) -> float:
+    """``Normalize``'s ``max_pixel_value`` for uint8 images: 255 by default, else ``1 / data.scale``."""
+    return 255.0 if scale is None else 1.0 / scale
+
+
+def pil_array(image: Image.Image, channels: Optional[int], path: PathLike = "PIL image") -> np.ndarray:
+    """The (H, W, C) array :func:`read_image` makes of an open PIL ``image`` (channels not checked)."""
+    if image.format == "TIFF" and getattr(image, "n_frames", 1) > 1:
+        return _pages(image, path)
+    if ImageMode.getmode(image.mode).typestr in _EIGHT_BIT:
+        if channels == 3:
+            return np.array(image.convert("RGB"))
+        if image.mode in _KEPT_AS:
+            image = image.convert(_KEPT_AS[image.mode])
+    return _hwc(np.array(image), path)
+
+
+def _unreadable(path: Path, error: Exception) -> DataError:
+    """The DataError for a file PIL/NumPy cannot read; for a TIFF, how to store several bands readably."""
+    hint = ""
+    if path.suffix.lower() in (".tif", ".tiff") and isinstance(error, Image.UnidentifiedImageError):
+        hint = (" (if it holds several bands in one page: PIL reads single-band pages and 8-bit RGB/RGBA ones "
+                "only; save the bands as an (H, W, C) .npy, or as the pages of a multi-page TIFF)")
+    return DataError(f"cannot read image {path}: {error}{hint}", path)
+
+
+def _pages(image: Image.Image, path: Path) -> np.ndarray:
+    """The pages of a multi-page TIFF stacked as channels; each page must be one band of one size and type."""
+    pages = []
+    for number, page in enumerate(ImageSequence.Iterator(image)):
+        array = np.array(page)
+        if array.ndim != 2 or (pages and (array.shape, array.dtype) != (pages[0].shape, pages[0].dtype)):
+            raise DataError(f"{path}: page {number} of this multi-page TIFF is {page.mode} {page.size[0]}x"
+                            f"{page.size[1]}; pages are read as channels, so each must be a single band of "
+                            f"the first page's size and type", path)
+        pages.append(array)
+    return np.stack(pages, axis=-1)
+
+
+def _channel_count(image: Image.Image, channels: Optional[int]) -> int:
+    """How many channels :func:`read_image` gives ``image``, from its header."""
+    if image.format == "TIFF" and getattr(image, "n_frames", 1) > 1:
+        return image.n_frames
+    if ImageMode.getmode(image.mode).typestr in _EIGHT_BIT and channels == 3:
+        return 3
+    return len(ImageMode.getmode(_KEPT_AS.get(image.mode, image.mode)).bands)
+
+
+def _hwc(array: np.ndarray, path: Path) -> np.ndarray:
+    """``array`` as (H, W, C): an (H, W) one gets a channel axis; other shapes raise DataError."""
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or 0 in array.shape or array.dtype.kind not in "uif":
+        raise DataError(f"{path}: expected an (H, W) or (H, W, C) array of numbers, got {array.dtype} of shape "
+                        f"{array.shape}", path)
+    return array

@@ -1,0 +1,205 @@
+"""Images of any channel count and bit depth: 16-bit grey TIFF, 4-band .npy and multi-page TIFF reach
+the model as ``(x * scale - mean) / std``, unclipped; a wrong channel count names the file and
+``model.in_channels``; stats, TensorBoard and predict handle them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segfocal.config import load_config
+from segfocal.data import DataError, build_dataset, read_image
+from segfocal.data.channel_stats import image_mean_std
+from segfocal.engine.trainer import Trainer
+from segfocal.visualize import denormalize, display_images
+
+from recipes import load_tool, run_tool, tiny_recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+H, W = 32, 64
+
+
+def grey16(seed: int) -> np.ndarray:
+    """A 32x64 uint16 image whose first pixels are 40000 and 65535, far above 8 bits."""
+    image = np.random.default_rng(seed).integers(0, 65536, (H, W), dtype=np.uint16)
+    image[0, :2] = [40000, 65535]
+    return image
+
+
+def bands4(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 65536, (H, W, 4), dtype=np.uint16)
+
+
+def stripes() -> np.ndarray:
+    """Classes 0, 1, 2 in vertical stripes."""
+    return np.repeat(np.arange(W)[None] * 3 // W, H, axis=0).astype(np.uint8)
+
+
+def write_split(root: Path, split: str, images: list, suffix: str) -> list:
+    """``images`` as ``root/split/images/i<suffix>`` (TIFF via PIL, .npy via numpy) with stripe masks."""
+    for folder in ("images", "masks"):
+        (root / split / folder).mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(images):
+        path = root / split / "images" / f"{index}{suffix}"
+        np.save(path, image) if suffix == ".npy" else Image.fromarray(image).save(path)
+        Image.fromarray(stripes()).save(root / split / "masks" / f"{index}.png")
+        paths.append(path)
+    return paths
+
+
+def recipe(tmp_path: Path, channels: int, **overrides) -> Path:
+    settings = dict(data__synthetic=None, data__num_classes=3, data__class_names=["a", "b", "c"], data__batch_size=2,
+                    data__mean=[0.5] * channels, data__std=[0.25] * channels, model__in_channels=channels,
+                    train__epochs=1, train__log_images=1)
+    return tiny_recipe(tmp_path, **{**settings, **overrides})
+
+
+def train_capturing_inputs(config: Path) -> list:
+    """Train ``config`` one epoch; the model's inputs, batch by batch (training, then validation)."""
+    trainer = Trainer(load_config(config), progress=False)
+    inputs = []
+    trainer.model.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+    trainer.fit()
+    return inputs
+
+
+def test_a_16bit_grey_tiff_dataset_trains_with_one_channel_and_reaches_the_model_unclipped(tmp_path):
+    train = [grey16(seed) for seed in range(4)]
+    write_split(tmp_path / "data", "train", train, ".tif")
+    write_split(tmp_path / "data", "val", [grey16(9)], ".tif")
+    with Image.open(tmp_path / "data" / "train" / "images" / "0.tif") as written:
+        assert written.mode == "I;16"
+    config = recipe(tmp_path, 1, augment__train=[{"__class_fullname__": "HorizontalFlip", "p": 1.0}])
+    inputs = train_capturing_inputs(config)
+
+    expected = [(image[:, ::-1] / 65535 - 0.5) / 0.25 for image in train]  # flipped, then normalised
+    first_batch = inputs[0]
+    assert first_batch.shape == (2, 1, H, W)
+    for sample in first_batch[:, 0].double().numpy():
+        match = min(expected, key=lambda candidate: np.abs(candidate - sample).max())
+        np.testing.assert_allclose(sample, match, rtol=0, atol=1e-5)
+        assert sample[0, -1] == pytest.approx((40000 / 65535 - 0.5) / 0.25, abs=1e-6)
+        assert sample[0, -2] == pytest.approx(2.0, abs=1e-6)  # 65535: 1.0 scaled, (1 - 0.5) / 0.25
+    assert (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_data_scale_one_takes_mean_and_std_in_the_stored_units(tmp_path):
+    write_split(tmp_path / "data", "train", [grey16(0)], ".tif")
+    cfg = load_config(recipe(tmp_path, 1, data__scale=1.0, data__mean=[1000.0], data__std=[2000.0]))
+    resize = [{"__class_fullname__": "Resize", "height": H, "width": W, "interpolation": 0}]  # float32 through cv2
+    image, _ = build_dataset(cfg.data, resize, "train")[0]
+    np.testing.assert_allclose(image[0].double().numpy(), (grey16(0) - 1000.0) / 2000.0, rtol=1e-6, atol=1e-6)
+    assert float(image[0, 0, 0]) == pytest.approx(19.5) and float(image.max()) > 30  # 65535 → 32.27
+
+
+def test_a_4band_npy_dataset_trains_and_its_bands_reach_the_model(tmp_path):
+    train = [bands4(seed) for seed in range(2)]
+    write_split(tmp_path / "data", "train", train, ".npy")
+    write_split(tmp_path / "data", "val", [bands4(5)], ".npy")
+    inputs = train_capturing_inputs(recipe(tmp_path, 4, augment__train=[]))
+    assert inputs[0].shape == (2, 4, H, W)
+    stored = np.stack([image.transpose(2, 0, 1) / 65535 for image in train])
+    got = inputs[0].double().numpy() * 0.25 + 0.5
+    order = np.argsort(got[:, 0, 0, 0])
+    np.testing.assert_allclose(got[order], stored[np.argsort(stored[:, 0, 0, 0])], rtol=0, atol=1e-5)
+    assert (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_multipage_tiff_pages_are_channels(tmp_path):
+    pages = [grey16(seed) for seed in range(3)]
+    path = tmp_path / "stack.tif"
+    Image.fromarray(pages[0]).save(path, save_all=True, append_images=[Image.fromarray(p) for p in pages[1:]])
+    np.testing.assert_array_equal(read_image(path, channels=3), np.stack(pages, axis=-1))
+    rgb_pages = tmp_path / "rgb_pages.tif"
+    frame = Image.fromarray(np.zeros((H, W, 3), np.uint8))
+    frame.save(rgb_pages, save_all=True, append_images=[frame])
+    with pytest.raises(DataError, match="page 0 of this multi-page TIFF is RGB 64x32; pages are read as channels"):
+        read_image(rgb_pages, channels=2)
+
+
+def write_chunky_tiff(path: Path, bands: np.ndarray) -> None:
+    """A one-page uncompressed TIFF of an (H, W, S) uint16 array, samples interleaved, as GIS tools write
+    4-band imagery (PIL cannot write one). Tags per the TIFF 6.0 baseline, in ascending order."""
+    height, width, samples = bands.shape
+    pixels = bands.astype("<u2").tobytes()
+    per_sample = struct.pack(f"<{samples}H", *[16] * samples) + struct.pack(f"<{samples}H", *[1] * samples)
+    arrays_at = 8 + len(pixels)  # BitsPerSample, then SampleFormat, after the pixels (one sample: in the tags)
+    bits, formats = (16, 1) if samples == 1 else (arrays_at, arrays_at + 2 * samples)
+    tags = [(256, 3, 1, width), (257, 3, 1, height), (258, 3, samples, bits), (259, 3, 1, 1), (262, 3, 1, 1),
+            (273, 4, 1, 8), (277, 3, 1, samples), (278, 3, 1, height), (279, 4, 1, len(pixels)), (284, 3, 1, 1),
+            (339, 3, samples, formats)]
+    entries = b"".join(struct.pack("<HHII" if count > 1 or kind == 4 else "<HHIH2x", tag, kind, count, value)
+                       for tag, kind, count, value in tags)
+    ifd = struct.pack("<H", len(tags)) + entries + struct.pack("<I", 0)
+    path.write_bytes(b"II*\x00" + struct.pack("<I", arrays_at + len(per_sample)) + pixels + per_sample + ifd)
+
+
+def test_a_one_page_multiband_tiff_is_refused_with_how_to_store_it(tmp_path):
+    single = tmp_path / "single.tif"
+    write_chunky_tiff(single, grey16(0)[..., None])  # the writer is right: PIL reads its one-band form
+    np.testing.assert_array_equal(read_image(single, channels=1)[..., 0], grey16(0))
+    path = tmp_path / "bands.tif"
+    write_chunky_tiff(path, bands4(0))
+    with pytest.raises(DataError, match=r"cannot read image .*bands.tif: .*save the bands as an \(H, W, C\) .npy, "
+                                        r"or as the pages of a multi-page TIFF"):
+        read_image(path, channels=4)
+
+
+def test_an_image_with_another_channel_count_is_named_at_start(tmp_path):
+    write_split(tmp_path / "data", "train", [bands4(0), bands4(1)], ".npy")
+    write_split(tmp_path / "data", "val", [bands4(2)], ".npy")
+    odd = tmp_path / "data" / "train" / "images" / "1.npy"
+    np.save(odd, bands4(1)[..., :3])
+    with pytest.raises(DataError, match="the image has 3 channels but model.in_channels=4") as info:
+        Trainer(load_config(recipe(tmp_path, 4)), progress=False)
+    assert str(odd) in str(info.value)
+
+
+def test_an_integer_type_without_a_default_scale_asks_for_data_scale(tmp_path):
+    path = write_split(tmp_path / "data", "train", [grey16(0).astype(np.int32)], ".npy")[0]
+    dataset = build_dataset(load_config(recipe(tmp_path, 1)).data, [], "train")
+    with pytest.raises(DataError, match="int32 image values have no default scale; set data.scale") as info:
+        dataset.validate(3, 255)
+    assert str(path) in str(info.value)
+
+
+def test_stats_report_one_mean_and_std_per_channel_in_scaled_units(tmp_path, capsys):
+    paths = write_split(tmp_path / "data", "train", [bands4(0), bands4(1)], ".npy")
+    pixels = np.concatenate([np.load(path).reshape(-1, 4) / 65535 for path in paths])
+    mean, std = image_mean_std(paths, channels=4)
+    np.testing.assert_allclose(mean, pixels.mean(0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(std, pixels.std(0), rtol=0, atol=1e-12)
+    mean, _ = image_mean_std(paths, channels=4, scale=1.0)
+    np.testing.assert_allclose(mean, pixels.mean(0) * 65535, rtol=1e-12)
+
+    result = load_tool("dataset_stats").main(["--config", str(recipe(tmp_path, 4))])
+    np.testing.assert_allclose(result["data"]["mean"], pixels.mean(0), rtol=0, atol=1e-12)
+    assert result["stored_values"] == {0: 2 * H * 22, 1: 2 * H * 21, 2: 2 * H * 21}  # stripes of 22, 21, 21 columns
+    assert "mask values as stored (value: pixels), before data.label_map/reduce_zero_label: 0: 1408, 1: 1344, " \
+           "2: 1344\n" in capsys.readouterr().out
+
+
+def test_display_shows_grey_as_grey_and_the_first_three_bands():
+    grey = torch.tensor([[[[0, 65535, 32768]]]], dtype=torch.uint16)  # [1, 1, 1, 3]
+    assert display_images(grey, None)[0, :, 0].tolist() == [[0, 255, 128]] * 3
+    bands = torch.tensor([0.0, 0.5, 1.0, 0.25]).view(1, 4, 1, 1)
+    assert display_images(bands, None).flatten().tolist() == [0, 128, 255]
+    normalised = (torch.tensor([0.2, 0.9]).view(1, 1, 1, 2) - 0.5) / 0.25
+    assert denormalize(normalised, [0.5], [0.25])[0, :, 0].tolist() == [[51, 230]] * 3
+
+
+def test_predict_reads_16bit_images_as_training_did(tmp_path, capsys):
+    write_split(tmp_path / "data", "train", [grey16(0), grey16(1)], ".tif")
+    write_split(tmp_path / "data", "val", [grey16(2)], ".tif")
+    Trainer(load_config(recipe(tmp_path, 1, train__log_images=0)), progress=False).fit()
+    code, _, err = run_tool(capsys, load_tool("predict"), "--checkpoint", tmp_path / "run" / "best.pt",
+                            "--input", tmp_path / "data" / "val" / "images", "--output", tmp_path / "out")
+    assert code == 0, err
+    with Image.open(tmp_path / "out" / "0.png") as mask, Image.open(tmp_path / "out" / "0_overlay.png") as overlay:
+        assert mask.size == (W, H) and overlay.mode == "RGB" and overlay.width == W
