@@ -1,19 +1,22 @@
-"""Images of any channel count and bit depth: 16-bit grey TIFF, 4-band .npy and multi-page TIFF reach
-the model as ``(x * scale - mean) / std``, unclipped; a wrong channel count names the file and
-``model.in_channels``; stats, TensorBoard and predict handle them."""
+"""Images of any channel count and bit depth: 16-bit grey TIFF, 4-band .npy and TIFF (tifffile) and
+multi-page TIFF reach the model as ``(x * scale - mean) / std``, unclipped; a wrong channel count names
+the file and ``model.in_channels``; stats, TensorBoard and predict handle them."""
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
 import struct
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import Image
 
 from segfocal.config import load_config
-from segfocal.data import DataError, build_dataset, read_image
+from segfocal.data import DataError, build_dataset, check_image, read_image
 from segfocal.data.channel_stats import image_mean_std
 from segfocal.engine.trainer import Trainer
 from segfocal.visualize import denormalize, display_images
@@ -41,13 +44,19 @@ def stripes() -> np.ndarray:
 
 
 def write_split(root: Path, split: str, images: list, suffix: str) -> list:
-    """``images`` as ``root/split/images/i<suffix>`` (TIFF via PIL, .npy via numpy) with stripe masks."""
+    """``images`` as ``root/split/images/i<suffix>`` (.npy via numpy, (H, W, C) TIFF via tifffile, else PIL)
+    with stripe masks."""
     for folder in ("images", "masks"):
         (root / split / folder).mkdir(parents=True, exist_ok=True)
     paths = []
     for index, image in enumerate(images):
         path = root / split / "images" / f"{index}{suffix}"
-        np.save(path, image) if suffix == ".npy" else Image.fromarray(image).save(path)
+        if suffix == ".npy":
+            np.save(path, image)
+        elif image.ndim == 3:
+            tifffile.imwrite(path, image, photometric="minisblack", planarconfig="contig")
+        else:
+            Image.fromarray(image).save(path)
         Image.fromarray(stripes()).save(root / split / "masks" / f"{index}.png")
         paths.append(path)
     return paths
@@ -98,10 +107,11 @@ def test_data_scale_one_takes_mean_and_std_in_the_stored_units(tmp_path):
     assert float(image[0, 0, 0]) == pytest.approx(19.5) and float(image.max()) > 30  # 65535 → 32.27
 
 
-def test_a_4band_npy_dataset_trains_and_its_bands_reach_the_model(tmp_path):
+@pytest.mark.parametrize("suffix", [".npy", ".tif"])
+def test_a_4band_dataset_trains_and_its_bands_reach_the_model_unclipped(tmp_path, suffix):
     train = [bands4(seed) for seed in range(2)]
-    write_split(tmp_path / "data", "train", train, ".npy")
-    write_split(tmp_path / "data", "val", [bands4(5)], ".npy")
+    write_split(tmp_path / "data", "train", train, suffix)
+    write_split(tmp_path / "data", "val", [bands4(5)], suffix)
     inputs = train_capturing_inputs(recipe(tmp_path, 4, augment__train=[]))
     assert inputs[0].shape == (2, 4, H, W)
     stored = np.stack([image.transpose(2, 0, 1) / 65535 for image in train])
@@ -140,15 +150,108 @@ def write_chunky_tiff(path: Path, bands: np.ndarray) -> None:
     path.write_bytes(b"II*\x00" + struct.pack("<I", arrays_at + len(per_sample)) + pixels + per_sample + ifd)
 
 
-def test_a_one_page_multiband_tiff_is_refused_with_how_to_store_it(tmp_path):
+def test_a_one_page_multiband_tiff_pil_cannot_identify_is_read_by_tifffile(tmp_path):
     single = tmp_path / "single.tif"
     write_chunky_tiff(single, grey16(0)[..., None])  # the writer is right: PIL reads its one-band form
     np.testing.assert_array_equal(read_image(single, channels=1)[..., 0], grey16(0))
     path = tmp_path / "bands.tif"
     write_chunky_tiff(path, bands4(0))
-    with pytest.raises(DataError, match=r"cannot read image .*bands.tif: .*save the bands as an \(H, W, C\) .npy, "
-                                        r"or as the pages of a multi-page TIFF"):
-        read_image(path, channels=4)
+    with pytest.raises(Image.UnidentifiedImageError):
+        Image.open(path)
+    np.testing.assert_array_equal(read_image(path, channels=4), bands4(0))
+    assert check_image(path, channels=4) == (H, W)
+
+
+def marked_bands4() -> np.ndarray:
+    """bands4(0) with known values at two pixels: band order and (row, column) placement show."""
+    image = bands4(0)
+    image[0, 0] = [0, 1000, 40000, 65535]
+    image[31, 5] = [7, 8, 9, 10]
+    return image
+
+
+@pytest.mark.parametrize("planarconfig", ["contig", "separate"])
+def test_a_4band_uint16_tiff_reads_as_its_bands_in_either_layout(tmp_path, planarconfig):
+    path = tmp_path / "bands.tif"
+    image = marked_bands4()
+    tifffile.imwrite(path, image if planarconfig == "contig" else image.transpose(2, 0, 1),
+                     photometric="minisblack", planarconfig=planarconfig)
+    with tifffile.TiffFile(path) as tiff:
+        assert (tiff.pages[0].planarconfig, tiff.series[0].axes) == ((1, "YXS") if planarconfig == "contig"
+                                                                     else (2, "SYX"))
+    array = read_image(path, channels=4)
+    assert array.shape == (H, W, 4) and array.dtype == np.uint16
+    assert array[0, 0].tolist() == [0, 1000, 40000, 65535] and array[31, 5].tolist() == [7, 8, 9, 10]
+    np.testing.assert_array_equal(array, image)
+    assert check_image(path, channels=4) == (H, W)  # the header only: PIL reads the planar one as one I;16 band
+
+
+@pytest.mark.parametrize("planarconfig", ["contig", "separate"])
+def test_a_13band_float_tiff_reads_unclipped_without_pil_logging_an_error(tmp_path, caplog, planarconfig):
+    bands = np.random.default_rng(0).uniform(-200, 5000, (H, W, 13)).astype(np.float32)
+    bands[3, 4] = np.arange(13) * 100.5 - 150
+    path = tmp_path / "sentinel.tif"
+    tifffile.imwrite(path, bands if planarconfig == "contig" else bands.transpose(2, 0, 1),
+                     photometric="minisblack", planarconfig=planarconfig)
+    array = read_image(path, channels=13)
+    assert array.shape == (H, W, 13) and array.dtype == np.float32
+    assert array[3, 4].tolist() == [-150, -49.5, 51, 151.5, 252, 352.5, 453, 553.5, 654, 754.5, 855, 955.5, 1056]
+    np.testing.assert_array_equal(array, bands)
+    assert check_image(path, channels=13) == (H, W)
+    assert [record.getMessage() for record in caplog.records if record.name.startswith("PIL")] == []
+
+
+def test_a_multiband_tiff_with_another_channel_count_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "bands.tif"
+    tifffile.imwrite(path, bands4(0), photometric="minisblack", planarconfig="contig")
+    for check in (check_image, read_image):
+        with pytest.raises(DataError, match="the image has 4 channels but model.in_channels=3") as info:
+            check(path, channels=3)
+        assert str(path) in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # PIL, trying the header-only TIFF
+def test_tiffs_tifffile_cannot_make_one_image_of_are_refused_naming_the_file(tmp_path):
+    stack, empty, text = tmp_path / "stack.tif", tmp_path / "empty.tif", tmp_path / "text.tif"
+    tifffile.imwrite(stack, np.stack([bands4(0), bands4(1)]), photometric="minisblack", planarconfig="contig")
+    tifffile.imwrite(empty, grey16(0))
+    empty.write_bytes(empty.read_bytes()[:8])  # the header alone, no page
+    text.write_text("not an image")
+    for path, message in [(stack, r"this TIFF holds a 2x32x64x4 QYXS image \(tifffile axes\); expected Y, X and at "
+                                  r"most one band axis"),
+                          (empty, "cannot read image .*: tifffile finds no image in this TIFF"),
+                          (text, "cannot read image .*: not a TIFF file")]:
+        for check in (check_image, read_image):
+            with pytest.raises(DataError, match=message) as info:
+                check(path, channels=4)
+            assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("image, photometric, pixel", [
+    (np.arange(H * W * 3, dtype=np.uint16).reshape(H, W, 3) * 10, "rgb", [1920, 1930, 1940]),  # PIL: 8-bit RGB
+    ((np.arange(H * W * 2) % 256).astype(np.uint8).reshape(H, W, 2), "minisblack", [128, 129]),  # PIL: grey
+])
+def test_tiffs_pil_would_misread_are_read_by_tifffile(tmp_path, image, photometric, pixel):
+    path = tmp_path / "misread.tif"
+    tifffile.imwrite(path, image, photometric=photometric, planarconfig="contig")
+    array = read_image(path, channels=None)
+    assert array[1, 0].tolist() == pixel  # row 1 starts at value 64 * bands (times 10 for the RGB one)
+    np.testing.assert_array_equal(array, image)
+
+
+def test_without_tifffile_a_multiband_tiff_asks_for_it_and_pil_tiffs_still_load(tmp_path, monkeypatch):
+    bands, rgb, pages = tmp_path / "bands.tif", tmp_path / "rgb.tif", tmp_path / "pages.tif"
+    tifffile.imwrite(bands, bands4(0), photometric="minisblack", planarconfig="contig")
+    colours = np.random.default_rng(1).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    Image.fromarray(colours).save(rgb)
+    Image.fromarray(grey16(0)).save(pages, save_all=True, append_images=[Image.fromarray(grey16(1))])
+    monkeypatch.setitem(sys.modules, "tifffile", None)  # import tifffile raises ImportError
+    for check in (check_image, read_image):
+        with pytest.raises(DataError, match=re.escape(f"cannot read image {bands}: ") + ".*tifffile, which reads "
+                                            "it, is not installed: pip install tifffile"):
+            check(bands, channels=4)
+    np.testing.assert_array_equal(read_image(rgb), colours)
+    np.testing.assert_array_equal(read_image(pages, channels=2), np.stack([grey16(0), grey16(1)], axis=-1))
 
 
 def test_an_image_with_another_channel_count_is_named_at_start(tmp_path):

@@ -57,6 +57,7 @@ def test_the_metadata_has_one_version_and_no_upper_bound_on_torch(wheel):
     assert sorted(core) == ["numpy", "torch>=2.3"]  # the loss alone needs no more
     assert not [r for r in requires if "<" in r.split(";")[0]], requires  # newer releases are never refused
     assert any(r.startswith("segmentation-models-pytorch") and 'extra == "train"' in r for r in requires)
+    assert any(r.startswith("tifffile>=2024.4.24") and 'extra == "train"' in r for r in requires)  # multi-band TIFF
 
 
 def test_the_installed_command_trains_a_shipped_recipe_by_name_outside_the_checkout(wheel, tmp_path):

@@ -1,8 +1,10 @@
 """Images of any channel count and bit depth as (H, W, C) arrays, and their scaling for the pipeline.
 
 PIL reads PNG, JPEG, BMP and TIFF (8-bit, 16-bit ``I;16``, 32-bit ``I`` and float ``F`` modes); a
-multi-page TIFF of single-band pages is read as one image with a channel per page; NumPy ``.npy``
-files hold (H, W) or (H, W, C) arrays. Values keep their type: nothing is clipped to 8 bits.
+multi-page TIFF of single-band pages is read as one image with a channel per page. A TIFF whose page
+holds bands PIL cannot read in full (several 16-bit or float bands, as GIS tools write 4-band or
+multispectral imagery) is read by tifffile, its band axis last. NumPy ``.npy`` files hold (H, W) or
+(H, W, C) arrays. Values keep their type: nothing is clipped to 8 bits.
 
 For a 3-channel model (``channels=3``), 8-bit images are converted to RGB as before (grey
 repeated, palette colours looked up, alpha dropped), so RGB datasets load exactly as they did.
@@ -15,11 +17,13 @@ float32 ``value * scale``; ``scale`` (``data.scale``) defaults to the type's ful
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageMode, ImageSequence
+from PIL.TiffImagePlugin import BITSPERSAMPLE, SAMPLESPERPIXEL
 
 from .errors import DataError
 
@@ -31,6 +35,11 @@ _EIGHT_BIT = ("|u1", "|b1")
 _KEPT_AS = {"1": "L", "P": "RGB", "PA": "RGBA"}
 
 PathLike = Union[str, Path]
+
+# PIL logs an error for every TIFF page of more than 6 bands it gives up on (to stderr when logging is not
+# set up): tifffile reads those, so the message would repeat for every image of a multispectral dataset
+logging.getLogger("PIL.TiffImagePlugin").addFilter(
+    lambda record: not record.getMessage().startswith("More samples per pixel than can be decoded"))
 
 
 def read_image(path: PathLike, channels: Optional[int] = 3) -> np.ndarray:
@@ -45,8 +54,12 @@ def read_image(path: PathLike, channels: Optional[int] = 3) -> np.ndarray:
         if path.suffix.lower() == ".npy":
             array = _hwc(np.load(path, allow_pickle=False), path)
         else:
-            with Image.open(path) as image:
-                array = pil_array(image, channels, path)
+            image = _open(path)
+            if image is None:
+                array = _tiff_series(path, decode=True)
+            else:
+                with image:
+                    array = pil_array(image, channels, path)
     except DataError:
         raise
     except _READ_ERRORS as error:
@@ -70,8 +83,12 @@ def check_image(path: PathLike, decode: bool = False, channels: Optional[int] = 
             array = _hwc(np.load(path, mmap_mode="r", allow_pickle=False), path)  # the header only
             height, width, count = array.shape
         else:
-            with Image.open(path) as image:
-                (width, height), count = image.size, _channel_count(image, channels)
+            image = _open(path)
+            if image is None:
+                height, width, count = _tiff_series(path, decode=False).shape
+            else:
+                with image:
+                    (width, height), count = image.size, _channel_count(image, channels)
     except DataError:
         raise
     except _READ_ERRORS as error:
@@ -127,12 +144,61 @@ def pil_array(image: Image.Image, channels: Optional[int], path: PathLike = "PIL
 
 
 def _unreadable(path: Path, error: Exception) -> DataError:
-    """The DataError for a file PIL/NumPy cannot read; for a TIFF, how to store several bands readably."""
-    hint = ""
-    if path.suffix.lower() in (".tif", ".tiff") and isinstance(error, Image.UnidentifiedImageError):
-        hint = (" (if it holds several bands in one page: PIL reads single-band pages and 8-bit RGB/RGBA ones "
-                "only; save the bands as an (H, W, C) .npy, or as the pages of a multi-page TIFF)")
-    return DataError(f"cannot read image {path}: {error}{hint}", path)
+    """The DataError for a file PIL, tifffile or NumPy cannot read."""
+    return DataError(f"cannot read image {path}: {error}", path)
+
+
+def _open(path: Path) -> Optional[Image.Image]:
+    """``path`` opened by PIL, or None for a TIFF whose pixels PIL cannot read in full: tifffile reads those.
+
+    PIL reads TIFF pages of one band (at any depth it knows) and of 8-bit bands it has a mode for (RGB,
+    RGBA, CMYK); it cannot identify most pages of several 16-bit or float bands, and it misreads others
+    (planar 16-bit bands as one, 16-bit RGB as 8-bit, 2 bands as grey), which its tags tell apart. Only
+    those go to tifffile: the TIFFs PIL reads keep its conversions (palettes, RGB for 3-channel models),
+    its multi-page reading and its codecs (tifffile decodes LZW and JPEG only with imagecodecs).
+    """
+    try:
+        image = Image.open(path)
+    except Image.UnidentifiedImageError:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return None
+        raise
+    if image.format == "TIFF":
+        samples = image.tag_v2.get(SAMPLESPERPIXEL, 1)
+        if samples > 1 and (samples != len(image.getbands()) or image.tag_v2.get(BITSPERSAMPLE) != (8,) * samples):
+            image.close()
+            return None
+    return image
+
+
+def _tiff_series(path: Path, decode: bool) -> np.ndarray:
+    """The TIFF at ``path`` read by tifffile as (H, W, C): its first series' Y and X axes, then its other axis
+    (samples, contiguous or planar, or pages) as channels; with ``decode=False`` the header only, as a
+    read-only stand-in of the image's shape and type that holds no pixels."""
+    try:
+        import tifffile
+    except ImportError:
+        raise DataError(f"cannot read image {path}: PIL cannot read this TIFF in full (several 16-bit or float "
+                        f"bands in one page?) and tifffile, which reads it, is not installed: pip install tifffile",
+                        path) from None
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            if not tiff.series:
+                raise DataError(f"cannot read image {path}: tifffile finds no image in this TIFF", path)
+            series = tiff.series[0]
+            axes = series.axes
+            bands = [index for index, axis in enumerate(axes) if axis not in "YX"]
+            if len(bands) > 1 or len(axes) - len(bands) != 2:
+                raise DataError(f"{path}: this TIFF holds a {'x'.join(map(str, series.shape))} {axes} image (tifffile "
+                                f"axes); expected Y, X and at most one band axis", path)
+            order = [axes.index("Y"), axes.index("X"), *bands]
+            if decode:
+                array = np.ascontiguousarray(series.asarray().transpose(order))
+            else:
+                array = np.broadcast_to(np.zeros((), series.dtype), [series.shape[index] for index in order])
+    except tifffile.TiffFileError as error:  # a ValueError only since tifffile 2025.9.20
+        raise _unreadable(path, error) from None
+    return _hwc(array, path)
 
 
 def _pages(image: Image.Image, path: Path) -> np.ndarray:
