@@ -3,6 +3,7 @@ multi-page TIFF reach the model as ``(x * scale - mean) / std``, unclipped; a wr
 the file and ``model.in_channels``; stats, TensorBoard and predict handle them."""
 from __future__ import annotations
 
+import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -225,6 +226,18 @@ def test_tiffs_tifffile_cannot_make_one_image_of_are_refused_naming_the_file(tmp
             with pytest.raises(DataError, match=message) as info:
                 check(path, channels=4)
             assert str(path) in str(info.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("imagecodecs") is not None, reason="imagecodecs decodes LZW")
+def test_an_lzw_multiband_tiff_asks_for_imagecodecs_when_decoded(tmp_path):
+    path = tmp_path / "lzw.tif"
+    tifffile.imwrite(path, bands4(0), photometric="minisblack", planarconfig="contig")
+    uncompressed = struct.pack("<HHIH", 259, 3, 1, 1)  # the Compression tag: 1, none
+    assert path.read_bytes().count(uncompressed) == 1
+    path.write_bytes(path.read_bytes().replace(uncompressed, struct.pack("<HHIH", 259, 3, 1, 5)))  # 5: LZW
+    assert check_image(path, channels=4) == (H, W)  # the header check decodes no pixels
+    with pytest.raises(DataError, match=r"cannot read image .*lzw.tif: .*LZW.* requires the 'imagecodecs' package"):
+        read_image(path, channels=4)
 
 
 @pytest.mark.parametrize("image, photometric, pixel", [
