@@ -112,6 +112,19 @@ def test_figure_of_another_metric_draws_it_with_its_best_epoch():
     assert "best pixel_accuracy 90.0 (ep 2)" in lines
 
 
+def test_a_run_counted_in_steps_is_drawn_against_steps():
+    # entries of a train.iters run: one per validation, several within one epoch, a resumed one redone
+    entries = [{"epoch": 0, "step": 5, "train_loss": 2.0, "val": _val(0.1, 0.2, [0.1, 0.1])},
+               {"epoch": 0, "step": 10, "train_loss": 9.0, "val": _val(0.9, 0.9, [0.9, 0.9])},
+               {"epoch": 0, "step": 10, "train_loss": 1.0, "val": _val(0.3, 0.4, [0.2, 0.4])},
+               {"epoch": 1, "step": 15, "train_loss": 0.5, "val": _val(0.2, 0.5, [0.3, 0.1])}]
+    series = curve_series(entries, unit="step")
+    assert series["step"] == series["val_step"] == [5, 10, 15] and series["train_loss"] == [2.0, 1.0, 0.5]
+    loss_axes, val_axes = curves_figure(entries, unit="step").axes
+    assert loss_axes.get_xlabel() == val_axes.get_xlabel() == "step"
+    assert _same(_lines(val_axes)["best miou 30.0 (step 10)"], ([10], [30.0]))
+
+
 def test_many_classes_draw_only_the_rarest():
     num_classes = 19
     entry = {"epoch": 1, "train_loss": 1.0,
