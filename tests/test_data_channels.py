@@ -317,5 +317,5 @@ def test_predict_reads_16bit_images_as_training_did(tmp_path, capsys):
     code, _, err = run_tool(capsys, load_tool("predict"), "--checkpoint", tmp_path / "run" / "best.pt",
                             "--input", tmp_path / "data" / "val" / "images", "--output", tmp_path / "out")
     assert code == 0, err
-    with Image.open(tmp_path / "out" / "0.png") as mask, Image.open(tmp_path / "out" / "0_overlay.png") as overlay:
+    with Image.open(tmp_path / "out" / "0.png") as mask, Image.open(tmp_path / "out" / "overlays" / "0.png") as overlay:
         assert mask.size == (W, H) and overlay.mode == "RGB" and overlay.width == W

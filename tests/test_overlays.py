@@ -142,11 +142,12 @@ def predict(capsys, model, image, output, *extra):
 def test_predict_colours_masks_and_overlays_by_data_palette_with_a_legend_of_the_classes_found(
         capsys, model, image, tmp_path):
     predict(capsys, model, image, tmp_path)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["cell.png", "cell_overlay.png"]
+    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == [
+        "cell.png", "overlays", "overlays/cell.png"]
     with Image.open(tmp_path / "cell.png") as mask_file:
         assert mask_file.getpalette()[:18] == [v for colour in PALETTE for v in colour]
         mask = np.array(mask_file)
-    with Image.open(tmp_path / "cell_overlay.png") as overlay_file:
+    with Image.open(tmp_path / "overlays" / "cell.png") as overlay_file:
         assert overlay_file.format == "PNG" and overlay_file.mode == "RGB"
         overlay = np.array(overlay_file)
     rgb = np.array(Image.open(image)).astype(np.float32)
@@ -161,8 +162,9 @@ def test_predict_colours_masks_and_overlays_by_data_palette_with_a_legend_of_the
 
 def test_predict_writes_a_jpeg_overlay_on_request(capsys, model, image, tmp_path):
     predict(capsys, model, image, tmp_path, "--overlay-format", "jpg")
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["cell.png", "cell_overlay.jpg"]
-    with Image.open(tmp_path / "cell_overlay.jpg") as overlay, Image.open(tmp_path / "cell.png") as mask:
+    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == [
+        "cell.png", "overlays", "overlays/cell.jpg"]
+    with Image.open(tmp_path / "overlays" / "cell.jpg") as overlay, Image.open(tmp_path / "cell.png") as mask:
         assert overlay.format == "JPEG" and mask.format == "PNG" and overlay.height > mask.height
 
 

@@ -145,7 +145,8 @@ def test_a_single_input_file_in_the_output_folder_under_another_name_is_predicte
     code, _, stderr = predict(capsys, model, source, output)
     assert code == 0, stderr
     assert source.read_bytes() == before
-    assert sorted(path.name for path in output.iterdir()) == ["photo.bmp", "photo.png", "photo_overlay.png"]
+    assert sorted(str(path.relative_to(output)) for path in output.rglob("*")) == [
+        "overlays", "overlays/photo.png", "photo.bmp", "photo.png"]
 
 
 # -- writing never follows a symlink, and leaves nothing half-written ---------------------------
@@ -156,14 +157,15 @@ def test_symlinks_in_the_output_folder_are_replaced_not_written_through(capsys, 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (output / "a.png").symlink_to(victim)
-    (output / "a_overlay.png").symlink_to(tmp_path / "created.jpg")  # dangling: must not be created
+    (output / "overlays").mkdir()
+    (output / "overlays" / "a.png").symlink_to(tmp_path / "created.jpg")  # dangling: must not be created
     (output / "b.png").write_bytes(b"a stale mask")
     code, _, stderr = predict(capsys, model, images, output)
     assert code == 0, stderr
     assert victim.read_text() == "precious"
     assert not (tmp_path / "created.jpg").exists()
-    names = ["a.png", "a_overlay.png", "b.png", "b_overlay.png"]
-    assert sorted(path.name for path in output.iterdir()) == names  # no temporaries left behind
+    names = ["a.png", "b.png", "overlays/a.png", "overlays/b.png"]
+    assert sorted(str(path.relative_to(output)) for path in output.rglob("*") if path.is_file()) == names  # no temporaries
     mode = 0o666 & ~current_umask()
     for name in names:
         path = output / name
@@ -171,7 +173,7 @@ def test_symlinks_in_the_output_folder_are_replaced_not_written_through(capsys, 
         assert path.stat().st_mode & 0o777 == mode, name  # as open() would make it, not mkstemp's 0o600
     for stem in ("a", "b"):
         assert_mask(output / f"{stem}.png", expected_mask(model, images / f"{stem}.png"))
-        with Image.open(output / f"{stem}_overlay.png") as overlay, Image.open(images / f"{stem}.png") as image:
+        with Image.open(output / "overlays" / f"{stem}.png") as overlay, Image.open(images / f"{stem}.png") as image:
             assert overlay.format == "PNG" and overlay.width >= image.width and overlay.height > image.height
 
 
@@ -206,3 +208,14 @@ def test_a_negative_max_pixels_exits_2(capsys, model, images, tmp_path):
     assert code == 2
     assert "--max-pixels" in stderr and "must be >= 0" in stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_overlays_folder_linked_to_the_input_is_refused(capsys, model, images, tmp_path):
+    """A symlinked overlays/ would put overlays/<stem>.png over the input image <stem>.png."""
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "overlays").symlink_to(images)
+    before = {path.name: path.read_bytes() for path in images.iterdir()}
+    code, _, stderr = predict(capsys, model, images, output)
+    assert code == 2 and "would overwrite the --input image" in stderr and "with overlays/a.png" in stderr
+    assert {path.name: path.read_bytes() for path in images.iterdir()} == before

@@ -282,15 +282,15 @@ def test_predict_writes_a_mask_and_an_overlay_of_each_image_size(capsys, trained
                                 "--input", new_images, "--output", out)
     assert code == 0, stderr
     sizes = {"odd": (37, 53), "wide": (64, 48), "photo": (45, 29), "grey": (33, 31), "scene": (32, 32)}
-    assert sorted(path.name for path in out.iterdir()) == sorted(
-        [f"{stem}.png" for stem in sizes] + [f"{stem}_overlay.png" for stem in sizes])
+    assert sorted(path.name for path in out.iterdir()) == sorted([f"{stem}.png" for stem in sizes] + ["overlays"])
+    assert sorted(path.name for path in (out / "overlays").iterdir()) == sorted(f"{stem}.png" for stem in sizes)
     assert f"wrote {len(sizes)} masks" in stdout
     for stem, size in sizes.items():
         with Image.open(out / f"{stem}.png") as mask:
             assert mask.mode == "P" and mask.size == size
             values = np.array(mask)
         assert values.min() >= 0 and values.max() < NUM_CLASSES
-        with Image.open(out / f"{stem}_overlay.png") as overlay:  # the image above a legend
+        with Image.open(out / "overlays" / f"{stem}.png") as overlay:  # the image above a legend
             assert overlay.width >= size[0] and overlay.height > size[1] and overlay.mode == "RGB"
 
     for stem in ("odd", "scene"):  # equals the model's argmax, at the input's own size
@@ -307,7 +307,7 @@ def test_predict_on_a_single_file(capsys, trained, new_images, tmp_path):
     code, stdout, stderr = call(capsys, "predict", "--config", trained.config, "--checkpoint", trained.best,
                                 "--input", new_images / "photo.jpg", "--output", out)
     assert code == 0, stderr
-    assert sorted(path.name for path in out.iterdir()) == ["photo.png", "photo_overlay.png"]
+    assert sorted(str(path.relative_to(out)) for path in out.rglob("*")) == ["overlays", "overlays/photo.png", "photo.png"]
     with Image.open(out / "photo.png") as mask:
         assert mask.mode == "P" and mask.size == (45, 29)
         predicted = np.array(mask)
@@ -494,12 +494,9 @@ def test_eval_scores_a_folder_of_predicted_masks_like_the_checkpoint_evaluation(
     code, _, stderr = call(capsys, "predict", "--checkpoint", trained.best, "--input", images,
                            "--output", tmp_path / "pred")
     assert code == 0, stderr
-    (tmp_path / "pred_only").mkdir()
-    for mask in (tmp_path / "pred").glob("*.png"):
-        if not mask.stem.endswith("_overlay"):  # the masks, without the overlays
-            mask.rename(tmp_path / "pred_only" / mask.name)
     checkpoint, _ = evaluate_tool(capsys, trained, tmp_path / "checkpoint")
-    code, stdout, stderr = call(capsys, "eval", "--pred", tmp_path / "pred_only", "--gt", labels, "--num-classes",
+    # predict's output folder as it is: the overlays are in a subfolder, out of the way
+    code, stdout, stderr = call(capsys, "eval", "--pred", tmp_path / "pred", "--gt", labels, "--num-classes",
                                 NUM_CLASSES, "--ignore-index", IGNORE, "--out", tmp_path / "scored")
     assert code == 0, stderr
     scored = json.loads((tmp_path / "scored" / "metrics.json").read_text())

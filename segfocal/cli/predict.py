@@ -9,8 +9,9 @@ file needs it); ``--set`` overrides either. The masks are those of
 
 Images are read as training read them (any bit depth; ``model.in_channels`` channels, ``.npy``
 too). For each image writes ``<stem>.png`` (a palette PNG whose pixel values are class indices) and
-``<stem>_overlay.png`` (the prediction blended over the image, above a legend of the classes it
-holds; ``--overlay-format jpg``: a smaller, lossy ``<stem>_overlay.jpg``). The colours are
+``overlays/<stem>.png`` (the prediction blended over the image, above a legend of the classes it
+holds; ``--overlay-format jpg``: a smaller, lossy ``overlays/<stem>.jpg``). The masks alone fill
+``--output``, so ``segfocal eval --pred`` scores that folder as it is. The colours are
 ``data.palette``, else :func:`segfocal.data.default_palette`; the overlay shows a grey image's one
 channel as grey and an image of more channels by its first three, non-8-bit values times ``data.scale``.
 
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"in whole mode, predict images of more than N pixels with sliding windows "
                              f"(eval.crop_size, eval.stride) to bound memory; 0: no limit (default: {MAX_PIXELS})")
     parser.add_argument("--overlay-format", choices=list(OVERLAY_FORMATS), default="png",
-                        help="<stem>_overlay.png (lossless) or .jpg (smaller, blurred edges) (default: png)")
+                        help="overlays/<stem>.png (lossless) or .jpg (smaller, blurred edges) (default: png)")
 
 
 def pixel_limit(text: str) -> int:
@@ -78,16 +79,20 @@ def list_images(path: Path) -> list:
     return images
 
 
+OVERLAY_FOLDER = "overlays"
+
+
 def output_names(image: Path, overlay_format: str) -> Tuple[str, str]:
-    """The file names of the mask and the overlay that ``image`` gives."""
-    return f"{image.stem}.png", f"{image.stem}_overlay.{overlay_format}"
+    """The paths, relative to ``--output``, of the mask and the overlay that ``image`` gives."""
+    return f"{image.stem}.png", f"{OVERLAY_FOLDER}/{image.stem}.{overlay_format}"
 
 
 def check_output_outside_input(source: Path, output: Path, images: list, overlay_format: str) -> None:
     """Raise DataError if writing to ``output`` could overwrite an input image.
 
-    Paths are compared resolved, so a relative or symlinked spelling of the same folder is caught.
-    An output file's own name is not resolved: a symlink there is replaced, never followed.
+    Paths are compared resolved, so a relative or symlinked spelling of the same folder (the overlays'
+    folder included) is caught. An output file's own name is not resolved: a symlink there is
+    replaced, never followed.
     """
     from ..data import DataError
 
@@ -98,7 +103,8 @@ def check_output_outside_input(source: Path, output: Path, images: list, overlay
     for image in images:
         spellings = {image.parent.resolve() / image.name, image.resolve()}
         for name in output_names(image, overlay_format):
-            if folder / name in spellings:
+            target = output / name
+            if target.parent.resolve() / target.name in spellings:
                 raise DataError(f"--output {output} would overwrite the --input image {image} with {name}; "
                                 f"choose another output folder")
 
@@ -142,7 +148,7 @@ def run(args: argparse.Namespace) -> list:
     segmenters = {cfg.eval.mode: Segmenter.from_checkpoint(args.checkpoint, config=cfg, device=device)}
     palette, names = palette_of(cfg.data), class_names(cfg.data.class_names, cfg.data.num_classes)
     overlay_format, save_options = OVERLAY_FORMATS[args.overlay_format]
-    output.mkdir(parents=True, exist_ok=True)
+    (output / OVERLAY_FOLDER).mkdir(parents=True, exist_ok=True)
     written = []
     for path in images:
         mode = inference_mode(path, cfg.eval.mode, args.max_pixels, cfg.eval.crop_size, cfg.model.in_channels)
