@@ -504,7 +504,7 @@ def test_eval_scores_a_folder_of_predicted_masks_like_the_checkpoint_evaluation(
     assert scored["metrics"]["miou"] == pytest.approx(checkpoint["metrics"]["miou"], abs=1e-12)
     assert f"{NUM_TEST} mask pairs" in stdout and "class_0" in stdout
     # with the config, its class names label the table
-    code, stdout, _ = call(capsys, "eval", "--pred", tmp_path / "pred_only", "--gt", labels, "--config",
+    code, stdout, _ = call(capsys, "eval", "--pred", tmp_path / "pred", "--gt", labels, "--config",
                            trained.config, "--output", tmp_path / "named")
     assert code == 0 and "background" in stdout
 
