@@ -7,9 +7,10 @@
 Every implementation runs on the same logits and labels in one process, interleaved round by
 round after a warm-up, and the median of the rounds is reported with its ratio to segfocal's
 fused loss, beside the 90th and 99th percentiles (the tail: a call stalled by the scheduler).
-``--busy N`` runs N competing busy processes (pure CPU spinners) while the rounds are timed. Peak extra memory is what a forward+backward allocates beyond its inputs: on CUDA
-from the caching allocator's peak, on the CPU from the peak resident size of a fresh
-subprocess per implementation (Linux; the CPU allocator keeps no peak counter). On a GPU the memory
+``--busy N`` runs N competing busy processes (pure CPU spinners) while the rounds are timed.
+Peak extra memory is what a forward+backward allocates beyond its inputs: on CUDA from the
+caching allocator's peak, on the CPU from the peak resident size of a fresh subprocess per
+implementation (Linux; the CPU allocator keeps no peak counter). On a GPU the memory
 traffic lower bound (logits read once, gradient written once, labels read once) is printed
 with each implementation's fraction of a measured device-to-device copy bandwidth.
 
