@@ -223,24 +223,27 @@ void pool_after_fork_in_child() {
   calls.unlock();
 }
 
+// Whether the fork handlers are registered (once per process: a second registration would lock
+// `calls` twice before a fork). Without them (out of memory) no pool is made.
+bool fork_handlers_registered() {
+  static const bool registered =
+      pthread_atfork(pool_before_fork, pool_after_fork_in_parent, pool_after_fork_in_child) == 0;
+  return registered;
+}
+
 // Run work(slot, unit) for every unit in [0, units) on up to `threads` threads, this one included;
 // slot < threads identifies the thread. Work must not throw.
 template <typename Work>
 void parallel_units(int64_t units, int64_t threads, Work& work) {
   threads = std::max<int64_t>(1, std::min(threads, units));
-  if (threads == 1) {  // no pool, no lock: single-threaded calls from several threads run side by side
+  if (threads == 1 || !fork_handlers_registered()) {  // no pool, no lock: single-threaded calls from several threads run side by side
     for (int64_t unit = 0; unit < units; ++unit) work(0, unit);
     return;
   }
   Job job([](void* context, int64_t slot, int64_t unit) { (*static_cast<Work*>(context))(slot, unit); }, &work,
           units);
   std::lock_guard<std::mutex> lock(calls);
-  if (pool == nullptr) {
-    static const bool registered =
-        pthread_atfork(pool_before_fork, pool_after_fork_in_parent, pool_after_fork_in_child) == 0;
-    (void)registered;  // unregistered (out of memory), a child would run its calls on one thread
-    pool = new Pool;
-  }
+  if (pool == nullptr) pool = new Pool;
   pool->run(job, threads - 1);
 }
 
@@ -284,7 +287,8 @@ void histogram(const FocalProblem& p) {
   parallel_units(units.count, std::min(p.num_threads, p.batch * p.spatial / p.grain), work);
   for (int64_t c = 0; c < p.classes; ++c) {
     p.counts[c] = 0.0;
-    for (int64_t unit = 0; unit < units.count; ++unit) p.counts[c] += static_cast<double>(partial[unit * p.classes + c]);
+    for (int64_t unit = 0; unit < units.count; ++unit)
+      p.counts[c] += static_cast<double>(partial[unit * p.classes + c]);
   }
 }
 
