@@ -47,10 +47,11 @@ def test_busy_processes_spin_during_the_block_and_are_stopped_after_it_even_on_c
 
 def test_a_spinner_ends_by_itself_when_the_benchmark_dies_first():
     """The benchmark killed (no cleanup): its spinner notices it has a new parent and stops."""
-    parent = ("import subprocess, sys\n"
-              "spinner = subprocess.Popen([sys.executable, '-c', sys.argv[1], str(__import__('os').getpid())])\n"
+    parent = ("import os, subprocess, sys\n"
+              "spinner = subprocess.Popen([sys.executable, '-c', sys.argv[1], str(os.getpid())],\n"
+              "                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
               "print(spinner.pid, flush=True)\n"
-              "__import__('os')._exit(0)\n")
+              "os._exit(0)\n")
     output = subprocess.run([sys.executable, "-c", parent, tool.SPINNER], capture_output=True, text=True, timeout=60)
     pid = int(output.stdout)
 
