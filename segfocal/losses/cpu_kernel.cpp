@@ -493,7 +493,8 @@ void focal_by_label(const FocalProblem& p) {
 extern "C" {
 
 // The entry points return 0, -1 for a dtype code they do not know or no classes, and -2 when
-// memory or a thread could not be had (no C++ exception crosses into the caller).
+// memory could not be had (no C++ exception crosses into the caller; threads that cannot be had leave
+// their units to the others, the calling thread at least).
 
 // The label histogram into p->counts.
 int segfocal_histogram(const FocalProblem* p) {
