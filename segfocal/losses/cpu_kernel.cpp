@@ -5,22 +5,28 @@
 // tiles; each tile's logits are staged as float32 in a small [C][P] buffer (L1/L2-sized), so the
 // logits are read from memory once and the gradient is written once, whatever the layout. The
 // loops over the P pixels of a tile have no branches and call only the inline exp/log below, so
-// the compiler vectorises them. Threads own contiguous ranges of tiles and their own float64
-// sums, which are added in thread order: the result does not depend on scheduling.
+// the compiler vectorises them. Runs of consecutive tiles ("units", fixed by the problem's size
+// alone) are handed out one at a time to the threads of a persistent pool and to the calling
+// thread; each unit's float64 sums are kept apart and added in unit order, so the result is
+// the same to the bit whatever the thread count and scheduling.
 //
 // Arithmetic matches the Triton kernels (triton_kernels.py): 1 - p_t is the other classes' mass and
 // p_t the label's, each over the normaliser; the log of the larger is log1p of minus the smaller (for
 // -log p_t as p_t -> 1, for (1 - p_t)^gamma = exp(gamma log(1 - p_t)) as p_t -> 0); the gradient is
 // H * (onehot - softmax).
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <exception>
 #include <limits>
+#include <mutex>
 #include <system_error>
 #include <thread>
 #include <vector>
 
+#include <pthread.h>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -126,22 +132,130 @@ struct FocalProblem {
 
 namespace {
 
-// Run work(thread, first, last) over [0, total) split in contiguous ranges, one per thread.
-template <typename Work>
-void parallel_ranges(int64_t total, int64_t num_threads, Work work) {
-  int64_t threads = std::max<int64_t>(1, std::min(num_threads, total));
-  std::vector<std::thread> pool;
-  pool.reserve(threads);
-  int64_t started = 1;
-  try {
-    for (; started < threads; ++started)
-      pool.emplace_back(work, started, total * started / threads, total * (started + 1) / threads);
-  } catch (const std::system_error&) {  // no more threads to be had: the remaining ranges run here
+// ---- Threads: a persistent pool and units of work handed out one at a time ----------------------
+//
+// Fresh threads per call, each with a fixed share of the tiles, let one thread the scheduler puts
+// aside stall the whole call. Here the workers live across calls (sleeping between them), and a
+// shared counter hands out one unit at a time to whichever thread is free, the calling thread
+// too: a thread put aside delays the call by at most the unit it holds.
+
+// One call's work: run(context, slot, unit) for every unit in [0, units); slot 0 is the calling
+// thread, 1.. the workers (an index for per-thread scratch). run must not throw.
+struct Job {
+  void (*run)(void* context, int64_t slot, int64_t unit);
+  void* context;
+  int64_t units;
+  std::atomic<int64_t> next{0};
+
+  Job(void (*run)(void*, int64_t, int64_t), void* context, int64_t units) : run(run), context(context), units(units) {}
+  void drain(int64_t slot) {
+    for (int64_t unit = next.fetch_add(1); unit < units; unit = next.fetch_add(1)) run(context, slot, unit);
   }
-  for (int64_t t = started; t < threads; ++t) work(t, total * t / threads, total * (t + 1) / threads);
-  work(0, 0, total / threads);
-  for (auto& thread : pool) thread.join();
+};
+
+// Worker threads made on demand (up to the most ever asked for), asleep between jobs. One job at
+// a time: the caller of run() holds the process-wide lock below.
+class Pool {
+ public:
+  // Run the job on the calling thread and up to `helpers` workers; returns when every unit is done.
+  // Workers that cannot be created leave their share to the threads there are.
+  void run(Job& job, int64_t helpers) {
+    grow(helpers);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &job;
+      helpers_ = helpers;
+      ++generation_;
+    }
+    wake_.notify_all();
+    job.drain(0);
+    std::unique_lock<std::mutex> lock(mutex_);
+    job_ = nullptr;  // a worker waking from now on leaves it alone; wait for those still on a unit
+    idle_.wait(lock, [this] { return busy_ == 0; });
+  }
+
+ private:
+  void grow(int64_t wanted) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    while (static_cast<int64_t>(workers_.size()) < wanted) {
+      try {
+        workers_.emplace_back(&Pool::work, this, static_cast<int64_t>(workers_.size()) + 1, generation_);
+      } catch (const std::system_error&) {  // no more threads to be had
+        return;
+      }
+    }
+  }
+
+  void work(int64_t slot, uint64_t seen) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      Job* job = job_;
+      if (job == nullptr || slot > helpers_) continue;
+      ++busy_;
+      lock.unlock();
+      job->drain(slot);
+      lock.lock();
+      if (--busy_ == 0) idle_.notify_all();
+    }
+  }
+
+  std::mutex mutex_;  // guards the fields below
+  std::condition_variable wake_, idle_;
+  std::vector<std::thread> workers_;
+  Job* job_ = nullptr;  // the job in progress, null between jobs
+  int64_t helpers_ = 0;  // workers with slot <= helpers_ take part in it
+  uint64_t generation_ = 0;  // counts the jobs posted
+  int64_t busy_ = 0;  // workers inside drain()
+};
+
+std::mutex calls;  // one pooled call at a time, process-wide
+Pool* pool = nullptr;  // made on first use and never destroyed: its workers sleep until the process exits
+
+// A forked child has only the forking thread: the parent's workers are not there. Forking waits
+// for the pooled call in progress (so no lock is copied held), and the child drops the pool (its
+// memory is left behind) and makes its own on its first call.
+void pool_before_fork() { calls.lock(); }
+void pool_after_fork_in_parent() { calls.unlock(); }
+void pool_after_fork_in_child() {
+  pool = nullptr;
+  calls.unlock();
 }
+
+// Whether the fork handlers are registered (once per process: a second registration would lock
+// `calls` twice before a fork). Without them (out of memory) no pool is made.
+bool fork_handlers_registered() {
+  static const bool registered =
+      pthread_atfork(pool_before_fork, pool_after_fork_in_parent, pool_after_fork_in_child) == 0;
+  return registered;
+}
+
+// Run work(slot, unit) for every unit in [0, units) on up to `threads` threads, this one included;
+// slot < threads identifies the thread. Work must not throw.
+template <typename Work>
+void parallel_units(int64_t units, int64_t threads, Work& work) {
+  threads = std::max<int64_t>(1, std::min(threads, units));
+  if (threads == 1 || !fork_handlers_registered()) {  // no pool, no lock: single-threaded calls from several threads run side by side
+    for (int64_t unit = 0; unit < units; ++unit) work(0, unit);
+    return;
+  }
+  Job job([](void* context, int64_t slot, int64_t unit) { (*static_cast<Work*>(context))(slot, unit); }, &work,
+          units);
+  std::lock_guard<std::mutex> lock(calls);
+  if (pool == nullptr) pool = new Pool;
+  pool->run(job, threads - 1);
+}
+
+// The units of a pass over `tiles` tiles: at most kMaxUnits runs of consecutive tiles, fixed by the
+// number of tiles alone. Per-unit partial sums, added in unit order, do not depend on which thread
+// ran which unit; at most kMaxUnits of them bound the memory they take.
+constexpr int64_t kMaxUnits = 256;
+struct Units {
+  int64_t tiles, count;
+  explicit Units(int64_t tiles) : tiles(tiles), count(std::min(tiles, kMaxUnits)) {}
+  int64_t first(int64_t unit) const { return tiles * unit / count; }  // its tiles: [first(unit), first(unit + 1))
+};
 
 // The labels of a tile as class indices, -1 where ignored, out of range or padding.
 template <typename Label>
@@ -157,21 +271,24 @@ void load_labels(const FocalProblem& p, int64_t b, int64_t s0, int64_t n, int64_
 template <typename Label>
 void histogram(const FocalProblem& p) {
   int64_t tiles_per_row = (p.spatial + 255) / 256;
-  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(p.num_threads, p.batch * p.spatial / p.grain));
-  std::vector<std::vector<int64_t>> partial(threads, std::vector<int64_t>(p.classes, 0));
-  parallel_ranges(p.batch * tiles_per_row, threads, [&](int64_t thread, int64_t first, int64_t last) {
+  Units units(p.batch * tiles_per_row);
+  std::vector<int64_t> partial(units.count * p.classes, 0);  // [unit][class]
+  auto work = [&](int64_t, int64_t unit) {
     int32_t labels[256];
-    for (int64_t t = first; t < last; ++t) {
+    int64_t* counts = partial.data() + unit * p.classes;
+    for (int64_t t = units.first(unit); t < units.first(unit + 1); ++t) {
       int64_t b = t / tiles_per_row, s0 = (t % tiles_per_row) * 256;
       int64_t n = std::min<int64_t>(256, p.spatial - s0);
       load_labels<Label>(p, b, s0, n, 256, labels);
       for (int64_t i = 0; i < n; ++i)
-        if (labels[i] >= 0) ++partial[thread][labels[i]];
+        if (labels[i] >= 0) ++counts[labels[i]];
     }
-  });
+  };
+  parallel_units(units.count, std::min(p.num_threads, p.batch * p.spatial / p.grain), work);
   for (int64_t c = 0; c < p.classes; ++c) {
     p.counts[c] = 0.0;
-    for (const auto& counts : partial) p.counts[c] += static_cast<double>(counts[c]);
+    for (int64_t unit = 0; unit < units.count; ++unit)
+      p.counts[c] += static_cast<double>(partial[unit * p.classes + c]);
   }
 }
 
@@ -180,11 +297,9 @@ struct Scratch {
   std::vector<float> values;  // [C][tile]: logits, then exps, then the gradient
   std::vector<float> peak, other, label_shifted, focal, poly, coefficient, grad_other, grad_label;
   std::vector<int32_t> labels;
-  std::vector<double> focal_sums;
-  double poly_sum = 0.0;
   Scratch(int64_t classes, int64_t tile)
       : values(classes * tile), peak(tile), other(tile), label_shifted(tile), focal(tile), poly(tile),
-        coefficient(tile), grad_other(tile), grad_label(tile), labels(tile), focal_sums(classes, 0.0) {}
+        coefficient(tile), grad_other(tile), grad_label(tile), labels(tile) {}
 };
 
 // Per pixel of a tile, from the other classes' mass and the label's shifted logit: the focal term
@@ -244,7 +359,8 @@ void accumulate(int64_t n, int64_t tile, const int32_t* __restrict labels, const
 }
 
 template <typename Logit, typename Label, bool kWriteGrad>
-void focal_tile(const FocalProblem& p, int64_t b, int64_t s0, int64_t n, int64_t tile, Scratch& s) {
+void focal_tile(const FocalProblem& p, int64_t b, int64_t s0, int64_t n, int64_t tile, Scratch& s, double* focal_sums,
+                double* poly_sum) {
   using Stored = typename Logit::type;
   const int64_t C = p.classes;
   const float gamma = static_cast<float>(p.gamma);
@@ -292,7 +408,7 @@ void focal_tile(const FocalProblem& p, int64_t b, int64_t s0, int64_t n, int64_t
   for (int64_t i = 0; i < tile; ++i) coefficient[i] = p.coefficients[labels[i] >= 0 ? labels[i] : C];
   pixel_terms<kWriteGrad>(tile, gamma, static_cast<float>(p.poly_coefficient), static_cast<float>(p.upstream), labels,
                           other, label_shifted, coefficient, focal, poly, grad_other, grad_label);
-  accumulate(n, tile, labels, focal, poly, s.focal_sums.data(), &s.poly_sum);
+  accumulate(n, tile, labels, focal, poly, focal_sums, poly_sum);
   if (!kWriteGrad) return;
 
   // The gradient H * (onehot - softmax), written in the gradient's dtype and strides.
@@ -335,23 +451,27 @@ void focal(const FocalProblem& p) {
   int64_t tile = p.tile > 0 ? (p.tile + 15) / 16 * 16
                             : std::max<int64_t>(16, std::min<int64_t>(512, (8192 / p.classes) / 16 * 16));
   int64_t tiles_per_row = (p.spatial + tile - 1) / tile;
-  int64_t elements = p.batch * p.spatial * p.classes;
-  int64_t threads = std::max<int64_t>(1, std::min<int64_t>(p.num_threads, elements / p.grain));
+  const int64_t C = p.classes;
+  Units units(p.batch * tiles_per_row);
+  int64_t threads = std::max<int64_t>(1, std::min({p.num_threads, p.batch * p.spatial * C / p.grain, units.count}));
   if (kWriteGrad) advise_huge_pages<typename Logit::type>(p);
   std::vector<Scratch> scratch;
-  for (int64_t t = 0; t < threads; ++t) scratch.emplace_back(p.classes, tile);
-  parallel_ranges(p.batch * tiles_per_row, threads, [&](int64_t thread, int64_t first, int64_t last) {
-    for (int64_t t = first; t < last; ++t) {
+  for (int64_t t = 0; t < threads; ++t) scratch.emplace_back(C, tile);
+  std::vector<double> partial(units.count * (C + 1), 0.0);  // [unit]: C focal sums, then the Poly-1 sum
+  auto work = [&](int64_t slot, int64_t unit) {
+    double* sums = partial.data() + unit * (C + 1);
+    for (int64_t t = units.first(unit); t < units.first(unit + 1); ++t) {
       int64_t b = t / tiles_per_row, s0 = (t % tiles_per_row) * tile;
-      focal_tile<Logit, Label, kWriteGrad>(p, b, s0, std::min(tile, p.spatial - s0), tile, scratch[thread]);
+      focal_tile<Logit, Label, kWriteGrad>(p, b, s0, std::min(tile, p.spatial - s0), tile, scratch[slot], sums,
+                                           sums + C);
     }
-  });
-  for (int64_t c = 0; c < p.classes; ++c) {
-    p.focal_sums[c] = 0.0;
-    for (const auto& part : scratch) p.focal_sums[c] += part.focal_sums[c];
+  };
+  parallel_units(units.count, threads, work);
+  for (int64_t c = 0; c <= C; ++c) {
+    double total = 0.0;
+    for (int64_t unit = 0; unit < units.count; ++unit) total += partial[unit * (C + 1) + c];
+    (c < C ? p.focal_sums[c] : *p.poly_sum) = total;
   }
-  *p.poly_sum = 0.0;
-  for (const auto& part : scratch) *p.poly_sum += part.poly_sum;
 }
 
 template <typename Logit, typename Label>
@@ -373,7 +493,8 @@ void focal_by_label(const FocalProblem& p) {
 extern "C" {
 
 // The entry points return 0, -1 for a dtype code they do not know or no classes, and -2 when
-// memory or a thread could not be had (no C++ exception crosses into the caller).
+// memory could not be had (no C++ exception crosses into the caller; threads that cannot be had leave
+// their units to the others, the calling thread at least).
 
 // The label histogram into p->counts.
 int segfocal_histogram(const FocalProblem* p) {

@@ -10,10 +10,11 @@ The source is compiled with the system's C++ compiler (``$CXX``, else ``c++``) f
 CPU (``-O3 -march=native``), once, in about ten seconds, into a cache folder
 (``$SEGFOCAL_CACHE``, else ``~/.cache/segfocal``) keyed by the source, compiler, flags and CPU, verified
 (a SHA-256 written beside it; the folder and file the user's own, written by no one else) and loaded with
-:mod:`ctypes`: no Python or PyTorch headers, nothing to build at install time. It runs on
-``torch.get_num_threads()`` threads of its own. Where no compiler is found or the build fails,
-:func:`library` warns once and returns ``None``, and the fused loss keeps its PyTorch chunked
-implementation; ``SEGFOCAL_CPU_KERNEL=0`` chooses that implementation without trying.
+:mod:`ctypes`: no Python or PyTorch headers, nothing to build at install time. It runs on up to
+``torch.get_num_threads()`` threads: the calling one and the workers of a pool kept inside the
+library across calls (one call at a time uses the pool; a forked child makes its own). Where no
+compiler is found or the build fails, :func:`library` warns once and returns ``None``, and the
+fused loss keeps its PyTorch chunked implementation; ``SEGFOCAL_CPU_KERNEL=0`` chooses that implementation without trying.
 """
 from __future__ import annotations
 
