@@ -361,3 +361,24 @@ def test_report_writes_the_checkpoint_evaluation_files(tmp_path):
     assert json.loads(default.read_text())["class_names"] == ["class_0", "class_1", "class_2", "class_3"]
     with pytest.raises(ValueError, match="3 class names for 4 classes"):
         write_mask_folder_report(result, tmp_path / "out3", names[:3])
+
+
+def test_eval_with_a_config_remaps_stored_ground_truth_values_as_training_did(tmp_path, capsys):
+    """Cityscapes-style labelIds on disk, train ids predicted: data.label_map applies to the ground truth."""
+    from recipes import run_tool, tiny_recipe
+
+    from segfocal.cli import eval as eval_command
+
+    pred, gt = folders(tmp_path)
+    stored = np.array([[7, 8, 26], [0, 7, 33]])  # road, sidewalk, car, unlabeled, road, bicycle
+    save_l(gt / "a.png", stored)
+    save_l(pred / "a.png", np.array([[0, 1, 1], [2, 0, 2]]))  # train ids: road 0, sidewalk 1, car 2
+    config = tiny_recipe(tmp_path, data__num_classes=3, data__class_names=["road", "sidewalk", "car"],
+                         data__label_map={7: 0, 8: 1, 26: 2})
+    code, out, err = run_tool(capsys, eval_command, "--pred", pred, "--gt", gt, "--config", config,
+                              "--output", tmp_path / "scored")
+    assert code == 0, err
+    scored = json.loads((tmp_path / "scored" / "metrics.json").read_text())
+    # unlabeled (0) and bicycle (33) are not in the map: ignored; of the other 4 pixels one is wrong
+    assert scored["confusion_matrix"] == [[2, 0, 0], [0, 1, 0], [0, 1, 0]]
+    assert scored["num_ignored_pixels"] == 2

@@ -164,3 +164,24 @@ def test_the_export_command_without_the_onnx_extra_exits_2_naming_it(capsys, cfg
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ONNX export needs") and error.endswith("pip install 'segfocal[export]'")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_the_onnx_file_records_the_normalisation_of_any_bit_depth(capsys, cfg, model, tmp_path):
+    """A 16-bit run's data.scale travels with mean and std: without it a user would divide by 255."""
+    import copy
+    import json
+
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from segfocal.cli import main
+
+    sixteen_bit = copy.deepcopy(cfg)
+    sixteen_bit.data.scale, sixteen_bit.data.mean, sixteen_bit.data.std = 1 / 65535, [0.1, 0.2, 0.3], [0.4, 0.5, 0.6]
+    checkpoint = tmp_path / "best.pt"
+    save_checkpoint({"model": model.state_dict(), "config": to_dict(sixteen_bit)}, checkpoint)
+    main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--output", str(tmp_path / "m.onnx"),
+          "--size", "64", "64"])
+    capsys.readouterr()
+    meta = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]) \
+        .get_modelmeta().custom_metadata_map
+    assert json.loads(meta["scale"]) == 1 / 65535
+    assert (json.loads(meta["mean"]), json.loads(meta["std"])) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])

@@ -81,6 +81,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 
 def score_masks(args: argparse.Namespace) -> dict:
     """``--pred``/``--gt``: the classes, ignore index, names and colour map from ``--config`` or the flags."""
+    from ..data import LabelRemap
     from ..evaluation import score_mask_folders, write_mask_folder_report
 
     if args.gt is None:
@@ -88,13 +89,15 @@ def score_masks(args: argparse.Namespace) -> dict:
     if args.config:
         data = config_from_args(args).data
         num_classes, ignore_index, names, color_map = data.num_classes, data.ignore_index, data.class_names, data.color_map
+        gt_remap = LabelRemap(data.label_map, data.reduce_zero_label, data.ignore_index)  # as training read them
     elif args.num_classes is None:
         raise ConfigError("--pred needs --num-classes (or a --config that gives data.num_classes)")
     else:
-        num_classes, ignore_index, names, color_map = args.num_classes, args.ignore_index, None, None
+        num_classes, ignore_index, names, color_map, gt_remap = args.num_classes, args.ignore_index, None, None, None
     if num_classes < 1:
         raise ConfigError(f"--num-classes must be at least 1, got {num_classes}")
-    result = score_mask_folders(args.pred, args.gt, num_classes, ignore_index=ignore_index, color_map=color_map)
+    result = score_mask_folders(args.pred, args.gt, num_classes, ignore_index=ignore_index, color_map=color_map,
+                                gt_remap=gt_remap)
     names = class_names(names, num_classes)
     out = Path(args.output) if args.output else Path(args.pred).resolve().parent / "eval_masks"
     json_path, png_path = write_mask_folder_report(result, out, names)

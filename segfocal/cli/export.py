@@ -4,8 +4,8 @@
                     [--fixed-size]
 
 * ``onnx`` (needs ``pip install 'segfocal[export]'``): input ``image`` float32 ``[N, C, H, W]``,
-  normalised with the run's ``data.mean``/``data.std`` (both are in the file's metadata, with the
-  class names); output ``logits`` ``[N, classes, H, W]``; batch, height and width dynamic
+  normalised as in training, ``(x * scale - mean) / std`` for a stored value ``x`` (``scale``,
+  ``mean`` and ``std`` are in the file's metadata as JSON, with the class names and ignore index); output ``logits`` ``[N, classes, H, W]``; batch, height and width dynamic
   (``--fixed-size`` fixes height and width to ``--size``, for PSPNet and UPerNet).
 * ``pt2``: a ``torch.export`` program with dynamic batch and size; load it with plain torch,
   ``torch.export.load(PATH).module()``. (TorchScript is deprecated in PyTorch, so it is not offered.)
@@ -47,7 +47,9 @@ def run(args: argparse.Namespace) -> list:
         if args.format == "onnx":
             data = cfg.data
             metadata = {"class_names": json.dumps(data.class_names or []), "mean": json.dumps(data.mean),
-                        "std": json.dumps(data.std), "ignore_index": str(data.ignore_index)}
+                        "std": json.dumps(data.std), "ignore_index": str(data.ignore_index),
+                        # stored values times scale, then (x - mean) / std; null: the type's range (1/255 for 8-bit)
+                        "scale": json.dumps(data.scale)}
             written = export_onnx(model, args.output, in_channels=cfg.model.in_channels, example_size=size,
                                   dynamic_size=not args.fixed_size, metadata=metadata)
         elif args.format == "pt2":

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -60,6 +60,7 @@ def score_mask_folders(
     ignore_index: Optional[int] = None,
     color_map: ColorMap = None,
     pred_color_map: ColorMap = None,
+    gt_remap: Optional[Callable[[np.ndarray], np.ndarray]] = None,
 ) -> MaskFolderResult:
     """Segmentation metrics of the masks in ``pred_dir`` against those of the same stem in ``gt_dir``.
 
@@ -67,6 +68,8 @@ def score_mask_folders(
     pixels left out of the scores (``None``: every pixel is scored). ``color_map`` (``color_map[i]``
     is the [r, g, b] of class ``i``) decodes RGB ground-truth masks; ``pred_color_map`` decodes RGB
     predictions and defaults to ``color_map``. Grey and palette masks need no colour map.
+    ``gt_remap`` turns stored ground-truth values into train ids (a :class:`~segfocal.data.LabelRemap`
+    of ``data.label_map``/``data.reduce_zero_label``, as training applied it); predictions are train ids.
 
     Raises :class:`~segfocal.data.DataError` (naming the files) for a missing folder, no ground
     truth, ground-truth masks without a prediction or predictions without a ground truth (the count
@@ -96,7 +99,8 @@ def score_mask_folders(
                                 device="cpu")
     for stem, gt_path in gts.items():
         pred_path = preds[stem]
-        gt = read_mask(gt_path, color_map).astype(np.int64, copy=False)
+        gt = read_mask(gt_path, color_map)
+        gt = (gt if gt_remap is None else gt_remap(gt)).astype(np.int64, copy=False)
         pred = read_mask(pred_path, pred_color_map).astype(np.int64, copy=False)
         if pred.shape != gt.shape:
             raise DataError(
