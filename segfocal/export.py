@@ -33,7 +33,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -63,11 +63,12 @@ class ExportError(RuntimeError):
 
 
 def model_from_checkpoint(checkpoint: PathLike, config: Optional[Config] = None,
-                          device: Union[str, torch.device] = "cpu") -> Tuple[nn.Module, Config]:
+                          device: Union[str, torch.device] = "cpu",
+                          contents: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Config]:
     """The model of a checkpoint and its config (the one the trainer saved in it, unless ``config`` is
     given; a bare state dict needs it), in eval mode and contiguous memory format (whatever
-    ``train.channels_last`` says), for export."""
-    cfg, model = restore_with_config(checkpoint, torch.device(device), config)
+    ``train.channels_last`` says), for export. ``contents``: the checkpoint already read."""
+    cfg, model = restore_with_config(checkpoint, torch.device(device), config, contents)
     return model.to(memory_format=torch.contiguous_format).eval(), cfg
 
 

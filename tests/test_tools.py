@@ -517,3 +517,27 @@ def test_eval_scores_a_folder_of_predicted_masks_like_the_checkpoint_evaluation(
 def test_eval_says_which_arguments_are_missing(capsys, argv, message):
     code, _, stderr = call(capsys, "eval", *argv)
     assert code == 2 and message in stderr
+
+
+def test_eval_predict_and_export_read_the_checkpoint_once(capsys, trained, new_images, tmp_path, monkeypatch):
+    """A checkpoint with its optimiser state may be hundreds of MB: its config and weights come from one read."""
+    reads = []
+    load = torch.load
+
+    def counted(file, *args, **kwargs):
+        reads.append(str(file))
+        return load(file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted)
+    from segfocal.cli import eval as eval_command, export as export_command, predict as predict_command
+
+    modules = {"eval": eval_command, "predict": predict_command, "export": export_command}
+    commands = [("eval", "--checkpoint", trained.best, "--split", "val", "--output", tmp_path / "eval"),
+                ("predict", "--checkpoint", trained.best, "--input", new_images / "photo.jpg", "--output", tmp_path / "p"),
+                ("export", "--checkpoint", trained.best, "--format", "smp", "--output", tmp_path / "smp",
+                 "--size", "32", "32")]
+    for tool, *argv in commands:
+        reads.clear()
+        code, _, stderr = run_tool(capsys, modules[tool], *argv)
+        assert code == 0, stderr
+        assert len(reads) == 1, (tool, reads)

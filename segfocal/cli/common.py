@@ -6,7 +6,7 @@ import contextlib
 import os
 import sys
 from types import ModuleType
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..config import Config, ConfigError, load_config
 
@@ -28,9 +28,10 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flip", action="store_true", help="horizontal-flip test-time augmentation")
 
 
-def config_from_args(args: argparse.Namespace, checkpoint: Optional[str] = None) -> Config:
-    """The config of ``--config`` (else the one saved in ``checkpoint``) with the command line's
-    shortcuts, then ``--set`` (which wins), applied."""
+def config_from_args(args: argparse.Namespace, checkpoint: Optional[str] = None,
+                     contents: Optional[Dict[str, Any]] = None) -> Config:
+    """The config of ``--config`` (else the one saved in ``checkpoint``, whose ``contents`` may be
+    given already read) with the command line's shortcuts, then ``--set`` (which wins), applied."""
     shortcuts = [f"eval.mode={args.mode}"] if getattr(args, "mode", None) else []
     shortcuts += ["eval.flip=true"] if getattr(args, "flip", False) else []
     overrides = shortcuts + list(args.overrides) + ([f"work_dir={args.work_dir}"] if args.work_dir else [])
@@ -39,7 +40,16 @@ def config_from_args(args: argparse.Namespace, checkpoint: Optional[str] = None)
     from ..engine.checkpoint import load_checkpoint
     from ..engine.restore import saved_config
 
-    return saved_config(load_checkpoint(checkpoint), checkpoint, overrides)
+    return saved_config(load_checkpoint(checkpoint) if contents is None else contents, checkpoint, overrides)
+
+
+def checkpoint_and_config(args: argparse.Namespace) -> Tuple[Dict[str, Any], Config]:
+    """``--checkpoint``'s contents, read once (a checkpoint with its optimiser state may be hundreds of
+    MB), and the config of :func:`config_from_args` for it."""
+    from ..engine.checkpoint import load_checkpoint
+
+    contents = load_checkpoint(args.checkpoint)
+    return contents, config_from_args(args, args.checkpoint, contents)
 
 
 def add_output_argument(parser: argparse.ArgumentParser, help_text: str) -> None:

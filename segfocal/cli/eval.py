@@ -20,8 +20,8 @@ from pathlib import Path
 
 from ..config import ConfigError
 from ..evaluation import class_names, format_table, plot_confusion_matrix, write_json
-from .common import (add_config_arguments, add_inference_arguments, add_output_argument, command_main,
-                     config_from_args)
+from .common import (add_config_arguments, add_inference_arguments, add_output_argument, checkpoint_and_config,
+                     command_main, config_from_args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +51,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     from ..engine.precision import inference_precision
     from ..engine.restore import restore_model
 
-    cfg = config_from_args(args, checkpoint=args.checkpoint)
+    contents, cfg = checkpoint_and_config(args)
     data = cfg.data
     split = args.split or data.test_split
     device = resolve_device(cfg.device)
@@ -59,7 +59,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     dataset.validate(data.num_classes, data.ignore_index)
     loader = build_loader(dataset, cfg.eval.batch_size, shuffle=False, num_workers=data.num_workers, seed=cfg.seed,
                           drop_last=False)
-    model = restore_model(cfg, args.checkpoint, device)
+    model = restore_model(cfg, args.checkpoint, device, contents)
     result = evaluate(model, loader, cfg.eval, data.num_classes, data.ignore_index, device,
                       inference_precision(cfg.train.amp, device), with_auroc=args.auroc)
     names = class_names(data.class_names, data.num_classes)

@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 
-from .common import add_config_arguments, command_main, config_from_args
+from .common import add_config_arguments, checkpoint_and_config, command_main
 
 FORMATS = ("onnx", "pt2", "smp")
 
@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> list:
     from ..export import ExportError, export_onnx, export_pt2, export_smp, model_from_checkpoint
 
-    cfg = config_from_args(args, checkpoint=args.checkpoint)
-    model, cfg = model_from_checkpoint(args.checkpoint, config=cfg)
+    contents, cfg = checkpoint_and_config(args)
+    model, cfg = model_from_checkpoint(args.checkpoint, config=cfg, contents=contents)
     size = tuple(args.size)
     try:
         if args.format == "onnx":

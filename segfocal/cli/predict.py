@@ -32,9 +32,8 @@ import sys
 from pathlib import Path
 from typing import Tuple
 
-from .common import add_config_arguments, add_inference_arguments, config_from_args, command_main
+from .common import add_config_arguments, add_inference_arguments, checkpoint_and_config, command_main
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".npy")
 MAX_PIXELS = 2048 * 2048
 OVERLAY_FORMATS = {"png": ("PNG", {}), "jpg": ("JPEG", {"quality": 90})}  # suffix: PIL format, save options
 
@@ -61,7 +60,7 @@ def pixel_limit(text: str) -> int:
 
 
 def list_images(path: Path) -> list:
-    from ..data import DataError
+    from ..data import IMAGE_SUFFIXES, DataError
 
     if path.is_file():
         return [path]
@@ -134,18 +133,20 @@ def run(args: argparse.Namespace) -> list:
 
     from ..data import read_image, write_palette_mask
     from ..engine.distributed import resolve_device
+    from ..engine.restore import restore_model
     from ..evaluation import class_names
     from ..files import replaced_atomically
     from ..segmenter import Segmenter
     from ..visualize import display_images, overlay_masks, palette_of, with_legend
 
-    cfg = config_from_args(args, checkpoint=args.checkpoint)
     source, output = Path(args.input), Path(args.output)
     images = list_images(source)
-    # before the model loads or anything is written
+    # before the checkpoint is read or anything is written
     check_output_outside_input(source, output, images, args.overlay_format)
+    contents, cfg = checkpoint_and_config(args)
     device = resolve_device(cfg.device)
-    segmenters = {cfg.eval.mode: Segmenter.from_checkpoint(args.checkpoint, config=cfg, device=device)}
+    segmenters = {cfg.eval.mode: Segmenter(restore_model(cfg, args.checkpoint, device, contents), cfg, device)}
+    del contents  # the optimiser state it may hold is not needed any more
     palette, names = palette_of(cfg.data), class_names(cfg.data.class_names, cfg.data.num_classes)
     overlay_format, save_options = OVERLAY_FORMATS[args.overlay_format]
     (output / OVERLAY_FOLDER).mkdir(parents=True, exist_ok=True)

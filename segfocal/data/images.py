@@ -1,6 +1,6 @@
 """Images of any channel count and bit depth as (H, W, C) arrays, and their scaling for the pipeline.
 
-PIL reads PNG, JPEG, BMP and TIFF (8-bit, 16-bit ``I;16``, 32-bit ``I`` and float ``F`` modes); a
+PIL reads PNG, JPEG, BMP, WebP and TIFF (8-bit, 16-bit ``I;16``, 32-bit ``I`` and float ``F`` modes); a
 multi-page TIFF of single-band pages is read as one image with a channel per page. A TIFF whose page
 holds bands PIL cannot read in full (several 16-bit or float bands, as GIS tools write 4-band or
 multispectral imagery) is read by tifffile, its band axis last. NumPy ``.npy`` files hold (H, W) or
@@ -27,7 +27,7 @@ from PIL.TiffImagePlugin import BITSPERSAMPLE, SAMPLESPERPIXEL
 
 from .errors import DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".npy")
 DEFAULT_SCALES = {np.dtype(np.uint8): 1 / 255, np.dtype(np.uint16): 1 / 65535}
 _READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 _EIGHT_BIT = ("|u1", "|b1")

@@ -20,18 +20,21 @@ from .checkpoint import CheckpointError, load_checkpoint, model_state_from
 PathLike = Union[str, Path]
 
 
-def restore_model(cfg: Config, checkpoint: PathLike, device: torch.device) -> nn.Module:
-    """``cfg.model`` with the weights of ``checkpoint`` (a trainer checkpoint or a bare state dict), in eval mode."""
-    return _model_with_weights(cfg, load_checkpoint(checkpoint), checkpoint, device)
+def restore_model(cfg: Config, checkpoint: PathLike, device: torch.device,
+                  contents: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """``cfg.model`` with the weights of ``checkpoint`` (a trainer checkpoint or a bare state dict), in
+    eval mode; ``contents``: the checkpoint already read (it is not read again)."""
+    return _model_with_weights(cfg, load_checkpoint(checkpoint) if contents is None else contents, checkpoint, device)
 
 
-def restore_with_config(checkpoint: PathLike, device: torch.device,
-                        cfg: Optional[Config] = None) -> Tuple[Config, nn.Module]:
+def restore_with_config(checkpoint: PathLike, device: torch.device, cfg: Optional[Config] = None,
+                        contents: Optional[Dict[str, Any]] = None) -> Tuple[Config, nn.Module]:
     """``(config, model)`` from ``checkpoint``: ``cfg`` if given, else the config the trainer saved in it.
 
     A bare state dict holds no config: without ``cfg`` it is a :class:`CheckpointError` naming the file.
+    ``contents``: the checkpoint already read.
     """
-    contents = load_checkpoint(checkpoint)
+    contents = load_checkpoint(checkpoint) if contents is None else contents
     cfg = cfg if cfg is not None else saved_config(contents, checkpoint)
     return cfg, _model_with_weights(cfg, contents, checkpoint, device)
 
