@@ -91,6 +91,12 @@ def test_cityscapes_tree_loads_label_ids_as_the_19_train_ids(tmp_path):
                                                       blocks([2, 8, 255, 16, 17, 255, 5, 7])])
     assert dataset.validate(cfg.data.num_classes, cfg.data.ignore_index) == []
 
+    save(tmp_path / "leftImg8bit" / "val" / "lindau" / "lindau_000000_000019_leftImg8bit.png", rgb(3))
+    save(tmp_path / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelIds.png",
+         blocks([7, 7, 26, 26, 8, 0, 24, 11]))
+    result = Trainer(cfg, progress=False).fit()  # a step, validated on the val city
+    assert result is not None and 0 <= result.metrics["miou"] <= 1 and (tmp_path / "run" / "best.pt").is_file()
+
     (tmp_path / "gtFine" / "train" / "bremen" / "bremen_000001_000019_gtFine_labelIds.png").unlink()
     with pytest.raises(DataError, match="1 Cityscapes images have no _gtFine_labelIds.png mask; first: .*bremen_0"):
         build_dataset(cfg.data, [], "train")
@@ -136,3 +142,5 @@ def test_ade20k_tree_reduces_zero_label(tmp_path):
                                   [blocks([255, 0, 149, 1, 255, 12, 148, 2])])
     np.testing.assert_array_equal(masks_of(build_dataset(cfg.data, [], "validation")),
                                   [blocks([4, 255, 255, 255, 0, 0, 0, 0])])
+    result = Trainer(recipe("ade20k_unet_focal", tmp_path, tmp_path, "data.batch_size=1"), progress=False).fit()
+    assert result is not None and 0 <= result.metrics["miou"] <= 1 and (tmp_path / "run" / "best.pt").is_file()
