@@ -29,6 +29,20 @@ def test_base_inheritance_merges_nested_keys(tmp_path):
     assert cfg.train.epochs == 7
 
 
+def test_a_config_copied_anywhere_finds_shipped_bases_and_a_local_file_wins(tmp_path):
+    """The README's examples start with `_base_: _base_/default.yaml`: copied out of configs/, they still load."""
+    anywhere = write(tmp_path / "cells.yaml", {"_base_": "_base_/default.yaml", "data": {"num_classes": 3}})
+    cfg = load_config(anywhere)
+    assert (cfg.data.num_classes, cfg.schedule.warmup_iters, cfg.train.log_image_size) == (3, 20, 512)  # default.yaml's
+    on_recipe = write(tmp_path / "longer.yaml", {"_base_": "camvid_unet_focal", "train": {"epochs": 300}})
+    cfg = load_config(on_recipe)
+    assert (cfg.data.num_classes, cfg.train.epochs) == (11, 300)
+    write(tmp_path / "_base_" / "default.yaml", {"seed": 5})  # a file beside the config is taken first
+    assert load_config(anywhere).seed == 5
+    with pytest.raises(ConfigError, match=r"config file not found: .*no_such_base.yaml"):
+        load_config(write(tmp_path / "bad_base.yaml", {"_base_": "no_such_base.yaml"}))
+
+
 def test_overrides_are_parsed_as_yaml_and_applied_last(tmp_path):
     path = write(tmp_path / "c.yaml", {"loss": {"gamma": 2.0}})
     cfg = load_config(path, ["loss.gamma=0.5", "loss.weight=null", "loss.alpha=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]", "train.amp=fp32"])

@@ -1,8 +1,8 @@
 """YAML configs with ``_base_`` inheritance and dotted overrides, turned into :class:`Config`.
 
-A config file may name one or more ``_base_`` files (paths relative to itself); they are merged
-first, in order, and the file's own keys override them key by key (dictionaries merge, everything
-else replaces). ``--set key.sub=value`` overrides are parsed as YAML values and applied last.
+A config file may name one or more ``_base_`` files (paths relative to itself, else recipes shipped
+with segfocal such as ``_base_/default.yaml``); they are merged first, in order, and the file's own
+keys override them key by key (dictionaries merge, everything else replaces). ``--set key.sub=value`` overrides are parsed as YAML values and applied last.
 Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key, with the
 closest valid key suggested.
 """
@@ -275,8 +275,20 @@ def load_yaml_tree(path: Path, _seen: tuple = ()) -> Dict[str, Any]:
         raise ConfigError(f"{path}: _base_ must be a file name or a list of file names, got {bases!r}")
     merged: Dict[str, Any] = {}
     for base in bases:
-        merged = deep_merge(merged, load_yaml_tree(path.parent / base, _seen + (path,)))
+        merged = deep_merge(merged, load_yaml_tree(_base_path(path.parent, base), _seen + (path,)))
     return deep_merge(merged, data)
+
+
+def _base_path(folder: Path, base: str) -> Path:
+    """A ``_base_`` entry: the file relative to the config, else a shipped recipe of that name
+    (``_base_/default.yaml``, ``camvid_unet_focal``), so a config copied anywhere keeps its bases."""
+    relative = folder / base
+    if relative.is_file():
+        return relative
+    for shipped in (RECIPES / base, RECIPES / f"{base}.yaml"):
+        if shipped.is_file():
+            return shipped
+    return relative  # not found: the error names the path as written
 
 
 def _yaml_problem(error: Exception) -> str:
