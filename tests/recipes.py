@@ -1,5 +1,8 @@
-"""Test helpers: a tiny synthetic-data recipe that trains in seconds on the CPU, and the tools as modules."""
+"""Test helpers: a tiny synthetic-data recipe that trains in seconds on the CPU, the tools as modules,
+and a stop signal sent at a chosen optimiser step."""
 import importlib.util
+import os
+import signal
 from pathlib import Path
 
 import yaml
@@ -56,3 +59,17 @@ def run_tool(capsys, tool, *argv):
         code = exit_.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def signal_after_step(trainer, step, signal_number=signal.SIGINT, times=1):
+    """Send ``signal_number`` to this process ``times`` times once ``trainer`` has done optimiser step ``step``."""
+    original = trainer._optimizer_step
+
+    def stepped(loss, bad_steps):
+        bad_steps = original(loss, bad_steps)
+        if trainer.state.step == step:
+            for _ in range(times):
+                os.kill(os.getpid(), signal_number)
+        return bad_steps
+
+    trainer._optimizer_step = stepped

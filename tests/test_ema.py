@@ -1,11 +1,8 @@
 """train.ema: the moving average follows its formula, is what validation scores and best.pt keeps,
 and resumes bit for bit."""
-import os
-import signal
-
 import pytest
 import torch
-from recipes import tiny_recipe
+from recipes import signal_after_step, tiny_recipe
 
 from segfocal.config import ConfigError, load_config
 from segfocal.engine.checkpoint import load_checkpoint
@@ -62,15 +59,7 @@ def test_a_resumed_run_continues_the_average_bit_for_bit(tmp_path):
     Trainer(load_config(tiny_recipe(tmp_path / "straight", **options)), progress=False).fit()
     config = load_config(tiny_recipe(tmp_path / "stopped", **options))
     trainer = Trainer(config, progress=False)
-    step = trainer._optimizer_step
-
-    def signal_at_step_6(loss, bad_steps):  # mid-way through the second epoch
-        bad_steps = step(loss, bad_steps)
-        if trainer.state.step == 6:
-            os.kill(os.getpid(), signal.SIGINT)
-        return bad_steps
-
-    trainer._optimizer_step = signal_at_step_6
+    signal_after_step(trainer, 6)  # mid-way through the second epoch
     with pytest.raises(TrainingInterrupted):
         trainer.fit()
     Trainer(config, resume="auto", progress=False).fit()

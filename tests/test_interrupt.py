@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from recipes import REPO, tiny_recipe
+from recipes import REPO, signal_after_step, tiny_recipe
 
 from segfocal.config import load_config
 from segfocal.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -23,20 +23,6 @@ DROPOUT_MODEL = dict(model__arch="FPN", model__kwargs={"encoder_depth": 3, "deco
                                                        "decoder_segmentation_channels": 32, "upsampling": 1})
 OPTIONS = dict(train__epochs=2, train__log_images=0, **DROPOUT_MODEL)
 STOP_AT_STEP = 6  # the second of the four steps of epoch 2
-
-
-def signal_after_step(trainer, signal_number, times=1):
-    """Send ``signal_number`` to this process ``times`` times once optimiser step STOP_AT_STEP is done."""
-    original = trainer._optimizer_step
-
-    def step(loss, bad_steps):
-        bad_steps = original(loss, bad_steps)
-        if trainer.state.step == STOP_AT_STEP:
-            for _ in range(times):
-                os.kill(os.getpid(), signal_number)
-        return bad_steps
-
-    trainer._optimizer_step = step
 
 
 def model_weights(path):
@@ -60,7 +46,7 @@ def stop_mid_epoch(config, signal_number):
     """Train until the signal stops the run after step STOP_AT_STEP; returns the TrainingInterrupted."""
     trainer = Trainer(config, progress=False)
     assert len(trainer.train_loader) == 4
-    signal_after_step(trainer, signal_number)
+    signal_after_step(trainer, STOP_AT_STEP, signal_number)
     with pytest.raises(TrainingInterrupted) as stopped:
         trainer.fit()
     return stopped.value
@@ -99,7 +85,7 @@ def test_sigterm_stops_likewise_and_without_the_saved_random_state_the_resumed_r
 
 def test_a_second_signal_stops_at_once_and_keeps_the_previous_last_pt(tmp_path):
     trainer = Trainer(load_config(tiny_recipe(tmp_path, train__epochs=2, train__log_images=0)), progress=False)
-    signal_after_step(trainer, signal.SIGINT, times=2)
+    signal_after_step(trainer, STOP_AT_STEP, signal.SIGINT, times=2)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     state = load_checkpoint(tmp_path / "run" / "last.pt")["state"]

@@ -1,12 +1,10 @@
 """Runs counted in optimiser steps (train.iters) or epochs: entries, validation, last.pt, the LR
 schedule and resume follow the unit; early stopping (train.patience)."""
 import json
-import os
-import signal
 
 import pytest
 import torch
-from recipes import tiny_recipe
+from recipes import signal_after_step, tiny_recipe
 
 from segfocal.config import ConfigError, load_config
 from segfocal.engine.checkpoint import load_checkpoint
@@ -82,15 +80,7 @@ def test_a_run_counted_in_steps_resumes_exactly_after_a_stop_and_after_a_kill(st
     _, _, _, straight_log, straight_last = straight
     config = load_config(tiny_recipe(tmp_path, **STEPS))
     trainer = Trainer(config, progress=False)
-    step = trainer._optimizer_step
-
-    def signal_at_step_5(loss, bad_steps):
-        bad_steps = step(loss, bad_steps)
-        if trainer.state.step == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        return bad_steps
-
-    trainer._optimizer_step = signal_at_step_5
+    signal_after_step(trainer, 5)
     with pytest.raises(TrainingInterrupted):
         trainer.fit()
     assert load_checkpoint(tmp_path / "run" / "last.pt")["state"]["step"] == 5
