@@ -64,6 +64,7 @@ class TrainState:
     report_loss: float = 0.0
     report_batches: int = 0
     interval_loss: float = 0.0
+    interval_batches: int = 0
 
     @classmethod
     def from_saved(cls, saved: Dict[str, Any]) -> "TrainState":
@@ -230,13 +231,16 @@ class Trainer:
                 self.scaler.scale(loss / group_size).backward()
             self._report_sum += loss.detach()
             self._interval_sum += loss.detach()
-            self.state.batch, self.state.report_batches = index + 1, self.state.report_batches + 1
+            state = self.state
+            state.batch, state.report_batches, state.interval_batches = (
+                index + 1, state.report_batches + 1, state.interval_batches + 1)
             if not steps_now:
                 continue
             bad_steps = self._optimizer_step(loss, bad_steps)
             if self.state.step % cfg.log_every == 0:
-                interval_loss = self._interval_sum.item() / (cfg.log_every * cfg.accumulate)
+                interval_loss = self._interval_sum.item() / self.state.interval_batches  # a short group counts as it is
                 self._interval_sum.zero_()
+                self.state.interval_batches = 0
                 batches.set_postfix(loss=f"{interval_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                 self._log_step(interval_loss)
                 self.console.step(epoch, self.timeline, index + 1, len(self.train_loader), self.state.step,
