@@ -283,12 +283,13 @@ def _base_path(folder: Path, base: str) -> Path:
     """A ``_base_`` entry: the file relative to the config, else a shipped recipe of that name
     (``_base_/default.yaml``, ``camvid_unet_focal``), so a config copied anywhere keeps its bases."""
     relative = folder / base
-    if relative.is_file():
-        return relative
-    for shipped in (RECIPES / base, RECIPES / f"{base}.yaml"):
-        if shipped.is_file():
-            return shipped
-    return relative  # not found: the error names the path as written
+    for candidate in (relative, RECIPES / base, RECIPES / f"{base}.yaml"):
+        try:
+            if candidate.is_file():
+                return candidate
+        except (OSError, ValueError):  # an over-long name or a NUL byte: load_yaml_tree names it
+            break
+    return relative
 
 
 def _yaml_problem(error: Exception) -> str:
