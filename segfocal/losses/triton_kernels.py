@@ -300,7 +300,7 @@ def tiles_for(num_classes: int) -> Tiles:
     in one row, padded to a power of two; at most 2048 elements a tile over 8 warps (8 a thread) and
     at most 256 pixels (each pixel's indices and label are int64 vectors: with 512 or 1024 pixels a
     tile, 2 to 8 classes reached ptxas's 128-register cap on sm_80 and spilled), 4 pixels over 16
-    warps at 1024 classes. Measured: ``tools/triton_resources.py`` (benchmarks/RESULTS.md)."""
+    warps at 1024 classes. Measured: ``benchmarks/triton_resources.py`` (benchmarks/RESULTS.md)."""
     block_c = triton.next_power_of_2(num_classes)
     block_p = 256 if block_c <= 4 else 128 if block_c <= 16 else max(4, 2048 // block_c)
     return Tiles(block_p, block_c, 16 if block_c >= 1024 else 8)
