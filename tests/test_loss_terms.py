@@ -50,7 +50,7 @@ def test_terms_load_as_dataclasses_with_defaults(tmp_path):
     ("[{name: dice, smooth_dr: 0}]", r"loss.terms\[0\].smooth_dr must be a finite number > 0 .*, got 0.0"),
     ("[{name: dice, smooth_nr: .nan}]", r"loss.terms\[0\].smooth_nr must be a finite number >= 0, got nan"),
     ("[{name: focal}, {name: dice, class_weight: enett}]",
-     r"loss.terms\[1\].class_weight must be one of enet, inverse, median, effective, auto, a list or null, "
+     rf"loss.terms\[1\].class_weight must be one of {', '.join(WEIGHT_SCHEMES)}, auto, a list or null, "
      r"got 'enett'"),
     ("[{name: dice, class_weight: [1.0, 2.0]}]",
      r"loss.terms\[0\].class_weight must be one finite value >= 0 per class \(data.num_classes=6\)"),
