@@ -17,8 +17,11 @@ Schemes (``f_c`` is the class's share of the counted pixels, ``K`` the number of
 ``"effective"``
     ``(1 - beta) / (1 - beta^n_c)`` (effective number of samples, Cui et al. 2019), scaled so the
     present classes' weights sum to ``K``.
+``"sqrt_inverse"``
+    ``1 / (sqrt(f_c) sum_k sqrt(f_k))`` over present classes: a milder ``"inverse"``, with the same
+    normalisation ``sum_c f_c w_c = 1``.
 
-Classes absent from the histogram get weight 0 in the last three schemes (they have no pixels to
+Classes absent from the histogram get weight 0 in every scheme but ``"enet"`` (they have no pixels to
 weigh, and their formula would be infinite); ``"enet"`` is finite everywhere and keeps its value.
 """
 from __future__ import annotations
@@ -72,9 +75,15 @@ def _effective(counts, freq, present, num_present, enet_c, effective_beta):
     return raw * num_present / raw.sum().clamp_min(torch.finfo(torch.float64).tiny)
 
 
+def _sqrt_inverse(counts, freq, present, num_present, enet_c, effective_beta):
+    root = freq.sqrt()
+    return torch.where(present, 1.0 / (root * root.sum()), 0.0)
+
+
 # name -> formula(counts, freq, present, num_present, enet_c, effective_beta), all float64 [C] but
 # num_present (a 0-d tensor); the one list of schemes (the config's loss.weight choices come from it)
-_FORMULAS = {"enet": _enet, "inverse": _inverse, "median": _median, "effective": _effective}
+_FORMULAS = {"enet": _enet, "inverse": _inverse, "median": _median, "effective": _effective,
+             "sqrt_inverse": _sqrt_inverse}
 WEIGHT_SCHEMES = tuple(_FORMULAS)
 
 
