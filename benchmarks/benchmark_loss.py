@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from segfocal.losses import class_weights, focal_loss  # noqa: E402
-from tests.reference_seeds import focal_loss_my, focal_loss_zhihu  # noqa: E402  (the write-up's two, kept for the tests)
+from tests.reference_seeds import focal_loss_my, focal_loss_zhihu  # noqa: E402  (the write-up's two)
 
 PRESETS = {  # (batch, classes, height, width)
     "camvid": (8, 12, 360, 480),

@@ -127,8 +127,8 @@ class FocalLoss(nn.Module):
             sync_histogram=sync_histogram, implementation=implementation, validate=validate,
         )
         keep_class_weight(self, self.options.weight)
-        alpha_tensor = None if alpha is None or isinstance(alpha, (int, float)) else torch.as_tensor(alpha, dtype=torch.float32)
-        self.register_buffer("alpha", alpha_tensor)
+        per_class_alpha = alpha is not None and not isinstance(alpha, (int, float))
+        self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.float32) if per_class_alpha else None)
         self.last_class_weights: Optional[torch.Tensor] = None
         self.histogram_momentum = histogram_momentum
         if histogram_momentum is not None:

@@ -7,7 +7,10 @@ gradient for an upstream gradient of 1; the backward only scales it. Nothing per
 (So a bfloat16 gradient is rounded twice when the upstream is not a power of two: an error of at
 most about one bfloat16 ulp instead of half of one, measured.)
 The back ends: :mod:`.cpu_kernels` (a C++ kernel, float32/bfloat16 CPU logits) and
-:mod:`.triton_kernels` (CUDA, float16/bfloat16/float32).
+:mod:`.triton_kernels` (CUDA, float16/bfloat16/float32). Each is a module with ``histogram(target,
+C, ignore_index)``, ``forward(logits, target, coefficients, poly_coefficient, options, write_grad)``,
+``gradient(logits, target, coefficients, poly_coefficient, grad_loss, options)`` and ``scale_(grad,
+grad_loss)``; ``options`` is the loss's one :class:`~.options.FocalOptions` value.
 
 A back end that raises (a kernel that does not compile or launch on this machine) is turned off
 for the process with one warning, and the chunked pass takes over, in the forward or the backward.
@@ -37,14 +40,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
-from typing import TYPE_CHECKING, Dict, Iterator, Optional, Set, Tuple
+from typing import Dict, Iterator, Optional, Set, Tuple
 
 import torch
 
 from .labels import mean_denominator, not_ignored, per_class_factor, sum_over_ranks
-
-if TYPE_CHECKING:
-    from .options import FocalOptions
+from .options import FocalOptions
 
 CHUNK_ELEMENTS = 1 << 20  # logits elements per chunk (4 MiB of float32): cache-sized, few Python-level ops
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -54,7 +55,7 @@ _NO_GRADS = (None, None)  # backward: no gradient for the target and the options
 
 
 def fused_focal_loss(logits: torch.Tensor, target: torch.Tensor,
-                     options: "FocalOptions") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                     options: FocalOptions) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The reduced loss (``"mean"`` or ``"sum"``) and the class weights used (``None`` if unweighted).
 
     Inputs are validated by :func:`segfocal.losses.focal_loss`; ``options`` has its fixed weights and
@@ -67,12 +68,11 @@ def fused_focal_loss(logits: torch.Tensor, target: torch.Tensor,
 class _FusedFocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, options):
-        num_classes, gamma, ignore_index = logits.shape[1], options.gamma, options.ignore_index
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         kernels, counts = _kernels(logits), None
         if kernels is not None:  # histogram first, so the one pass over the logits can write the gradient
             try:
-                counts = kernels.histogram(target, num_classes, ignore_index)
+                counts = kernels.histogram(target, logits.shape[1], options.ignore_index)
             except Exception as error:  # a kernel that cannot compile or launch here must not stop training
                 kernels = _kernels_failed(kernels, error)
         if kernels is not None:
@@ -80,8 +80,8 @@ class _FusedFocal(torch.autograd.Function):
             # not for float16: see triton_kernels
             write_grad = ctx.needs_input_grad[0] and logits.dtype != torch.float16
             try:
-                focal_sums, poly_sum, grad = kernels.forward(logits, target, coefficients, poly_coefficient, gamma,
-                                                             ignore_index, write_grad)
+                focal_sums, poly_sum, grad = kernels.forward(logits, target, coefficients, poly_coefficient, options,
+                                                             write_grad)
                 saved = None
             except Exception as error:
                 kernels = _kernels_failed(kernels, error)
@@ -112,8 +112,8 @@ class _FusedFocal(torch.autograd.Function):
             if kernels is not None and grad is not None:
                 return (kernels.scale_(grad, grad_loss),) + _NO_GRADS
             if kernels is not None:
-                return (kernels.gradient(logits, target, coefficients, poly_coefficient, grad_loss, ctx.options.gamma,
-                                         ctx.options.ignore_index),) + _NO_GRADS
+                return (kernels.gradient(logits, target, coefficients, poly_coefficient, grad_loss, ctx.options),
+                        ) + _NO_GRADS
         except Exception as error:  # as in the forward: the chunked pass takes over
             _kernels_failed(kernels, error)
         if grad is not None:
@@ -124,7 +124,7 @@ class _FusedFocal(torch.autograd.Function):
                                   ctx.options.ignore_index),) + _NO_GRADS
 
 
-def _coefficients(counts: torch.Tensor, options: "FocalOptions", dtype: torch.dtype):
+def _coefficients(counts: torch.Tensor, options: FocalOptions, dtype: torch.dtype):
     """From the batch's class histogram: the class weights used (or ``None``), the per-class factor
     ``w a`` (or ``None``), the reduction's scale ``1 / D`` (1 for ``"sum"``), each class's gradient
     coefficient ``w a / D`` with a zero appended for ignored pixels (their bin is C), and the
@@ -196,7 +196,7 @@ def _warn_once(key: str, reason: str) -> None:
                       f"pass without trying.", RuntimeWarning, stacklevel=3)
 
 
-def _chunked_sums(logits, target, options: "FocalOptions", with_poly: bool = True):
+def _chunked_sums(logits, target, options: FocalOptions, with_poly: bool = True):
     """The forward pass in chunks: float64 per-class counts and focal sums ``[C]``, the Poly-1 sum (0 unless
     ``with_poly`` and a Poly-1 term), and the per-pixel buffers the backward reads (log-normaliser, ``1 - p_t``,
     focal and Poly-1 slopes)."""
