@@ -26,9 +26,9 @@ from torch import nn
 from .class_weights import WeightScheme, keep_class_weight
 from .focal import check_inputs
 from .labels import not_ignored
-from . import options
-from .options import REDUCTIONS, Reduction, WeightArg, check_choice, check_class_factors, check_ignore_index
 from .layout import flat_labels, flat_logits
+from .options import (REDUCTIONS, Reduction, WeightArg, check_choice, check_class_factors, check_ignore_index,
+                      per_class)
 
 
 def dice_loss(
@@ -157,20 +157,20 @@ def _dice_loss(logits, target, weight, ignore_index, reduction, smooth_nr, smoot
     intersection = torch.where(one_hot, probs, 0.0).sum(sums_over)
     predicted = torch.where(counted, probs, 0.0).sum(sums_over)
     truth = one_hot.sum(sums_over, dtype=dtype)
-    per_class = 1.0 - (2.0 * intersection + smooth_nr) / (predicted + truth + smooth_dr)  # [B, C] or [C]
+    class_loss = 1.0 - (2.0 * intersection + smooth_nr) / (predicted + truth + smooth_dr)  # [B, C] or [C]
 
     class_weight = None
     if isinstance(weight, WeightScheme):
         class_weight = weight.of_batch(target, num_classes, ignore_index, sync_histogram, dtype)
     elif weight is not None:
-        class_weight = options.per_class(weight, num_classes, "weight", dtype, logits.device)
-    weighted = per_class if class_weight is None else per_class * class_weight
+        class_weight = per_class(weight, num_classes, "weight", dtype, logits.device)
+    weighted = class_loss if class_weight is None else class_loss * class_weight
     if reduction == "none":
         return weighted, class_weight
     total = weighted.sum()
     if reduction == "sum":
         return total, class_weight
-    samples = 1 if batch else per_class.shape[0]
+    samples = 1 if batch else class_loss.shape[0]
     per_sample_weight = num_classes if class_weight is None else class_weight.sum()
     denominator = torch.as_tensor(per_sample_weight * samples, dtype=dtype, device=logits.device)
     mean = total / denominator.clamp_min(torch.finfo(dtype).tiny)

@@ -186,7 +186,7 @@ def _focal_loss(logits: torch.Tensor, target: torch.Tensor,
     if options.validate:
         check_inputs(logits, target, options.ignore_index)
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    options = options.per_class(logits.shape[1], dtype, logits.device)
+    options = options.resolved(logits.shape[1], dtype, logits.device)
     if options.implementation == "fused" and options.reduction == "none":
         raise ValueError("implementation='fused' reduces; use reduction='mean' or 'sum', or implementation='reference'")
     if options.implementation == "fused" or (options.implementation == "auto" and options.reduction != "none"):

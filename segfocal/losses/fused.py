@@ -59,7 +59,7 @@ def fused_focal_loss(logits: torch.Tensor, target: torch.Tensor,
     """The reduced loss (``"mean"`` or ``"sum"``) and the class weights used (``None`` if unweighted).
 
     Inputs are validated by :func:`segfocal.losses.focal_loss`; ``options`` has its fixed weights and
-    ``alpha`` as ``[C]`` tensors (:meth:`FocalOptions.per_class`).
+    ``alpha`` as ``[C]`` tensors (:meth:`FocalOptions.resolved`).
     """
     loss, weight = _FusedFocal.apply(logits, target, options)
     return loss, (weight if options.weight is not None else None)

@@ -33,7 +33,7 @@ class FocalOptions:
     scalar options are checked when it is made, the class factors by :meth:`of`.
 
     ``weight`` is a :class:`WeightScheme`, fixed per-class weights or ``None``; ``alpha`` a float,
-    per-class values or ``None``. :meth:`per_class` turns both into ``[C]`` tensors for one batch.
+    per-class values or ``None``. :meth:`resolved` turns both into ``[C]`` tensors for one batch.
     """
 
     gamma: float = 2.0
@@ -67,7 +67,7 @@ class FocalOptions:
         """The on-the-fly weight scheme, or ``None`` (fixed weights or none)."""
         return self.weight if isinstance(self.weight, WeightScheme) else None
 
-    def per_class(self, num_classes: int, dtype: torch.dtype, device: torch.device) -> "FocalOptions":
+    def resolved(self, num_classes: int, dtype: torch.dtype, device: torch.device) -> "FocalOptions":
         """These options with fixed weights and ``alpha`` as ``[C]`` tensors of ``dtype`` on ``device``
         (a float ``alpha`` gives class 0 ``alpha`` and the others ``1 - alpha``)."""
         weight = self.weight
