@@ -224,8 +224,10 @@ class Config:
 # code reads are Literal types, one tuple each for the checks here and in the modules that take them.
 BadSamples = Literal["error", "skip"]
 Verify = Literal["header", "full"]
+Layout = Literal["folder", "cityscapes", "voc", "ade20k"]  # besides "folder": data/layouts.py FOLDERS
 BAD_SAMPLE_MODES = get_args(BadSamples)
 VERIFY_MODES = get_args(Verify)
+LAYOUTS = get_args(Layout)
 
 # What train.checkpoint_metric may name: a summary metric, or "<per-class metric>.<class name>"
 # (e.g. "iou.Pedestrian"); every one is higher-is-better.
@@ -244,7 +246,7 @@ CHOICES: Dict[str, tuple] = {
     "device": ("auto", "cpu", "cuda"),
     "data.bad_samples": BAD_SAMPLE_MODES,
     "data.verify": VERIFY_MODES,
-    "data.layout": ("folder", "cityscapes", "voc", "ade20k"),
+    "data.layout": LAYOUTS,
     "loss.name": ("focal", "cross_entropy"),
     "loss.normalize": NORMALIZATIONS,
     "optim.name": ("adamw", "sgd"),

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..config.schema import BAD_SAMPLE_MODES, VERIFY_MODES, BadSamples, Verify
+from ..config.schema import BAD_SAMPLE_MODES, VERIFY_MODES, BadSamples, Layout, Verify
 from .errors import DataError
 from .images import IMAGE_SUFFIXES, check_image, pipeline_image, read_image
 from .labels import LabelRemap
@@ -93,7 +93,7 @@ class SegmentationFolder(Dataset):
         channels: int = 3,
         scale: Optional[float] = None,
         remap: Optional[LabelRemap] = None,
-        layout: str = "folder",
+        layout: Layout = "folder",
     ) -> None:
         if bad_samples not in BAD_SAMPLE_MODES:
             raise ValueError(f"bad_samples must be one of {BAD_SAMPLE_MODES}, got {bad_samples!r}")
