@@ -42,9 +42,9 @@ def tiny_recipe(tmp_path: Path, **overrides) -> Path:
     return path
 
 
-def load_tool(name: str):
-    """``tools/<name>.py`` as a module, to call its ``main(argv)`` in-process."""
-    spec = importlib.util.spec_from_file_location(f"segfocal_tools_{name}", REPO / "tools" / f"{name}.py")
+def load_tool(name: str, folder: str = "tools"):
+    """``<folder>/<name>.py`` (``tools/`` or ``benchmarks/``) as a module, to call its ``main(argv)`` in-process."""
+    spec = importlib.util.spec_from_file_location(f"segfocal_{folder}_{name}", REPO / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,4 +1,4 @@
-"""tools/benchmark_loss.py's tail percentiles and its competing busy processes (--busy N)."""
+"""benchmarks/benchmark_loss.py's tail percentiles and its competing busy processes (--busy N)."""
 import os
 import subprocess
 import sys
@@ -9,7 +9,7 @@ import pytest
 
 from recipes import load_tool
 
-tool = load_tool("benchmark_loss")
+tool = load_tool("benchmark_loss", "benchmarks")
 
 
 def cpu_ticks(pid):

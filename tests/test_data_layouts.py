@@ -9,7 +9,9 @@ import pytest
 from PIL import Image
 
 from segfocal.config import ConfigError, load_config
+from segfocal.config.schema import LAYOUTS
 from segfocal.data import DataError, LabelRemap, build_dataset, write_palette_mask
+from segfocal.data.layouts import FOLDERS
 from segfocal.engine.trainer import Trainer
 
 from recipes import REPO
@@ -44,6 +46,10 @@ def masks_of(dataset) -> list:
 
 
 # -- remapping ---------------------------------------------------------------------------------------
+def test_the_config_offers_every_layout_the_data_package_knows():
+    assert set(LAYOUTS) == {"folder"} | set(FOLDERS)
+
+
 def test_label_map_sends_listed_values_to_train_ids_and_the_rest_to_ignore():
     remap = LabelRemap({7: 0, 8: 1, 26: 13, 33: 18}, reduce_zero_label=False, ignore_index=255)
     mask = np.array([[7, 8, 0, 300], [33, 255, 26, 9]], np.uint16)

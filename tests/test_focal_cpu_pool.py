@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from segfocal.losses import cpu_kernels
+from segfocal.losses import FocalOptions, cpu_kernels
 
 from focal_cases import batch
 
@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "c++") is 
 
 GAMMA = 2.0
 IGNORE = 255
+OPTIONS = FocalOptions(gamma=GAMMA, ignore_index=IGNORE)
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def kernel(logits, target):
     """The kernel's per-class focal sums, Poly-1 sum, gradient and label histogram."""
     classes = logits.shape[1]
     coefficients = torch.cat([torch.linspace(0.5, 2.0, classes), torch.zeros(1)])
-    focal_sums, poly_sum, grad = cpu_kernels.forward(logits, target, coefficients, torch.tensor(0.3), GAMMA, IGNORE,
+    focal_sums, poly_sum, grad = cpu_kernels.forward(logits, target, coefficients, torch.tensor(0.3), OPTIONS,
                                                      write_grad=True)
     return focal_sums, poly_sum, grad, cpu_kernels.histogram(target, classes, IGNORE)
 
@@ -126,7 +127,7 @@ def test_a_child_forked_after_the_pool_exists_runs_the_kernel_even_if_forked_dur
     def keep_calling():
         threads_of_this_thread.count = 2
         while not stop.is_set():
-            cpu_kernels.forward(logits, target, torch.ones(7), torch.tensor(0.0), GAMMA, IGNORE, write_grad=True)
+            cpu_kernels.forward(logits, target, torch.ones(7), torch.tensor(0.0), OPTIONS, write_grad=True)
 
     busy = threading.Thread(target=keep_calling)
     busy.start()

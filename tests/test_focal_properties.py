@@ -50,6 +50,8 @@ def oracle_class_weights(counts, scheme, enet_c=1.10, effective_beta=0.9999):
     elif scheme == "effective":
         raw = (1.0 - effective_beta) / (1.0 - effective_beta ** counts[present])
         weights[present] = raw * k / raw.sum()
+    elif scheme == "sqrt_inverse":
+        weights[present] = 1.0 / (np.sqrt(freq[present]) * np.sqrt(freq[present]).sum())
     else:
         raise AssertionError(scheme)
     return weights
@@ -617,6 +619,19 @@ def test_weights_against_oracle_on_random_histograms(scheme):
         counts[g.random(counts.size) < 0.3] = 0
         ours = weights_from_histogram(torch.from_numpy(counts), scheme, dtype=torch.float64).numpy()
         np.testing.assert_allclose(ours, oracle_class_weights(counts, scheme), rtol=1e-12, atol=0)
+
+
+def test_sqrt_inverse_weights_against_the_float64_formula():
+    """w_c = 1 / (sqrt(f_c) sum_k sqrt(f_k)) for present classes, 0 for absent ones; sum_c f_c w_c = 1."""
+    counts = [400, 100, 0, 25]
+    roots = [math.sqrt(n / 525) for n in counts]
+    expected = [1 / (root * sum(roots)) if root else 0.0 for root in roots]
+    ours = weights_from_histogram(torch.tensor(counts), "sqrt_inverse", dtype=torch.float64)
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-14, atol=0)
+    assert float((ours * torch.tensor(counts) / 525).sum()) == pytest.approx(1.0, rel=1e-14)
+    # rarer classes weigh more, but less than with "inverse"
+    inverse = weights_from_histogram(torch.tensor(counts), "inverse", dtype=torch.float64)
+    assert ours[3] > ours[1] > ours[0] and ours[3] / ours[0] < inverse[3] / inverse[0]
 
 
 def test_weight_dtype():

@@ -1,4 +1,4 @@
-"""tools/loss_ablation.py: each variant trains with its own loss settings, is tested on the test
+"""benchmarks/loss_ablation.py: each variant trains with its own loss settings, is tested on the test
 split, lands in the table with the figures eval.py wrote, and is not retrained once done.
 
 train.py and eval.py run in-process here (their own behaviour is tested in test_train.py and
@@ -11,7 +11,7 @@ import yaml
 
 from recipes import load_tool, tiny_recipe
 
-ABLATION = load_tool("loss_ablation")
+ABLATION = load_tool("loss_ablation", "benchmarks")
 IN_PROCESS = {name: load_tool(name) for name in ("train", "eval")}
 
 

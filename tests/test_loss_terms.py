@@ -50,7 +50,7 @@ def test_terms_load_as_dataclasses_with_defaults(tmp_path):
     ("[{name: dice, smooth_dr: 0}]", r"loss.terms\[0\].smooth_dr must be a finite number > 0 .*, got 0.0"),
     ("[{name: dice, smooth_nr: .nan}]", r"loss.terms\[0\].smooth_nr must be a finite number >= 0, got nan"),
     ("[{name: focal}, {name: dice, class_weight: enett}]",
-     r"loss.terms\[1\].class_weight must be one of enet, inverse, median, effective, auto, a list or null, "
+     rf"loss.terms\[1\].class_weight must be one of {', '.join(WEIGHT_SCHEMES)}, auto, a list or null, "
      r"got 'enett'"),
     ("[{name: dice, class_weight: [1.0, 2.0]}]",
      r"loss.terms\[0\].class_weight must be one finite value >= 0 per class \(data.num_classes=6\)"),
@@ -66,13 +66,27 @@ def test_bad_terms_are_config_errors_naming_the_item(tmp_path, terms, message):
 
 
 def test_an_unknown_loss_weight_scheme_is_refused_at_load(tmp_path):
-    with pytest.raises(ConfigError, match=r"loss.weight must be one of enet, inverse, median, effective, a list or "
+    assert WEIGHT_SCHEMES[:4] == ("enet", "inverse", "median", "effective")
+    with pytest.raises(ConfigError, match=rf"loss.weight must be one of {', '.join(WEIGHT_SCHEMES)}, a list or "
                                           r"null, got 'enett'"):
         load_config(tiny_recipe(tmp_path), ["loss.weight=enett"])
 
 
 def test_the_config_knows_the_losses_weight_schemes():
     assert SCHEMA_SCHEMES == WEIGHT_SCHEMES
+
+
+@pytest.mark.parametrize("scheme", WEIGHT_SCHEMES)
+@pytest.mark.parametrize("terms", [False, True])
+def test_every_weight_scheme_is_usable_from_the_config(tmp_path, scheme, terms):
+    """A scheme added to segfocal.losses.class_weights is a config choice with no second list to edit."""
+    override = f"loss.terms=[{{name: cross_entropy, class_weight: {scheme}}}]" if terms else f"loss.weight={scheme}"
+    cfg = load_config(tiny_recipe(tmp_path), [override])
+    criterion = build_criterion(cfg.loss, cfg.data.num_classes, cfg.data.ignore_index)
+    logits, target = torch.randn(2, cfg.data.num_classes, 5, 5), torch.randint(0, cfg.data.num_classes, (2, 5, 5))
+    assert torch.isfinite(criterion(logits, target))
+    expected = class_weights(target, cfg.data.num_classes, scheme, ignore_index=cfg.data.ignore_index)
+    torch.testing.assert_close(criterion.last_class_weights, expected)
 
 
 def test_focal_dice_and_cross_entropy_terms_equal_their_weighted_sum(tmp_path):

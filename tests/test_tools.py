@@ -33,7 +33,8 @@ def run_script(*args, cwd=REPO):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
-TOOLS = {name: load_tool(name) for name in ("eval", "predict", "dataset_stats", "benchmark_train")}
+TOOLS = {name: load_tool(name) for name in ("eval", "predict", "dataset_stats")}
+TOOLS["benchmark_train"] = load_tool("benchmark_train", "benchmarks")
 
 
 def call(capsys, tool, *argv):
@@ -461,10 +462,10 @@ def test_benchmark_train_times_every_loss_on_the_same_model(capsys):
 
 # -- every tool's --help ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("tool", ["train", "eval", "predict", "dataset_stats", "benchmark_loss", "benchmark_train",
-                                  "loss_ablation"])
+@pytest.mark.parametrize("tool", ["tools/train", "tools/eval", "tools/predict", "tools/dataset_stats",
+                                  "benchmarks/benchmark_loss", "benchmarks/benchmark_train", "benchmarks/loss_ablation"])
 def test_help_of_every_tool(tool):
-    result = run_script(f"tools/{tool}.py", "--help")
+    result = run_script(f"{tool}.py", "--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: ") and "--help" in result.stdout
 

@@ -33,7 +33,7 @@ def run_python(tmp_path, code):
 @pytest.mark.slow
 def test_every_kernel_compiles_for_sm80_and_sm90_and_none_spills(tmp_path):
     report = tmp_path / "resources.json"
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "triton_resources.py"), "--json", str(report)],
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "triton_resources.py"), "--json", str(report)],
                             env=compiler_env(tmp_path), capture_output=True, text=True, timeout=600)
     records = json.loads(report.read_text()) if report.exists() else []
     failed = [r for r in records if "error" in r]

@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterable, Mapping, Union
 
 import yaml
 
+from ..evaluation.report import class_names
 from .schema import (CHOICES, PER_CLASS_METRICS, SUMMARY_METRICS, TERM_NAMES, TERM_OPTIONS, WEIGHT_SCHEMES, Config,
                      DataConfig, LossTermConfig)
 
@@ -103,7 +104,7 @@ def _check_checkpoint_metric(config: Config, source: str) -> None:
     first validation, and a per-class one with a TypeError)."""
     metric = config.train.checkpoint_metric
     kind, _, name = metric.partition(".")
-    names = config.data.class_names or [f"class_{index}" for index in range(config.data.num_classes)]
+    names = class_names(config.data.class_names, config.data.num_classes)
     if metric in SUMMARY_METRICS or (kind in PER_CLASS_METRICS and name in names):
         return
     if kind in PER_CLASS_METRICS and name:

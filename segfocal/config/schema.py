@@ -6,7 +6,10 @@ the rest of the code reads attributes, never dictionaries.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Union, get_args
+
+from ..losses.class_weights import WEIGHT_SCHEMES
+from ..losses.options import NORMALIZATIONS
 
 
 @dataclass
@@ -217,7 +220,15 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# Keys whose value must be one of a fixed set, checked when the config is loaded.
+# Keys whose value must be one of a fixed set, checked when the config is loaded. Option names the
+# code reads are Literal types, one tuple each for the checks here and in the modules that take them.
+BadSamples = Literal["error", "skip"]
+Verify = Literal["header", "full"]
+Layout = Literal["folder", "cityscapes", "voc", "ade20k"]  # besides "folder": data/layouts.py FOLDERS
+BAD_SAMPLE_MODES = get_args(BadSamples)
+VERIFY_MODES = get_args(Verify)
+LAYOUTS = get_args(Layout)
+
 # What train.checkpoint_metric may name: a summary metric, or "<per-class metric>.<class name>"
 # (e.g. "iou.Pedestrian"); every one is higher-is-better.
 SUMMARY_METRICS = ("miou", "mean_accuracy", "mean_dice", "pixel_accuracy", "fwiou")
@@ -229,16 +240,15 @@ TERM_OPTIONS = {
     "gamma": ("focal",), "alpha": ("focal",), "normalize": ("focal",), "poly_epsilon": ("focal",),
     "histogram_momentum": ("focal",), "smooth_nr": ("dice",), "smooth_dr": ("dice",), "batch": ("dice",),
 }
-# the scheme names of segfocal.losses.WEIGHT_SCHEMES (this module needs no torch)
-WEIGHT_SCHEMES = ("enet", "inverse", "median", "effective")
+# loss.weight and loss.terms[i].class_weight: a scheme of WEIGHT_SCHEMES (imported from the losses, the one list)
 
 CHOICES: Dict[str, tuple] = {
     "device": ("auto", "cpu", "cuda"),
-    "data.bad_samples": ("error", "skip"),
-    "data.verify": ("header", "full"),
-    "data.layout": ("folder", "cityscapes", "voc", "ade20k"),
+    "data.bad_samples": BAD_SAMPLE_MODES,
+    "data.verify": VERIFY_MODES,
+    "data.layout": LAYOUTS,
     "loss.name": ("focal", "cross_entropy"),
-    "loss.normalize": ("pixels", "weights"),
+    "loss.normalize": NORMALIZATIONS,
     "optim.name": ("adamw", "sgd"),
     "schedule.name": ("poly", "cosine", "constant"),
     "train.amp": ("auto", "bf16", "fp16", "fp32"),

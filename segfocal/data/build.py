@@ -14,10 +14,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import DataConfig
-from ..engine.seeding import reseed_transform, seed_augmentation_worker
 from .folder import SegmentationFolder
 from .labels import LabelRemap
 from .layouts import layout_folders
+from .seeding import reseed_transform, seed_augmentation_worker
 from .synthetic import ensure_synthetic_dataset
 from .transforms import build_transform
 

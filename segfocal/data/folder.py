@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..config.schema import BAD_SAMPLE_MODES, VERIFY_MODES, BadSamples, Layout, Verify
 from .errors import DataError
 from .images import IMAGE_SUFFIXES, check_image, pipeline_image, read_image
 from .labels import LabelRemap
@@ -22,8 +23,6 @@ from .layouts import cityscapes_samples
 from .masks import check_mask_values, read_mask
 
 MASK_SUFFIXES = tuple(suffix for suffix in IMAGE_SUFFIXES if suffix != ".npy")
-BAD_SAMPLE_MODES = ("error", "skip")
-VERIFY_MODES = ("header", "full")
 _SHOWN = 5  # how many stems/files an error message lists
 
 Sample = Tuple[Path, Path]
@@ -87,14 +86,14 @@ class SegmentationFolder(Dataset):
         split_file: Optional[str] = None,
         color_map: Optional[Sequence[Sequence[int]]] = None,
         transform: Optional[Any] = None,
-        bad_samples: str = "error",
+        bad_samples: BadSamples = "error",
         num_classes: Optional[int] = None,
         ignore_index: Optional[int] = None,
-        verify: str = "header",
+        verify: Verify = "header",
         channels: int = 3,
         scale: Optional[float] = None,
         remap: Optional[LabelRemap] = None,
-        layout: str = "folder",
+        layout: Layout = "folder",
     ) -> None:
         if bad_samples not in BAD_SAMPLE_MODES:
             raise ValueError(f"bad_samples must be one of {BAD_SAMPLE_MODES}, got {bad_samples!r}")

@@ -5,44 +5,10 @@ from __future__ import annotations
 from typing import Any, List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, LossConfig
-from ..losses import DiceLoss, FocalLoss, class_histogram, weights_from_histogram
-from ..losses.class_weights import keep_class_weight
-from ..losses.labels import sum_over_ranks
-
-
-class CrossEntropy(nn.Module):
-    """``F.cross_entropy`` with fixed class weights or weights from each batch's label histogram.
-
-    The stock PyTorch loss, kept as the baseline the focal loss is compared against; like
-    :class:`FocalLoss` it keeps the weights of the last batch in :attr:`last_class_weights`.
-    """
-
-    def __init__(self, weight: Union[str, list, None], ignore_index: int, enet_c: float, effective_beta: float,
-                 sync_histogram: bool):
-        super().__init__()
-        keep_class_weight(self, weight)
-        self.ignore_index = ignore_index
-        self.enet_c = enet_c
-        self.effective_beta = effective_beta
-        self.sync_histogram = sync_histogram
-        self.last_class_weights: Optional[torch.Tensor] = None
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if self.weight_scheme is not None:
-            histogram = class_histogram(target, logits.shape[1], self.ignore_index)
-            if self.sync_histogram:
-                histogram, _ = sum_over_ranks(histogram)
-            weight = weights_from_histogram(histogram, self.weight_scheme, enet_c=self.enet_c,
-                                            effective_beta=self.effective_beta)
-            self.last_class_weights = weight
-        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        weight = None if weight is None else weight.to(logits.dtype)
-        return F.cross_entropy(logits, target.long(), weight=weight, ignore_index=self.ignore_index)
+from ..losses import CrossEntropy, DiceLoss, FocalLoss
 
 
 class WeightedSum(nn.Module):
@@ -87,11 +53,12 @@ def _loss(name: str, options: Any, class_weight: Union[str, list, None], cfg: Lo
           ignore_index: int, key: str) -> nn.Module:
     """One loss: ``options`` holds its own options (the loss section or a term), ``cfg`` the options
     shared by every term (how class weights are computed and synced)."""
-    if name == "cross_entropy":
-        if options.histogram_momentum is not None:
-            raise ConfigError(f"{key}.histogram_momentum applies to focal losses only")
-        return CrossEntropy(class_weight, ignore_index, cfg.enet_c, cfg.effective_beta, cfg.sync_histogram)
+    if name == "cross_entropy" and options.histogram_momentum is not None:
+        raise ConfigError(f"{key}.histogram_momentum applies to focal losses only")
     try:
+        if name == "cross_entropy":
+            return CrossEntropy(weight=class_weight, ignore_index=ignore_index, enet_c=cfg.enet_c,
+                                effective_beta=cfg.effective_beta, sync_histogram=cfg.sync_histogram)
         if name == "dice":
             return DiceLoss(weight=class_weight, ignore_index=ignore_index, smooth_nr=options.smooth_nr,
                             smooth_dr=options.smooth_dr, batch=options.batch, enet_c=cfg.enet_c,

@@ -23,6 +23,7 @@ from torch.utils.data import DistributedSampler, Subset
 from ..config import Config, ConfigError, save_config, to_dict
 from ..config.schema import SUMMARY_METRICS
 from ..data import build_loader
+from ..data.seeding import reseed_transform
 from ..data.splits import run_dataset
 from ..evaluation import class_names, format_table
 from ..models import build_model
@@ -38,7 +39,7 @@ from .interrupt import StopSignals, TrainingInterrupted
 from .optim import build_optimizer, build_scheduler
 from .precision import resolve_precision
 from .run_logger import RunLogger
-from .seeding import reseed_transform, restore_rng_state, rng_state, seed_everything
+from .seeding import restore_rng_state, rng_state, seed_everything
 from .timeline import Timeline
 from .work_dir_lock import WorkDirLock
 

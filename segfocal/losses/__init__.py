@@ -1,11 +1,16 @@
 """Losses for dense prediction; importing this package needs torch alone."""
-from .class_weights import WEIGHT_SCHEMES, class_histogram, class_weights, weights_from_histogram
+from .class_weights import WEIGHT_SCHEMES, WeightScheme, class_histogram, class_weights, weights_from_histogram
+from .cross_entropy import CrossEntropy
 from .dice import DiceLoss, dice_loss
 from .focal import FocalLoss, focal_loss
+from .options import FocalOptions
 
 __all__ = [
     "FocalLoss",
     "focal_loss",
+    "FocalOptions",
+    "WeightScheme",
+    "CrossEntropy",
     "DiceLoss",
     "dice_loss",
     "class_weights",

@@ -17,21 +17,22 @@ Schemes (``f_c`` is the class's share of the counted pixels, ``K`` the number of
 ``"effective"``
     ``(1 - beta) / (1 - beta^n_c)`` (effective number of samples, Cui et al. 2019), scaled so the
     present classes' weights sum to ``K``.
+``"sqrt_inverse"``
+    ``1 / (sqrt(f_c) sum_k sqrt(f_k))`` over present classes: a milder ``"inverse"``, with the same
+    normalisation ``sum_c f_c w_c = 1``.
 
-Classes absent from the histogram get weight 0 in the last three schemes (they have no pixels to
+Classes absent from the histogram get weight 0 in every scheme but ``"enet"`` (they have no pixels to
 weigh, and their formula would be infinite); ``"enet"`` is finite everywhere and keeps its value.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .labels import not_ignored
-
-WEIGHT_SCHEMES = ("enet", "inverse", "median", "effective")
-
+from .labels import not_ignored, sum_over_ranks
 
 def class_histogram(target: torch.Tensor, num_classes: int, ignore_index: Optional[int] = None) -> torch.Tensor:
     """Pixel count per class, shape ``[num_classes]`` int64.
@@ -52,6 +53,40 @@ def class_histogram(target: torch.Tensor, num_classes: int, ignore_index: Option
     return counts[:num_classes]
 
 
+def _enet(counts, freq, present, num_present, enet_c, effective_beta):
+    if not enet_c > 1.0:
+        raise ValueError(f"enet_c must be > 1 so that every weight is finite and positive, got {enet_c}")
+    return 1.0 / torch.log(enet_c + freq)
+
+
+def _inverse(counts, freq, present, num_present, enet_c, effective_beta):
+    return torch.where(present, 1.0 / (num_present * freq), 0.0)
+
+
+def _median(counts, freq, present, num_present, enet_c, effective_beta):
+    return torch.where(present, _median_of_present(freq, present, num_present) / freq, 0.0)
+
+
+def _effective(counts, freq, present, num_present, enet_c, effective_beta):
+    if not 0.0 < effective_beta < 1.0:
+        raise ValueError(f"effective_beta must lie in (0, 1), got {effective_beta}")
+    effective_number = -torch.expm1(counts * math.log(effective_beta))  # 1 - beta^n without cancellation
+    raw = torch.where(present, (1.0 - effective_beta) / effective_number, 0.0)
+    return raw * num_present / raw.sum().clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def _sqrt_inverse(counts, freq, present, num_present, enet_c, effective_beta):
+    root = freq.sqrt()
+    return torch.where(present, 1.0 / (root * root.sum()), 0.0)
+
+
+# name -> formula(counts, freq, present, num_present, enet_c, effective_beta), all float64 [C] but
+# num_present (a 0-d tensor); the one list of schemes (the config's loss.weight choices come from it)
+_FORMULAS = {"enet": _enet, "inverse": _inverse, "median": _median, "effective": _effective,
+             "sqrt_inverse": _sqrt_inverse}
+WEIGHT_SCHEMES = tuple(_FORMULAS)
+
+
 def weights_from_histogram(
     histogram: torch.Tensor,
     scheme: str = "enet",
@@ -61,28 +96,38 @@ def weights_from_histogram(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Class weights ``[C]`` for per-class pixel counts ``histogram`` (see the module docstring)."""
-    if scheme not in WEIGHT_SCHEMES:
+    if scheme not in _FORMULAS:
         raise ValueError(f"unknown class-weight scheme {scheme!r}; expected one of {WEIGHT_SCHEMES}")
     counts = histogram.to(torch.float64)
     freq = counts / counts.sum().clamp_min(1.0)
     present = counts > 0
-    num_present = present.sum()
-    zero = torch.zeros((), dtype=torch.float64, device=counts.device)
-    if scheme == "enet":
-        if not enet_c > 1.0:
-            raise ValueError(f"enet_c must be > 1 so that every weight is finite and positive, got {enet_c}")
-        weights = 1.0 / torch.log(enet_c + freq)
-    elif scheme == "inverse":
-        weights = torch.where(present, 1.0 / (num_present * freq), zero)
-    elif scheme == "median":
-        weights = torch.where(present, _median_of_present(freq, present, num_present) / freq, zero)
-    else:
-        if not 0.0 < effective_beta < 1.0:
-            raise ValueError(f"effective_beta must lie in (0, 1), got {effective_beta}")
-        effective_number = -torch.expm1(counts * math.log(effective_beta))  # 1 - beta^n without cancellation
-        raw = torch.where(present, (1.0 - effective_beta) / effective_number, zero)
-        weights = raw * num_present / raw.sum().clamp_min(torch.finfo(torch.float64).tiny)
-    return weights.to(dtype)
+    return _FORMULAS[scheme](counts, freq, present, present.sum(), enet_c, effective_beta).to(dtype)
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """An on-the-fly weight scheme as one value: its name and parameters (checked when made)."""
+
+    name: str = "enet"
+    enet_c: float = 1.10
+    effective_beta: float = 0.9999
+
+    def __post_init__(self) -> None:
+        if self.name not in _FORMULAS:
+            raise ValueError(f"unknown weight {self.name!r}; expected one of {WEIGHT_SCHEMES}, a tensor, or None")
+
+    def weights(self, histogram: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The class weights ``[C]`` of per-class pixel counts ``histogram``."""
+        return weights_from_histogram(histogram, self.name, enet_c=self.enet_c, effective_beta=self.effective_beta,
+                                      dtype=dtype)
+
+    def of_batch(self, target: torch.Tensor, num_classes: int, ignore_index: int, sync_histogram: bool,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weights of ``target``'s label histogram, summed over ranks with ``sync_histogram``."""
+        histogram = class_histogram(target, num_classes, ignore_index)
+        if sync_histogram:
+            histogram, _ = sum_over_ranks(histogram)
+        return self.weights(histogram, dtype)
 
 
 def class_weights(
@@ -105,12 +150,18 @@ def class_weights(
     )
 
 
-def keep_class_weight(module: torch.nn.Module, weight) -> None:
-    """Store a loss module's ``weight`` argument: a scheme name as ``module.weight_scheme``, fixed
-    values as the float32 buffer ``module.weight`` (so they follow ``.to()`` and the state dict)."""
-    module.weight_scheme = weight if isinstance(weight, str) else None
-    fixed = None if weight is None or isinstance(weight, str) else torch.as_tensor(weight, dtype=torch.float32)
+def keep_class_weight(module: torch.nn.Module, weight, enet_c: float = 1.10,
+                      effective_beta: float = 0.9999) -> Optional[WeightScheme]:
+    """Store a loss module's ``weight`` argument: a scheme (a name or a :class:`WeightScheme`) as
+    ``module.scheme`` with its name as ``module.weight_scheme``, fixed values as the float32 buffer
+    ``module.weight`` (so they follow ``.to()`` and the state dict). Returns the scheme or ``None``."""
+    if isinstance(weight, str):
+        weight = WeightScheme(weight, enet_c=enet_c, effective_beta=effective_beta)
+    module.scheme = weight if isinstance(weight, WeightScheme) else None
+    module.weight_scheme = None if module.scheme is None else module.scheme.name
+    fixed = None if weight is None or module.scheme is not None else torch.as_tensor(weight, dtype=torch.float32)
     module.register_buffer("weight", fixed)
+    return module.scheme
 
 
 def _median_of_present(freq: torch.Tensor, present: torch.Tensor, num_present: torch.Tensor) -> torch.Tensor:

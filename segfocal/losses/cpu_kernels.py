@@ -36,6 +36,7 @@ import torch
 
 from .labels import ignore_index_fits
 from .layout import empty_gradient, flat_labels, flat_logits
+from .options import FocalOptions
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
 # -fno-trapping-math lets the compiler evaluate both sides of a select, so the loops vectorise
@@ -94,19 +95,21 @@ def histogram(target: torch.Tensor, num_classes: int, ignore_index: int) -> torc
 
 
 def forward(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor, poly_coefficient: torch.Tensor,
-            gamma: float, ignore_index: int, write_grad: bool
+            options: FocalOptions, write_grad: bool
             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """float64 per-class focal sums ``[C]`` and the Poly-1 sum ``[]``; with ``write_grad`` also the
     logits' gradient for an upstream gradient of 1 (else ``None``). ``coefficients`` ``[C + 1]``:
-    each class's factor ``w a / D`` and a zero for ignored pixels; ``poly_coefficient``: ``poly_epsilon / D``."""
-    return _run(logits, target, coefficients, poly_coefficient, 1.0, gamma, ignore_index, write_grad)
+    each class's factor ``w a / D`` and a zero for ignored pixels; ``poly_coefficient``: ``poly_epsilon / D``;
+    ``options``: the loss's, for ``gamma`` and ``ignore_index``."""
+    return _run(logits, target, coefficients, poly_coefficient, 1.0, options.gamma, options.ignore_index, write_grad)
 
 
 def gradient(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor,
-             poly_coefficient: torch.Tensor, grad_loss: torch.Tensor, gamma: float, ignore_index: int) -> torch.Tensor:
+             poly_coefficient: torch.Tensor, grad_loss: torch.Tensor, options: FocalOptions) -> torch.Tensor:
     """The logits' gradient recomputed from the logits (their dtype and memory format), with the
     upstream gradient folded in; ``coefficients`` as for :func:`forward`."""
-    return _run(logits, target, coefficients, poly_coefficient, float(grad_loss), gamma, ignore_index, True)[2]
+    return _run(logits, target, coefficients, poly_coefficient, float(grad_loss), options.gamma, options.ignore_index,
+                True)[2]
 
 
 def scale_(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:

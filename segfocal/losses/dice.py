@@ -23,10 +23,12 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .class_weights import WEIGHT_SCHEMES, class_histogram, keep_class_weight, weights_from_histogram
-from .focal import REDUCTIONS, WeightArg, _per_class, check_class_factors, check_inputs
-from .labels import not_ignored, sum_over_ranks
+from .class_weights import WeightScheme, keep_class_weight
+from .focal import check_inputs
+from .labels import not_ignored
 from .layout import flat_labels, flat_logits
+from .options import (REDUCTIONS, Reduction, WeightArg, check_choice, check_class_factors, check_ignore_index,
+                      per_class)
 
 
 def dice_loss(
@@ -35,7 +37,7 @@ def dice_loss(
     *,
     weight: WeightArg = None,
     ignore_index: int = 255,
-    reduction: str = "mean",
+    reduction: Reduction = "mean",
     smooth_nr: float = 1e-5,
     smooth_dr: float = 1e-5,
     batch: bool = False,
@@ -50,9 +52,9 @@ def dice_loss(
         logits: unnormalised scores, class dimension 1, any float dtype (``[N, C]`` is one sample of
             ``N`` pixels).
         target: class indices, the shape of ``logits`` without dimension 1.
-        weight: ``None`` (every class counts alike, MONAI's default); a scheme name
-            (``"enet"``, ``"inverse"``, ``"median"``, ``"effective"``) computed from this batch's
-            label histogram as the focal loss does; or ``C`` fixed weights (e.g. 0 for a background).
+        weight: ``None`` (every class counts alike, MONAI's default); a scheme of ``WEIGHT_SCHEMES``
+            (a name or a :class:`~segfocal.losses.WeightScheme`) computed from this batch's label
+            histogram as the focal loss does; or ``C`` fixed weights (e.g. 0 for a background).
         ignore_index: label whose pixels count in neither the intersection nor the denominators.
         reduction: ``"mean"`` (weighted mean over classes, then mean over samples), ``"sum"`` (of
             ``w_c L_c``) or ``"none"`` (``w_c L_c`` as ``[B, C]``, or ``[C]`` with ``batch=True``).
@@ -67,8 +69,10 @@ def dice_loss(
     large images neither overflow nor lose the sums to fp16 rounding.
     """
     check_class_factors(weight=weight, alpha=None)
-    return _dice_loss(logits, target, weight, ignore_index, reduction, smooth_nr, smooth_dr, batch, enet_c,
-                      effective_beta, sync_histogram, validate)[0]
+    if isinstance(weight, str):
+        weight = WeightScheme(weight, enet_c=enet_c, effective_beta=effective_beta)
+    return _dice_loss(logits, target, weight, ignore_index, reduction, smooth_nr, smooth_dr, batch, sync_histogram,
+                      validate)[0]
 
 
 class DiceLoss(nn.Module):
@@ -83,7 +87,7 @@ class DiceLoss(nn.Module):
         *,
         weight: WeightArg = None,
         ignore_index: int = 255,
-        reduction: str = "mean",
+        reduction: Reduction = "mean",
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
         batch: bool = False,
@@ -96,24 +100,21 @@ class DiceLoss(nn.Module):
         check_dice_options(ignore_index=ignore_index, reduction=reduction, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
                            weight=weight)
         check_class_factors(weight=weight, alpha=None)
-        keep_class_weight(self, weight)
+        keep_class_weight(self, weight, enet_c, effective_beta)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.smooth_nr = float(smooth_nr)
         self.smooth_dr = float(smooth_dr)
         self.batch = bool(batch)
-        self.enet_c = enet_c
-        self.effective_beta = effective_beta
         self.sync_histogram = sync_histogram
         self.validate = validate
         self.last_class_weights: Optional[torch.Tensor] = None
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        weight = self.weight if self.weight is not None else self.weight_scheme
+        weight = self.weight if self.weight is not None else self.scheme
         loss, class_weight = _dice_loss(logits, target, weight, self.ignore_index, self.reduction, self.smooth_nr,
-                                        self.smooth_dr, self.batch, self.enet_c, self.effective_beta,
-                                        self.sync_histogram, self.validate)
-        if self.weight_scheme is not None:
+                                        self.smooth_dr, self.batch, self.sync_histogram, self.validate)
+        if self.scheme is not None:
             self.last_class_weights = class_weight.detach()
         return loss
 
@@ -126,21 +127,20 @@ class DiceLoss(nn.Module):
 def check_dice_options(*, ignore_index: int, reduction: str, smooth_nr: float, smooth_dr: float,
                        weight: WeightArg) -> None:
     """Raise ``ValueError`` naming the first invalid scalar option (no tensor is read)."""
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an integer label value, got {ignore_index!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_ignore_index(ignore_index)
+    check_choice("reduction", reduction, REDUCTIONS)
     if not (isinstance(smooth_nr, (int, float)) and math.isfinite(smooth_nr) and smooth_nr >= 0):
         raise ValueError(f"smooth_nr must be a finite number >= 0, got {smooth_nr!r}")
     if not (isinstance(smooth_dr, (int, float)) and math.isfinite(smooth_dr) and smooth_dr > 0):
         raise ValueError(f"smooth_dr must be a finite number > 0, got {smooth_dr!r}")
-    if isinstance(weight, str) and weight not in WEIGHT_SCHEMES:
-        raise ValueError(f"unknown weight {weight!r}; expected one of {WEIGHT_SCHEMES}, a tensor, or None")
+    if isinstance(weight, str):
+        WeightScheme(weight)  # raises for an unknown name
 
 
-def _dice_loss(logits, target, weight, ignore_index, reduction, smooth_nr, smooth_dr, batch, enet_c, effective_beta,
-               sync_histogram, validate) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The loss and the class weights in use (``None`` without weights)."""
+def _dice_loss(logits, target, weight, ignore_index, reduction, smooth_nr, smooth_dr, batch, sync_histogram,
+               validate) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The loss and the class weights in use (``None`` without weights); ``weight`` is a
+    :class:`WeightScheme`, fixed values or ``None``."""
     check_dice_options(ignore_index=ignore_index, reduction=reduction, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
                        weight=weight)
     if validate:
@@ -157,24 +157,20 @@ def _dice_loss(logits, target, weight, ignore_index, reduction, smooth_nr, smoot
     intersection = torch.where(one_hot, probs, 0.0).sum(sums_over)
     predicted = torch.where(counted, probs, 0.0).sum(sums_over)
     truth = one_hot.sum(sums_over, dtype=dtype)
-    per_class = 1.0 - (2.0 * intersection + smooth_nr) / (predicted + truth + smooth_dr)  # [B, C] or [C]
+    class_loss = 1.0 - (2.0 * intersection + smooth_nr) / (predicted + truth + smooth_dr)  # [B, C] or [C]
 
     class_weight = None
-    if isinstance(weight, str):
-        histogram = class_histogram(target, num_classes, ignore_index)
-        if sync_histogram:
-            histogram, _ = sum_over_ranks(histogram)
-        class_weight = weights_from_histogram(histogram, weight, enet_c=enet_c, effective_beta=effective_beta,
-                                              dtype=dtype)
+    if isinstance(weight, WeightScheme):
+        class_weight = weight.of_batch(target, num_classes, ignore_index, sync_histogram, dtype)
     elif weight is not None:
-        class_weight = _per_class(weight, num_classes, "weight", dtype, logits.device)
-    weighted = per_class if class_weight is None else per_class * class_weight
+        class_weight = per_class(weight, num_classes, "weight", dtype, logits.device)
+    weighted = class_loss if class_weight is None else class_loss * class_weight
     if reduction == "none":
         return weighted, class_weight
     total = weighted.sum()
     if reduction == "sum":
         return total, class_weight
-    samples = 1 if batch else per_class.shape[0]
+    samples = 1 if batch else class_loss.shape[0]
     per_sample_weight = num_classes if class_weight is None else class_weight.sum()
     denominator = torch.as_tensor(per_sample_weight * samples, dtype=dtype, device=logits.device)
     mean = total / denominator.clamp_min(torch.finfo(dtype).tiny)

@@ -13,23 +13,17 @@ used for ``"none"`` and kept as the oracle the fused one is tested against).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Optional, Tuple, Union
+import dataclasses
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .class_weights import WEIGHT_SCHEMES, class_histogram, keep_class_weight, weights_from_histogram
+from .class_weights import class_histogram, keep_class_weight
 from .fused import fused_focal_loss
 from .labels import mean_denominator, not_ignored, per_class_factor, sum_over_ranks
-
-REDUCTIONS = ("mean", "sum", "none")
-NORMALIZATIONS = ("pixels", "weights")
-IMPLEMENTATIONS = ("auto", "fused", "reference")
-
-WeightArg = Union[str, torch.Tensor, Sequence[float], None]
-AlphaArg = Union[float, torch.Tensor, Sequence[float], None]
+from .options import AlphaArg, FocalOptions, Implementation, Normalization, Reduction, WeightArg
 
 
 def focal_loss(
@@ -40,13 +34,13 @@ def focal_loss(
     alpha: AlphaArg = None,
     weight: WeightArg = "enet",
     ignore_index: int = 255,
-    reduction: str = "mean",
-    normalize: str = "pixels",
+    reduction: Reduction = "mean",
+    normalize: Normalization = "pixels",
     poly_epsilon: float = 0.0,
     enet_c: float = 1.10,
     effective_beta: float = 0.9999,
     sync_histogram: bool = False,
-    implementation: str = "auto",
+    implementation: Implementation = "auto",
     validate: bool = True,
 ) -> torch.Tensor:
     """Softmax focal loss for logits ``[N, C]``, ``[B, C, H, W]`` or ``[B, C, D, H, W]``.
@@ -58,9 +52,10 @@ def focal_loss(
         gamma: focusing parameter, ``>= 0``.
         alpha: ``None``; a float (class 0 gets ``alpha``, every other class ``1 - alpha``, the
             RetinaNet/background convention of the source write-ups); or one value per class.
-        weight: ``"enet"`` (default), ``"inverse"``, ``"median"`` or ``"effective"`` compute class
-            weights from this batch's histogram of non-ignored labels (see
-            :mod:`segfocal.losses.class_weights`); a tensor or sequence of ``C`` fixed weights; ``None``.
+        weight: a scheme of ``WEIGHT_SCHEMES`` (``"enet"`` by default), by name or as a
+            :class:`~segfocal.losses.WeightScheme`, computes class weights from this batch's histogram of
+            non-ignored labels (see :mod:`segfocal.losses.class_weights`); a tensor or sequence of ``C``
+            fixed weights; ``None``.
         ignore_index: label that contributes nothing (loss, gradient, histogram, normaliser).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-pixel map with 0 at ignored pixels).
         normalize: for ``"mean"``: ``"pixels"`` divides by the number of non-ignored pixels (the
@@ -86,12 +81,12 @@ def focal_loss(
     ``gamma``. A batch whose pixels are all ignored gives 0 with a zero gradient. The fused
     implementation has no second derivative (it raises under ``create_graph=True``).
     """
-    check_class_factors(weight=weight, alpha=alpha)
-    return _focal_loss(
-        logits, target, gamma=gamma, alpha=alpha, weight=weight, ignore_index=ignore_index, reduction=reduction,
-        normalize=normalize, poly_epsilon=poly_epsilon, enet_c=enet_c, effective_beta=effective_beta,
-        sync_histogram=sync_histogram, implementation=implementation, validate=validate,
-    )[0]
+    options = FocalOptions.of(
+        gamma=gamma, alpha=alpha, weight=weight, ignore_index=ignore_index, reduction=reduction, normalize=normalize,
+        poly_epsilon=poly_epsilon, enet_c=enet_c, effective_beta=effective_beta, sync_histogram=sync_histogram,
+        implementation=implementation, validate=validate,
+    )
+    return _focal_loss(logits, target, options)[0]
 
 
 class FocalLoss(nn.Module):
@@ -114,43 +109,32 @@ class FocalLoss(nn.Module):
         alpha: AlphaArg = None,
         weight: WeightArg = "enet",
         ignore_index: int = 255,
-        reduction: str = "mean",
-        normalize: str = "pixels",
+        reduction: Reduction = "mean",
+        normalize: Normalization = "pixels",
         poly_epsilon: float = 0.0,
         enet_c: float = 1.10,
         effective_beta: float = 0.9999,
         sync_histogram: bool = False,
-        implementation: str = "auto",
+        implementation: Implementation = "auto",
         validate: bool = True,
         histogram_momentum: Optional[float] = None,
         num_classes: Optional[int] = None,
     ) -> None:
         super().__init__()
-        check_options(gamma=gamma, reduction=reduction, normalize=normalize, poly_epsilon=poly_epsilon,
-                      implementation=implementation, ignore_index=ignore_index)
-        check_class_factors(weight=weight, alpha=alpha)
-        self.gamma = float(gamma)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.normalize = normalize
-        self.poly_epsilon = float(poly_epsilon)
-        self.enet_c = enet_c
-        self.effective_beta = effective_beta
-        self.sync_histogram = sync_histogram
-        self.implementation = implementation
-        self.validate = validate
-        if isinstance(weight, str) and weight not in WEIGHT_SCHEMES:
-            raise ValueError(f"unknown weight {weight!r}; expected one of {WEIGHT_SCHEMES}, a tensor, or None")
-        keep_class_weight(self, weight)
-        self.alpha_scalar = float(alpha) if isinstance(alpha, (int, float)) else None
-        alpha_tensor = None if alpha is None or self.alpha_scalar is not None else torch.as_tensor(alpha, dtype=torch.float32)
-        self.register_buffer("alpha", alpha_tensor)
+        self.options = FocalOptions.of(
+            gamma=gamma, alpha=alpha, weight=weight, ignore_index=ignore_index, reduction=reduction,
+            normalize=normalize, poly_epsilon=poly_epsilon, enet_c=enet_c, effective_beta=effective_beta,
+            sync_histogram=sync_histogram, implementation=implementation, validate=validate,
+        )
+        keep_class_weight(self, self.options.weight)
+        per_class_alpha = alpha is not None and not isinstance(alpha, (int, float))
+        self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.float32) if per_class_alpha else None)
         self.last_class_weights: Optional[torch.Tensor] = None
         self.histogram_momentum = histogram_momentum
         if histogram_momentum is not None:
             if not (isinstance(histogram_momentum, (int, float)) and 0.0 <= histogram_momentum < 1.0):
                 raise ValueError(f"histogram_momentum must lie in [0, 1), got {histogram_momentum!r}")
-            if self.weight_scheme is None or num_classes is None:
+            if self.scheme is None or num_classes is None:
                 raise ValueError("histogram_momentum needs a weight scheme (e.g. weight='enet') and num_classes")
             if not (isinstance(num_classes, int) and num_classes > 0):
                 raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -158,105 +142,62 @@ class FocalLoss(nn.Module):
             self.register_buffer("histogram_updates", torch.zeros((), dtype=torch.int64))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        weight = self.weight if self.weight is not None else self.weight_scheme
+        # the buffers (which follow .to()) stand for the fixed weights and per-class alpha
+        weight = self.weight if self.weight is not None else self.scheme
         if self.histogram_momentum is not None:
             weight = self._running_weights(logits, target)
-        loss, class_weight = _focal_loss(
-            logits,
-            target,
-            gamma=self.gamma,
-            alpha=self.alpha if self.alpha is not None else self.alpha_scalar,
-            weight=weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            normalize=self.normalize,
-            poly_epsilon=self.poly_epsilon,
-            enet_c=self.enet_c,
-            effective_beta=self.effective_beta,
-            sync_histogram=self.sync_histogram,
-            implementation=self.implementation,
-            validate=self.validate,
-        )
-        if self.weight_scheme is not None:
+        alpha = self.alpha if self.alpha is not None else self.options.alpha
+        loss, class_weight = _focal_loss(logits, target, dataclasses.replace(self.options, weight=weight, alpha=alpha))
+        if self.scheme is not None:
             self.last_class_weights = class_weight.detach()
         return loss
 
     @torch.no_grad()
     def _running_weights(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Fold this batch's label histogram into the running one; the weights of the result."""
-        if self.validate:
-            check_inputs(logits, target, self.ignore_index)
+        options = self.options
+        if options.validate:
+            check_inputs(logits, target, options.ignore_index)
         if logits.dim() < 2 or logits.shape[1] != self.running_histogram.numel():
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not have num_classes="
                              f"{self.running_histogram.numel()} classes (dimension 1) of the running histogram")
-        counts = class_histogram(target, logits.shape[1], self.ignore_index).to(torch.float64)
-        if self.sync_histogram:
+        counts = class_histogram(target, logits.shape[1], options.ignore_index).to(torch.float64)
+        if options.sync_histogram:
             counts, _ = sum_over_ranks(counts)
         momentum = (self.histogram_updates > 0).to(torch.float64) * self.histogram_momentum  # 0 on the first batch
         self.running_histogram.mul_(momentum).add_((1.0 - momentum) * counts)
         self.histogram_updates += 1
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        return weights_from_histogram(self.running_histogram, self.weight_scheme, enet_c=self.enet_c,
-                                      effective_beta=self.effective_beta, dtype=dtype)
+        return self.scheme.weights(self.running_histogram, dtype)
 
     def extra_repr(self) -> str:
-        weight = self.weight_scheme if self.weight_scheme is not None else ("fixed" if self.weight is not None else None)
-        alpha = self.alpha_scalar if self.alpha is None else "per-class"
+        options = self.options
+        weight = self.weight_scheme if self.scheme is not None else ("fixed" if self.weight is not None else None)
+        alpha = options.alpha if self.alpha is None else "per-class"
         return (
-            f"gamma={self.gamma}, alpha={alpha}, weight={weight}, ignore_index={self.ignore_index}, "
-            f"reduction={self.reduction!r}, normalize={self.normalize!r}, poly_epsilon={self.poly_epsilon}"
+            f"gamma={options.gamma}, alpha={alpha}, weight={weight}, ignore_index={options.ignore_index}, "
+            f"reduction={options.reduction!r}, normalize={options.normalize!r}, poly_epsilon={options.poly_epsilon}"
         )
 
 
-def _focal_loss(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    gamma: float,
-    alpha: AlphaArg,
-    weight: WeightArg,
-    ignore_index: int,
-    reduction: str,
-    normalize: str,
-    poly_epsilon: float,
-    enet_c: float,
-    effective_beta: float,
-    sync_histogram: bool,
-    implementation: str,
-    validate: bool,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The loss and the class weights in use (``None`` when ``weight`` is ``None``)."""
-    check_options(gamma=gamma, reduction=reduction, normalize=normalize, poly_epsilon=poly_epsilon,
-                  implementation=implementation, ignore_index=ignore_index)
-    if validate:
-        check_inputs(logits, target, ignore_index)
-    num_classes = logits.shape[1]
+def _focal_loss(logits: torch.Tensor, target: torch.Tensor,
+                options: FocalOptions) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The loss and the class weights in use (``None`` when ``options.weight`` is ``None``)."""
+    if options.validate:
+        check_inputs(logits, target, options.ignore_index)
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    scheme = weight if isinstance(weight, str) else None
-    if scheme is not None and scheme not in WEIGHT_SCHEMES:
-        raise ValueError(f"unknown weight {weight!r}; expected one of {WEIGHT_SCHEMES}, a tensor, or None")
-    fixed_weight = None if weight is None or scheme is not None else _per_class(weight, num_classes, "weight", dtype, logits.device)
-    alpha_per_class = _alpha_per_class(alpha, num_classes, dtype, logits.device)
-    if implementation == "fused" and reduction == "none":
+    options = options.resolved(logits.shape[1], dtype, logits.device)
+    if options.implementation == "fused" and options.reduction == "none":
         raise ValueError("implementation='fused' reduces; use reduction='mean' or 'sum', or implementation='reference'")
-    if implementation == "fused" or (implementation == "auto" and reduction != "none"):
-        return fused_focal_loss(
-            logits, target, gamma=gamma, class_weight=fixed_weight, weight_scheme=scheme, alpha=alpha_per_class,
-            ignore_index=ignore_index, reduction=reduction, normalize=normalize, poly_epsilon=poly_epsilon,
-            enet_c=enet_c, effective_beta=effective_beta, sync_histogram=sync_histogram,
-        )
-    return _reference_focal_loss(
-        logits, target, gamma, fixed_weight, scheme, alpha_per_class, ignore_index, reduction, normalize,
-        poly_epsilon, enet_c, effective_beta, sync_histogram, dtype,
-    )
+    if options.implementation == "fused" or (options.implementation == "auto" and options.reduction != "none"):
+        return fused_focal_loss(logits, target, options)
+    return _reference_focal_loss(logits, target, options, dtype)
 
 
-def _reference_focal_loss(
-    logits, target, gamma, fixed_weight, scheme, alpha_per_class, ignore_index, reduction, normalize,
-    poly_epsilon, enet_c, effective_beta, sync_histogram, dtype,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The composite implementation: ``log_softmax``, ``gather`` and autograd."""
-    num_classes = logits.shape[1]
+def _reference_focal_loss(logits: torch.Tensor, target: torch.Tensor, options: FocalOptions,
+                          dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The composite implementation: ``log_softmax``, ``gather`` and autograd (per-class options resolved)."""
+    num_classes, gamma, ignore_index = logits.shape[1], options.gamma, options.ignore_index
     valid = not_ignored(target, ignore_index)
     safe_target = torch.where(valid, target, 0).long()
     index = safe_target.unsqueeze(1)
@@ -281,25 +222,23 @@ def _reference_focal_loss(
 
     counts = class_histogram(target, num_classes, ignore_index).to(dtype)
     world_size = 1
-    if sync_histogram:
+    if options.sync_histogram:
         counts, world_size = sum_over_ranks(counts)
-    class_weight = (
-        weights_from_histogram(counts, scheme, enet_c=enet_c, effective_beta=effective_beta, dtype=dtype)
-        if scheme is not None else fixed_weight
-    )
-    pixel_factor = per_class_factor(class_weight, alpha_per_class)
+    scheme = options.scheme
+    class_weight = scheme.weights(counts, dtype) if scheme is not None else options.weight
+    pixel_factor = per_class_factor(class_weight, options.alpha)
     if pixel_factor is not None:
         pixel_loss = pixel_factor[safe_target] * pixel_loss
-    if poly_epsilon != 0:
-        pixel_loss = pixel_loss + poly_epsilon * modulated * one_minus_pt
+    if options.poly_epsilon != 0:
+        pixel_loss = pixel_loss + options.poly_epsilon * modulated * one_minus_pt
     pixel_loss = torch.where(valid, pixel_loss, 0.0)
 
-    if reduction == "none":
+    if options.reduction == "none":
         return pixel_loss, class_weight
     total = pixel_loss.sum()
-    if reduction == "sum":
+    if options.reduction == "sum":
         return total, class_weight
-    denominator = mean_denominator(counts, pixel_factor, normalize, world_size)
+    denominator = mean_denominator(counts, pixel_factor, options.normalize, world_size)
     # 0 when the denominator is not positive (as the fused pass), also when a Poly-1 term remains
     mean = total / denominator.clamp_min(torch.finfo(dtype).tiny)
     return torch.where(denominator > 0, mean, 0.0), class_weight
@@ -317,52 +256,6 @@ def _modulating_factor(one_minus_pt: torch.Tensor, p_t: torch.Tensor, others: to
     from_one_minus_pt = torch.where(near_one, one_minus_pt, 0.5).pow(gamma)
     from_p_t = torch.exp(gamma * torch.log1p(-torch.where(near_one, 0.5, p_t)))
     return torch.where(near_one, from_one_minus_pt, from_p_t)
-
-
-def _alpha_per_class(alpha: AlphaArg, num_classes: int, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
-    """``alpha`` as ``[C]``: a float gives class 0 ``alpha`` and the others ``1 - alpha``."""
-    if alpha is None:
-        return None
-    if isinstance(alpha, (int, float)):
-        per_class = torch.full((num_classes,), 1.0 - float(alpha), dtype=dtype, device=device)
-        per_class[0] = float(alpha)
-        return per_class
-    return _per_class(alpha, num_classes, "alpha", dtype, device)
-
-
-def check_options(
-    *, gamma: float, reduction: str, normalize: str, poly_epsilon: float, implementation: str = "auto",
-    ignore_index: int = -100,
-) -> None:
-    """Raise ``ValueError`` naming the first invalid scalar option (no tensor is read)."""
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an integer label value, got {ignore_index!r}")
-    if not (isinstance(gamma, (int, float)) and 0 <= gamma < float("inf")):
-        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
-    if not (isinstance(poly_epsilon, (int, float)) and abs(poly_epsilon) < float("inf")):
-        raise ValueError(f"poly_epsilon must be a finite number, got {poly_epsilon!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-
-
-def check_class_factors(*, weight: WeightArg, alpha: AlphaArg) -> None:
-    """Raise ``ValueError`` unless fixed class weights and alpha are finite and non-negative (a
-    negative one flips that class's gradient). Read only where that costs no device
-    synchronisation (lists, numbers, CPU tensors); the module checks its buffers once, when built."""
-    if isinstance(alpha, (int, float)) and not 0 <= alpha <= 1:
-        raise ValueError(f"alpha as a number must lie in [0, 1] (class 0 gets alpha, the others 1 - alpha), "
-                         f"got {alpha!r}")
-    for name, values in (("weight", weight), ("alpha", alpha)):
-        if values is None or isinstance(values, (str, int, float)) or (
-                isinstance(values, torch.Tensor) and values.device.type != "cpu"):
-            continue
-        tensor = torch.as_tensor(values, dtype=torch.float64)
-        if not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
-            raise ValueError(f"{name} must be finite and non-negative for every class, got {tensor.tolist()}")
 
 
 def check_inputs(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
@@ -396,12 +289,3 @@ def check_inputs(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) 
         raise ValueError(
             f"target contains label(s) {shown} outside [0, {num_classes}) that are not ignore_index={ignore_index}"
         )
-
-
-def _per_class(
-    values: Union[torch.Tensor, Sequence[float]], num_classes: int, name: str, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    tensor = torch.as_tensor(values, dtype=dtype, device=device)
-    if tensor.shape != (num_classes,):
-        raise ValueError(f"{name} must have one value per class ({num_classes}), got shape {tuple(tensor.shape)}")
-    return tensor

@@ -7,7 +7,10 @@ gradient for an upstream gradient of 1; the backward only scales it. Nothing per
 (So a bfloat16 gradient is rounded twice when the upstream is not a power of two: an error of at
 most about one bfloat16 ulp instead of half of one, measured.)
 The back ends: :mod:`.cpu_kernels` (a C++ kernel, float32/bfloat16 CPU logits) and
-:mod:`.triton_kernels` (CUDA, float16/bfloat16/float32).
+:mod:`.triton_kernels` (CUDA, float16/bfloat16/float32). Each is a module with ``histogram(target,
+C, ignore_index)``, ``forward(logits, target, coefficients, poly_coefficient, options, write_grad)``,
+``gradient(logits, target, coefficients, poly_coefficient, grad_loss, options)`` and ``scale_(grad,
+grad_loss)``; ``options`` is the loss's one :class:`~.options.FocalOptions` value.
 
 A back end that raises (a kernel that does not compile or launch on this machine) is turned off
 for the process with one warning, and the chunked pass takes over, in the forward or the backward.
@@ -41,78 +44,57 @@ from typing import Dict, Iterator, Optional, Set, Tuple
 
 import torch
 
-from .class_weights import weights_from_histogram
 from .labels import mean_denominator, not_ignored, per_class_factor, sum_over_ranks
+from .options import FocalOptions
 
 CHUNK_ELEMENTS = 1 << 20  # logits elements per chunk (4 MiB of float32): cache-sized, few Python-level ops
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _KERNEL_FAILURES: Dict[str, str] = {}  # back-end module name -> why it was turned off in this process
 _WARNED: Set[str] = set()
-_NO_GRADS = (None,) * 12  # backward: no gradient for the arguments after the logits
+_NO_GRADS = (None, None)  # backward: no gradient for the target and the options
 
 
-def fused_focal_loss(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    gamma: float,
-    class_weight: Optional[torch.Tensor],
-    weight_scheme: Optional[str],
-    alpha: Optional[torch.Tensor],
-    ignore_index: int,
-    reduction: str,
-    normalize: str,
-    poly_epsilon: float,
-    enet_c: float,
-    effective_beta: float,
-    sync_histogram: bool,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def fused_focal_loss(logits: torch.Tensor, target: torch.Tensor,
+                     options: FocalOptions) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The reduced loss (``"mean"`` or ``"sum"``) and the class weights used (``None`` if unweighted).
 
-    Inputs are validated by :func:`segfocal.losses.focal_loss`; ``class_weight`` and ``alpha``
-    are ``[C]`` tensors or ``None``; ``weight_scheme`` names an on-the-fly scheme or is ``None``.
+    Inputs are validated by :func:`segfocal.losses.focal_loss`; ``options`` has its fixed weights and
+    ``alpha`` as ``[C]`` tensors (:meth:`FocalOptions.resolved`).
     """
-    loss, weight = _FusedFocal.apply(
-        logits, target, class_weight, alpha, gamma, weight_scheme, ignore_index, reduction, normalize,
-        poly_epsilon, enet_c, effective_beta, sync_histogram,
-    )
-    return loss, (weight if weight_scheme is not None or class_weight is not None else None)
+    loss, weight = _FusedFocal.apply(logits, target, options)
+    return loss, (weight if options.weight is not None else None)
 
 
 class _FusedFocal(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, class_weight, alpha, gamma, weight_scheme, ignore_index, reduction,
-                normalize, poly_epsilon, enet_c, effective_beta, sync_histogram):
-        num_classes = logits.shape[1]
+    def forward(ctx, logits, target, options):
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        options = (class_weight, alpha, weight_scheme, reduction, normalize, poly_epsilon, enet_c, effective_beta,
-                   sync_histogram, dtype)
         kernels, counts = _kernels(logits), None
         if kernels is not None:  # histogram first, so the one pass over the logits can write the gradient
             try:
-                counts = kernels.histogram(target, num_classes, ignore_index)
+                counts = kernels.histogram(target, logits.shape[1], options.ignore_index)
             except Exception as error:  # a kernel that cannot compile or launch here must not stop training
                 kernels = _kernels_failed(kernels, error)
         if kernels is not None:
-            weight, pixel_factor, scale, coefficients, poly_coefficient = _coefficients(counts, *options)
+            weight, pixel_factor, scale, coefficients, poly_coefficient = _coefficients(counts, options, dtype)
             # not for float16: see triton_kernels
             write_grad = ctx.needs_input_grad[0] and logits.dtype != torch.float16
             try:
-                focal_sums, poly_sum, grad = kernels.forward(logits, target, coefficients, poly_coefficient, gamma,
-                                                             ignore_index, write_grad)
+                focal_sums, poly_sum, grad = kernels.forward(logits, target, coefficients, poly_coefficient, options,
+                                                             write_grad)
                 saved = None
             except Exception as error:
                 kernels = _kernels_failed(kernels, error)
         if kernels is None:
-            chunk_counts, focal_sums, poly_sum, saved = _chunked_sums(logits, target, gamma, ignore_index,
-                                                                      poly_epsilon)
+            chunk_counts, focal_sums, poly_sum, saved = _chunked_sums(logits, target, options)
             if counts is None:  # (else the histogram was summed over ranks already: no second all-reduce)
-                weight, pixel_factor, scale, coefficients, poly_coefficient = _coefficients(chunk_counts, *options)
+                weight, pixel_factor, scale, coefficients, poly_coefficient = _coefficients(chunk_counts, options,
+                                                                                            dtype)
             grad = None
         weighted = focal_sums if pixel_factor is None else pixel_factor * focal_sums
-        total = weighted.sum() + poly_epsilon * poly_sum
+        total = weighted.sum() + options.poly_epsilon * poly_sum
         ctx.save_for_backward(logits, target, saved, coefficients, poly_coefficient)
-        ctx.kernels, ctx.gamma, ctx.ignore_index = kernels, gamma, ignore_index
+        ctx.kernels, ctx.options = kernels, options
         ctx.grad = grad  # the gradient for an upstream 1, written by the forward pass (kernels), or None
         used = weight if weight is not None else torch.ones_like(focal_sums)
         ctx.mark_non_differentiable(used)
@@ -130,43 +112,39 @@ class _FusedFocal(torch.autograd.Function):
             if kernels is not None and grad is not None:
                 return (kernels.scale_(grad, grad_loss),) + _NO_GRADS
             if kernels is not None:
-                return (kernels.gradient(logits, target, coefficients, poly_coefficient, grad_loss, ctx.gamma,
-                                         ctx.ignore_index),) + _NO_GRADS
+                return (kernels.gradient(logits, target, coefficients, poly_coefficient, grad_loss, ctx.options),
+                        ) + _NO_GRADS
         except Exception as error:  # as in the forward: the chunked pass takes over
             _kernels_failed(kernels, error)
         if grad is not None:
             return (grad.mul_(grad_loss),) + _NO_GRADS
         if saved is None:  # the forward ran a kernel: the chunked pass's per-pixel terms are recomputed
-            saved = _chunked_sums(logits, target, ctx.gamma, ctx.ignore_index, 0.0)[3]
-        return (_chunked_gradient(logits, target, saved, coefficients, poly_coefficient, grad_loss, ctx.ignore_index),
-                ) + _NO_GRADS
+            saved = _chunked_sums(logits, target, ctx.options, with_poly=False)[3]
+        return (_chunked_gradient(logits, target, saved, coefficients, poly_coefficient, grad_loss,
+                                  ctx.options.ignore_index),) + _NO_GRADS
 
 
-def _coefficients(counts, class_weight, alpha, weight_scheme, reduction, normalize, poly_epsilon, enet_c,
-                  effective_beta, sync_histogram, dtype):
+def _coefficients(counts: torch.Tensor, options: FocalOptions, dtype: torch.dtype):
     """From the batch's class histogram: the class weights used (or ``None``), the per-class factor
     ``w a`` (or ``None``), the reduction's scale ``1 / D`` (1 for ``"sum"``), each class's gradient
     coefficient ``w a / D`` with a zero appended for ignored pixels (their bin is C), and the
     Poly-1 coefficient ``poly_epsilon / D``."""
     world_size = 1
-    if sync_histogram:
+    if options.sync_histogram:
         counts, world_size = sum_over_ranks(counts)
-    if weight_scheme is not None:
-        weight = weights_from_histogram(counts, weight_scheme, enet_c=enet_c, effective_beta=effective_beta,
-                                        dtype=torch.float64)
-    elif class_weight is not None:
-        weight = class_weight.to(torch.float64)
+    if options.scheme is not None:
+        weight = options.scheme.weights(counts, torch.float64)
     else:
-        weight = None
-    pixel_factor = per_class_factor(weight, None if alpha is None else alpha.double())
-    if reduction == "sum":
+        weight = None if options.weight is None else options.weight.to(torch.float64)
+    pixel_factor = per_class_factor(weight, None if options.alpha is None else options.alpha.double())
+    if options.reduction == "sum":
         scale = torch.ones((), dtype=torch.float64, device=counts.device)
     else:  # 1 / denominator, and 0 when no pixel counts (the numerator is then 0 too)
-        denominator = mean_denominator(counts, pixel_factor, normalize, world_size)
+        denominator = mean_denominator(counts, pixel_factor, options.normalize, world_size)
         scale = torch.where(denominator > 0, 1.0 / denominator, 0.0)
     per_class = torch.ones_like(counts) if pixel_factor is None else pixel_factor
     coefficients = torch.cat([per_class * scale, per_class.new_zeros(1)]).to(dtype)
-    return weight, pixel_factor, scale, coefficients, (poly_epsilon * scale).to(dtype)
+    return weight, pixel_factor, scale, coefficients, (options.poly_epsilon * scale).to(dtype)
 
 
 def _kernels(logits: torch.Tensor):
@@ -218,10 +196,11 @@ def _warn_once(key: str, reason: str) -> None:
                       f"pass without trying.", RuntimeWarning, stacklevel=3)
 
 
-def _chunked_sums(logits, target, gamma, ignore_index, poly_epsilon):
-    """The forward pass in chunks: float64 per-class counts and focal sums ``[C]``, the Poly-1 sum, and
-    the per-pixel buffers the backward reads (log-normaliser, ``1 - p_t``, focal and Poly-1 slopes)."""
-    num_classes = logits.shape[1]
+def _chunked_sums(logits, target, options: FocalOptions, with_poly: bool = True):
+    """The forward pass in chunks: float64 per-class counts and focal sums ``[C]``, the Poly-1 sum (0 unless
+    ``with_poly`` and a Poly-1 term), and the per-pixel buffers the backward reads (log-normaliser, ``1 - p_t``,
+    focal and Poly-1 slopes)."""
+    num_classes, gamma, ignore_index = logits.shape[1], options.gamma, options.ignore_index
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     counts = torch.zeros(num_classes + 1, dtype=torch.float64, device=logits.device)
     focal_sums = torch.zeros_like(counts)
@@ -234,7 +213,7 @@ def _chunked_sums(logits, target, gamma, ignore_index, poly_epsilon):
                                                 log_normaliser, one_minus_pt, focal_slope, poly_slope)
         counts += _per_class_sum(bins, None, num_classes + 1)
         focal_sums += _per_class_sum(bins, focal, num_classes + 1)
-        if poly_epsilon != 0:
+        if with_poly and options.poly_epsilon != 0:
             poly_sum += torch.where(valid, poly, 0.0).sum(dtype=torch.float64)
     return counts[:num_classes], focal_sums[:num_classes], poly_sum, saved
 

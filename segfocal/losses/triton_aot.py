@@ -4,7 +4,7 @@ Triton's compiler and the ``ptxas`` shipped in the ``triton`` wheel build a cubi
 architecture on the CPU, and its ``-v`` report gives the registers, spills and stack per
 thread. The launches compiled here are built by the same functions that launch the kernels (:class:`.triton_kernels.Launch`), and specialised the way Triton's JIT
 specialises a launch (argument types, 16-byte alignment and divisibility, integers equal to 1), so
-what is compiled here is what runs on a GPU. Used by the tests and ``tools/triton_resources.py``.
+what is compiled here is what runs on a GPU. Used by the tests and ``benchmarks/triton_resources.py``.
 
 The kernels must have been decorated by the compiler, not the interpreter: run this in a process
 without ``TRITON_INTERPRET=1``.

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from .labels import ignore_index_fits
 from .layout import empty_gradient, flat_labels, flat_logits
+from .options import FocalOptions
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the logits' dtypes it takes
 MAX_CLASSES = 1024  # a pixel's classes are one tile row: more would spill (the chunked pass takes them)
@@ -201,30 +202,31 @@ def histogram(target: torch.Tensor, num_classes: int, ignore_index: int) -> torc
 
 
 def forward(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor, poly_coefficient: torch.Tensor,
-            gamma: float, ignore_index: int, write_grad: bool
+            options: FocalOptions, write_grad: bool
             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """float64 per-class focal sums ``[C]`` and the Poly-1 sum ``[]``; with ``write_grad`` also the
     logits' gradient for an upstream gradient of 1 (else ``None``).
 
     ``coefficients`` ``[C + 1]``: each class's factor ``w a / D`` and a zero for ignored pixels;
-    ``poly_coefficient``: ``poly_epsilon / D``.
+    ``poly_coefficient``: ``poly_epsilon / D``; ``options``: the loss's, for ``gamma`` and ``ignore_index``.
     """
     focal_sums = torch.zeros(logits.shape[1], dtype=torch.float64, device=logits.device)
     poly_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
     grad = empty_gradient(logits)[0] if write_grad else None
     if target.numel() > 0:
-        forward_launch(logits, target, grad, coefficients, poly_coefficient, focal_sums, poly_sum, gamma,
-                       ignore_index)()
+        forward_launch(logits, target, grad, coefficients, poly_coefficient, focal_sums, poly_sum, options.gamma,
+                       options.ignore_index)()
     return focal_sums, poly_sum, grad
 
 
 def gradient(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor,
-             poly_coefficient: torch.Tensor, grad_loss: torch.Tensor, gamma: float, ignore_index: int) -> torch.Tensor:
+             poly_coefficient: torch.Tensor, grad_loss: torch.Tensor, options: FocalOptions) -> torch.Tensor:
     """The logits' gradient recomputed from the logits (their dtype and memory format), with the
     upstream gradient folded in; ``coefficients`` as for :func:`forward`."""
     grad = empty_gradient(logits)[0]
     if target.numel() > 0:
-        gradient_launch(logits, target, grad, coefficients, poly_coefficient, grad_loss, gamma, ignore_index)()
+        gradient_launch(logits, target, grad, coefficients, poly_coefficient, grad_loss, options.gamma,
+                        options.ignore_index)()
     return grad
 
 
@@ -300,7 +302,7 @@ def tiles_for(num_classes: int) -> Tiles:
     in one row, padded to a power of two; at most 2048 elements a tile over 8 warps (8 a thread) and
     at most 256 pixels (each pixel's indices and label are int64 vectors: with 512 or 1024 pixels a
     tile, 2 to 8 classes reached ptxas's 128-register cap on sm_80 and spilled), 4 pixels over 16
-    warps at 1024 classes. Measured: ``tools/triton_resources.py`` (benchmarks/RESULTS.md)."""
+    warps at 1024 classes. Measured: ``benchmarks/triton_resources.py`` (benchmarks/RESULTS.md)."""
     block_c = triton.next_power_of_2(num_classes)
     block_p = 256 if block_c <= 4 else 128 if block_c <= 16 else max(4, 2048 // block_c)
     return Tiles(block_p, block_c, 16 if block_c >= 1024 else 8)

@@ -1,6 +1,6 @@
 """End-to-end training throughput (images/s) of a segmentation model with each loss, side by side.
 
-    python tools/benchmark_train.py [--arch Unet] [--encoder resnet18] [--batch 8] [--size 352 480]
+    python benchmarks/benchmark_train.py [--arch Unet] [--encoder resnet18] [--batch 8] [--size 352 480]
                                     [--classes 12] [--amp auto|bf16|fp16|fp32] [--layout channels_last|nchw]
                                     [--steps 10] [--rounds 5] [--device cpu|cuda]
 
@@ -15,17 +15,20 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict
 
 import torch
 import torch.nn.functional as F
 
-from segfocal.config import ModelConfig
-from segfocal.engine.criterion import CrossEntropy
-from segfocal.engine.precision import resolve_precision
-from segfocal.losses import FocalLoss
-from segfocal.models import build_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's segfocal
+
+from segfocal.config import ModelConfig  # noqa: E402
+from segfocal.engine.precision import resolve_precision  # noqa: E402
+from segfocal.losses import CrossEntropy, FocalLoss  # noqa: E402
+from segfocal.models import build_model  # noqa: E402
 
 IGNORE = 255
 

@@ -1,6 +1,6 @@
 """Forward+backward time and peak extra memory of dense focal losses, side by side.
 
-    python tools/benchmark_loss.py [--preset camvid|cityscapes|ade] [--batch N] [--size H W]
+    python benchmarks/benchmark_loss.py [--preset camvid|cityscapes|ade] [--batch N] [--size H W]
                                    [--dtype fp32|bf16|fp16] [--layout nchw|channels_last]
                                    [--device cpu|cuda] [--rounds 15] [--busy N] [--only NAME ...]
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import platform
@@ -40,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from segfocal.losses import class_weights, focal_loss  # noqa: E402
+from tests.reference_seeds import focal_loss_my, focal_loss_zhihu  # noqa: E402  (the write-up's two)
 
 PRESETS = {  # (batch, classes, height, width)
     "camvid": (8, 12, 360, 480),
@@ -54,25 +54,16 @@ TAIL_PERCENTILES = (90, 99)  # printed beside the median
 SPINNER = "import os, sys\nparent = int(sys.argv[1])\nwhile os.getppid() == parent:\n    for _ in range(10**6): pass"
 
 
-def seed_references():
-    """The write-up's two implementations, loaded from the test suite where they are kept."""
-    spec = importlib.util.spec_from_file_location("reference_seeds", REPO / "tests" / "reference_seeds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def implementations(num_classes: int) -> Dict[str, Callable]:
     """name -> loss(logits, target): the mean focal loss with gamma = 2; segfocal's with batch ENet
     weights (the write-up's and the peers' losses have no on-the-fly weights: unweighted)."""
-    seeds = seed_references()
     impls = {
         "segfocal fused": lambda x, t: focal_loss(x, t, implementation="fused", validate=False),
         "segfocal reference": lambda x, t: focal_loss(x, t, implementation="reference", validate=False),
         "F.cross_entropy weighted": lambda x, t: F.cross_entropy(
             x, t, weight=class_weights(t, num_classes).to(x.dtype), ignore_index=IGNORE),
-        "write-up focal_loss_my": lambda x, t: seeds.focal_loss_my(x, t),
-        "write-up focal_loss_zhihu": lambda x, t: seeds.focal_loss_zhihu(x, t),
+        "write-up focal_loss_my": lambda x, t: focal_loss_my(x, t),
+        "write-up focal_loss_zhihu": lambda x, t: focal_loss_zhihu(x, t),
     }
     try:
         from segmentation_models_pytorch.losses import FocalLoss as SmpFocal

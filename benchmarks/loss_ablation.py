@@ -1,6 +1,6 @@
 """Train and test one recipe with each of five losses, and tabulate what each loss buys.
 
-    python tools/loss_ablation.py --config configs/camvid_unet_focal.yaml [--set key=value ...]
+    python benchmarks/loss_ablation.py --config configs/camvid_unet_focal.yaml [--set key=value ...]
                                   [--out runs/ablation] [--only NAME ...] [--rare Pole Fence ...]
 
 For every loss variant (same recipe, same seed) it runs ``tools/train.py`` into ``OUT/NAME``
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-TOOLS = Path(__file__).resolve().parent
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 #: The losses compared, as config overrides of the recipe.
 VARIANTS: Dict[str, List[str]] = {

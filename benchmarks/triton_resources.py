@@ -1,6 +1,6 @@
 """Every Triton kernel of segfocal compiled ahead of time for sm_80 and sm_90, with its resources.
 
-    python tools/triton_resources.py [--arch 80 90] [--classes 1 2 19 150 1000] [--json FILE]
+    python benchmarks/triton_resources.py [--arch 80 90] [--classes 1 2 19 150 1000] [--json FILE]
 
 No GPU is needed: Triton's compiler and the ptxas in the triton wheel run on the CPU
 (``segfocal/losses/triton_aot.py``). For each architecture, class count and variant (logits dtype,
