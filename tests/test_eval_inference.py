@@ -243,3 +243,20 @@ def test_slide_and_flip_need_no_host_sync():
     logits = predict_logits(model, torch.zeros(2, 3, 37, 53, device="meta"), NUM_CLASSES, mode="slide",
                             crop_size=(16, 20), stride=(10, 12), flip=True, size_divisor=32)
     assert logits.shape == (2, NUM_CLASSES, 37, 53)
+
+
+def test_evaluate_computes_the_optional_metrics_it_is_asked_for_and_refuses_others():
+    from segfocal.config import EvalConfig
+    from segfocal.engine.evaluate import evaluate
+    from segfocal.engine.precision import inference_precision
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 4, 1)
+    batches = [(torch.rand(2, 3, 8, 8), torch.randint(0, 4, (2, 8, 8)))]
+    device = torch.device("cpu")
+    precision = inference_precision("fp32", device)
+    plain = evaluate(model, batches, EvalConfig(), 4, 255, device, precision, progress=False)
+    scored = evaluate(model, batches, EvalConfig(), 4, 255, device, precision, metrics=("auroc",), progress=False)
+    assert plain.auroc is None and len(scored.auroc) == 4 and torch.equal(plain.confusion, scored.confusion)
+    with pytest.raises(ValueError, match=r"metrics: unknown \['dice_loss'\]; the optional metrics are \['auroc'\]"):
+        evaluate(model, batches, EvalConfig(), 4, 255, device, precision, metrics=("dice_loss",))

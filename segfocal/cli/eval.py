@@ -61,7 +61,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
                           drop_last=False)
     model = restore_model(cfg, args.checkpoint, device, contents)
     result = evaluate(model, loader, cfg.eval, data.num_classes, data.ignore_index, device,
-                      inference_precision(cfg.train.amp, device), with_auroc=args.auroc)
+                      inference_precision(cfg.train.amp, device), metrics=("auroc",) if args.auroc else ())
     names = class_names(data.class_names, data.num_classes)
     out = Path(args.output) if args.output else Path(args.checkpoint).resolve().parent / f"eval_{split}"
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Collection, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -12,6 +12,10 @@ from tqdm import tqdm
 from ..config import EvalConfig
 from ..evaluation import BinnedAUROC, ConfusionMatrix, predict_logits, segmentation_metrics
 from .precision import Precision
+
+# What evaluate() can compute besides the confusion matrix and the metrics derived from it
+# (segmentation_metrics: IoU, accuracy, Dice per class and their means, pixel accuracy, fwIoU).
+OPTIONAL_METRICS = ("auroc",)
 
 
 @dataclass
@@ -31,11 +35,12 @@ def evaluate(
     ignore_index: int,
     device: torch.device,
     precision: Precision,
-    with_auroc: bool = False,
+    metrics: Collection[str] = (),
     num_examples: int = 0,
     progress: bool = True,
 ) -> EvalResult:
-    """Metrics of ``model`` on every batch of ``loader``.
+    """Metrics of ``model`` on every batch of ``loader``: those of the confusion matrix, and the
+    ``metrics`` of :data:`OPTIONAL_METRICS` asked for (``"auroc"``: per-class AUROC in ``result.auroc``).
 
     The confusion matrix (and the AUROC histograms) accumulate on the device, with no per-batch
     host synchronisation and no stored predictions; they are all-reduced across ranks at the end.
@@ -43,7 +48,10 @@ def evaluate(
     was_training = model.training
     model.eval()
     confusion = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
-    auroc = BinnedAUROC(num_classes, ignore_index=ignore_index, device=device) if with_auroc else None
+    unknown = sorted(set(metrics) - set(OPTIONAL_METRICS))
+    if unknown:
+        raise ValueError(f"metrics: unknown {unknown}; the optional metrics are {list(OPTIONAL_METRICS)}")
+    auroc = BinnedAUROC(num_classes, ignore_index=ignore_index, device=device) if "auroc" in metrics else None
     examples: List[tuple] = []
     for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
         images = images.to(device, non_blocking=True)
