@@ -203,3 +203,13 @@ def test_weights_alpha_and_ignore_index_that_would_wreck_training_are_refused(kw
         FocalLoss(**kwargs)
     with pytest.raises(ValueError, match=match):
         focal_loss(logits, target, **kwargs)
+
+
+def test_the_module_exposes_its_options_read_only_as_torch_losses_do():
+    from segfocal.losses import FocalLoss
+
+    loss = FocalLoss(gamma=3.0, ignore_index=7, reduction="sum", normalize="weights", poly_epsilon=0.5)
+    assert (loss.gamma, loss.ignore_index, loss.reduction, loss.normalize, loss.poly_epsilon) == (
+        3.0, 7, "sum", "weights", 0.5)
+    with pytest.raises(AttributeError):
+        loss.gamma = 1.0  # the options are one frozen value: build a new loss instead

@@ -89,6 +89,11 @@ def focal_loss(
     return _focal_loss(logits, target, options)[0]
 
 
+def _option(name: str) -> property:
+    """``FocalLoss.<name>``: ``options.<name>``, read-only, as ``torch.nn`` losses expose their options."""
+    return property(lambda self: getattr(self.options, name), doc=f"``options.{name}`` (read-only).")
+
+
 class FocalLoss(nn.Module):
     """Module form of :func:`focal_loss`, with the same arguments.
 
@@ -140,6 +145,9 @@ class FocalLoss(nn.Module):
                 raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
             self.register_buffer("running_histogram", torch.zeros(num_classes, dtype=torch.float64))
             self.register_buffer("histogram_updates", torch.zeros((), dtype=torch.int64))
+
+    gamma, ignore_index, reduction = _option("gamma"), _option("ignore_index"), _option("reduction")
+    normalize, poly_epsilon = _option("normalize"), _option("poly_epsilon")
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # the buffers (which follow .to()) stand for the fixed weights and per-class alpha
