@@ -249,6 +249,14 @@ class Trainer:
             if index + 1 < len(self.train_loader) and self._after_step(epoch_end=False):
                 return None
         self.state.epoch, self.state.batch = epoch + 1, 0
+        return self._report_loss()
+
+    def _best_at(self) -> int:
+        """The epoch or step (the run's unit) of the best checkpoint metric so far; -1 before any."""
+        return self.timeline.count(self.state.best_epoch, self.state.best_step)
+
+    def _report_loss(self) -> float:
+        """The mean loss of the micro-batches since the last ``metrics.jsonl`` entry."""
         return self._report_sum.item() / max(1, self.state.report_batches)
 
     def _gradient_sync(self, sync: bool) -> ContextManager:
@@ -281,7 +289,7 @@ class Trainer:
         """Log an entry (train loss since the last one; the validation, when due) and its console line."""
         cfg, state = self.cfg.train, self.state
         entry: Dict[str, Any] = {"epoch": state.epoch, "step": state.step,
-                                 "train_loss": self._report_sum.item() / max(1, state.report_batches),
+                                 "train_loss": self._report_loss(),
                                  "seconds": self._clock.lap()}
         self._report_sum.zero_()
         state.report_batches = 0
@@ -294,7 +302,7 @@ class Trainer:
             metric = cfg.checkpoint_metric if cfg.checkpoint_metric in SUMMARY_METRICS else "miou"
             plot_curves_file(self.work_dir / "metrics.jsonl", self.work_dir / "curves.png", self.class_names,
                              metric, unit=self.timeline.unit)
-        best_at = self.timeline.count(state.best_epoch, state.best_step)
+        best_at = self._best_at()
         self.console.report(entry, self.timeline, cfg.checkpoint_metric, state.best_metric, best_at,
                             self.class_names, self._clock.seconds_per_unit(count))
         if state.stopped_early:
@@ -374,7 +382,7 @@ class Trainer:
         result = evaluate(self.evaluated_model, self.val_loader, self.cfg.eval, data.num_classes, data.ignore_index,
                           self.device, self.precision, progress=False)
         if self.dist.is_main:
-            print(f"\nBest checkpoint (epoch {self.state.best_epoch}) on split '{data.val_split}':")
+            print(f"\nBest checkpoint ({self.timeline.unit} {self._best_at()}) on split '{data.val_split}':")
             print(format_table(result.metrics, self.class_names))
         return result
 
