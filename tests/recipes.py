@@ -63,13 +63,13 @@ def run_tool(capsys, tool, *argv):
 
 def signal_after_step(trainer, step, signal_number=signal.SIGINT, times=1):
     """Send ``signal_number`` to this process ``times`` times once ``trainer`` has done optimiser step ``step``."""
-    original = trainer._optimizer_step
+    original = trainer._step
 
-    def stepped(loss, bad_steps):
-        bad_steps = original(loss, bad_steps)
+    def stepped(micro_batches, group_size):
+        outcome = original(micro_batches, group_size)
         if trainer.state.step == step:
             for _ in range(times):
                 os.kill(os.getpid(), signal_number)
-        return bad_steps
+        return outcome
 
-    trainer._optimizer_step = stepped
+    trainer._step = stepped

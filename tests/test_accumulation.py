@@ -32,17 +32,17 @@ def accumulating_trainer(tmp_path, batch_size):
 
 
 def use_model(trainer, model):
-    trainer.model = model
-    trainer.bare_model = getattr(model, "module", model)
-    trainer.ddp_model = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
-    trainer.optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
+    trainer.parts.model = model
+    trainer.parts.bare_model = getattr(model, "module", model)
+    trainer.parts.ddp_model = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+    trainer.parts.optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    trainer.parts.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.parts.optimizer, lambda step: 1.0)
 
 
 def epoch_batches(trainer):
     """The epoch's micro-batches, in the order train_one_epoch(0) will see them."""
     trainer._seed_epoch(0)
-    batches = list(trainer.train_loader)
+    batches = list(trainer.data.train_loader)
     trainer._seed_epoch(0)
     return batches
 
@@ -77,11 +77,11 @@ def test_accumulated_steps_equal_one_big_batch_per_group_with_a_short_last_group
     trainer.train_one_epoch(0)
     assert trainer.state.step == 2
     expected = reference_steps(grouped(batches, 3))
-    assert_same_weights(trainer.model, expected)
+    assert_same_weights(trainer.parts.model, expected)
     # the short group weighted as a full one (loss / 3) would take a third of its step: that must differ
     first_step = reference_steps(grouped(batches, 3)[:1])
     short_as_full = first_step.weight + (expected.weight - first_step.weight) / 3
-    assert not torch.allclose(trainer.model.weight.double(), short_as_full, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(trainer.parts.model.weight.double(), short_as_full, rtol=1e-5, atol=1e-6)
 
 
 def _ddp_worker(rank, world_size, port, root, out):

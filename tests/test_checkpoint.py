@@ -10,6 +10,7 @@ from segfocal.engine.checkpoint import (
     resume_path,
     save_checkpoint,
 )
+from segfocal.engine.checkpointer import RUN_FILES
 
 
 def test_round_trip(tmp_path):
@@ -43,10 +44,12 @@ def test_resume_path(tmp_path):
         resume_path(tmp_path, str(tmp_path / "nope.pt"))
 
 
-def test_stale_temporaries_of_a_killed_save_are_removed(tmp_path):
+def test_stale_temporaries_of_a_killed_run_are_removed_and_nothing_else(tmp_path):
     save_checkpoint({"state": {"epoch": 1}}, tmp_path / "last.pt")
     (tmp_path / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / ".curves.png.x_9.tmp").write_bytes(b"half a plot")
     (tmp_path / "notes.tmp").write_text("not ours")
-    removed = remove_stale_temporaries(tmp_path)
-    assert [p.name for p in removed] == [".last.pt.abc123.tmp"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp"]
+    (tmp_path / ".notes.txt.abc.tmp").write_text("not a run file's")
+    removed = remove_stale_temporaries(tmp_path, RUN_FILES)
+    assert [p.name for p in removed] == [".curves.png.x_9.tmp", ".last.pt.abc123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.txt.abc.tmp", "last.pt", "notes.tmp"]

@@ -74,7 +74,7 @@ def train_capturing_inputs(config: Path) -> list:
     """Train ``config`` one epoch; the model's inputs, batch by batch (training, then validation)."""
     trainer = Trainer(load_config(config), progress=False)
     inputs = []
-    trainer.model.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+    trainer.parts.model.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
     trainer.fit()
     return inputs
 

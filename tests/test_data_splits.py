@@ -42,7 +42,7 @@ def test_val_is_carved_from_train_recorded_and_kept_on_resume_and_in_eval(tmp_pa
     data = tmp_path / "data"
     add_images(data, [f"img{index:02d}" for index in range(10)])
     trainer = Trainer(config(tmp_path), progress=False)
-    train, val = stems(trainer.train_set), stems(trainer.val_set)
+    train, val = stems(trainer.data.train_set), stems(trainer.data.val_set)
     assert len(val) == 3 and len(train) == 7 and sorted(train + val) == [f"img{index:02d}" for index in range(10)]
     record = json.loads((tmp_path / "run" / RECORD).read_text())
     assert record == {"val_fraction": 0.3, "seed": 0, "from_split": "train",
@@ -51,7 +51,7 @@ def test_val_is_carved_from_train_recorded_and_kept_on_resume_and_in_eval(tmp_pa
 
     add_images(data, ["img10", "img11"])  # new images are trained on; the val split stays as recorded
     resumed = Trainer(config(tmp_path), resume="auto", progress=False)
-    assert stems(resumed.val_set) == val and stems(resumed.train_set) == sorted(train + ["img10", "img11"])
+    assert stems(resumed.data.val_set) == val and stems(resumed.data.train_set) == sorted(train + ["img10", "img11"])
 
     code, out, err = run_tool(capsys, load_tool("eval"), "--checkpoint", tmp_path / "run" / "best.pt", "--split", "val")
     assert code == 0, err

@@ -14,25 +14,25 @@ EMA = dict(train__ema={"decay": 0.9, "warmup": 3}, train__log_images=0)
 
 def test_the_average_follows_the_warmed_up_ema_formula_weights_and_batchnorm_statistics(tmp_path):
     trainer = Trainer(load_config(tiny_recipe(tmp_path, train__epochs=1, **EMA)), progress=False)
-    snapshots, step = [], trainer._optimizer_step
+    snapshots, step = [], trainer._step
 
-    def recorded(loss, bad_steps):
-        bad_steps = step(loss, bad_steps)
-        snapshots.append({k: v.double().clone() for k, v in trainer.bare_model.state_dict().items()
+    def recorded(micro_batches, group_size):
+        outcome = step(micro_batches, group_size)
+        snapshots.append({k: v.double().clone() for k, v in trainer.parts.bare_model.state_dict().items()
                           if v.is_floating_point()})
-        return bad_steps
+        return outcome
 
-    trainer._optimizer_step = recorded
+    trainer._step = recorded
     trainer.fit()
     expected = dict(snapshots[0])  # the first update copies the weights
     for updates, weights in enumerate(snapshots[1:], start=1):
         decay = min(0.9, (1 + updates) / (3 + updates))  # 0.5, 0.6, 0.667 for the 4 steps
         expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in expected}
-    averaged = trainer.ema.module.state_dict()
+    averaged = trainer.parts.ema.module.state_dict()
     assert any("running_mean" in key for key in expected)  # BatchNorm statistics are averaged too
     for key, value in expected.items():
         torch.testing.assert_close(averaged[key].double(), value, rtol=1e-5, atol=1e-6, msg=key)
-    raw = trainer.bare_model.state_dict()
+    raw = trainer.parts.bare_model.state_dict()
     assert not all(torch.equal(raw[key], averaged[key]) for key in expected)
 
 

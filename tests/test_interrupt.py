@@ -45,7 +45,7 @@ def straight(tmp_path_factory):
 def stop_mid_epoch(config, signal_number):
     """Train until the signal stops the run after step STOP_AT_STEP; returns the TrainingInterrupted."""
     trainer = Trainer(config, progress=False)
-    assert len(trainer.train_loader) == 4
+    assert len(trainer.data.train_loader) == 4
     signal_after_step(trainer, STOP_AT_STEP, signal_number)
     with pytest.raises(TrainingInterrupted) as stopped:
         trainer.fit()

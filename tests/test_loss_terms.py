@@ -147,12 +147,12 @@ def test_a_run_with_focal_and_dice_terms_trains_and_its_checkpoint_restores_the_
     terms = [{"name": "focal", "weight": 1.0, "histogram_momentum": 0.9}, {"name": "dice", "weight": 1.0}]
     cfg = load_config(tiny_recipe(tmp_path, loss__terms=terms, train__epochs=1, train__log_images=0))
     trainer = Trainer(cfg, progress=False)
-    assert isinstance(trainer.criterion, WeightedSum)
+    assert isinstance(trainer.parts.criterion, WeightedSum)
     result = trainer.fit()
     assert 0.0 <= result.metrics["miou"] <= 1.0
     checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
     assert config_from_tree(checkpoint["config"]).loss.terms == cfg.loss.terms  # the saved config reloads
-    assert int(checkpoint["criterion"]["terms.0.histogram_updates"]) == len(trainer.train_loader)
+    assert int(checkpoint["criterion"]["terms.0.histogram_updates"]) == len(trainer.data.train_loader)
     restored = build_criterion(cfg.loss, cfg.data.num_classes, cfg.data.ignore_index)
     restored.load_state_dict(checkpoint["criterion"])
-    assert trainer.criterion.last_class_weights is not None  # logged as class_weight, as for one focal loss
+    assert trainer.parts.criterion.last_class_weights is not None  # logged as class_weight, as for one focal loss

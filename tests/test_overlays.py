@@ -15,7 +15,7 @@ from PIL import Image
 
 from segfocal.config import ConfigError, load_config
 from segfocal.data import default_palette
-from segfocal.engine.trainer import Trainer
+from segfocal.engine.run_logger import RunLogger
 from segfocal.models import build_model
 from segfocal.visualize import legend, palette_of
 
@@ -173,12 +173,12 @@ def test_predict_writes_a_jpeg_overlay_on_request(capsys, model, image, tmp_path
 def test_tensorboard_overlays_use_data_palette_and_a_legend_of_every_class_is_logged(tmp_path):
     cfg = load_config(tiny_recipe(tmp_path, data__palette=PALETTE))
     logged = {}
-    trainer = SimpleNamespace(cfg=cfg, class_names=NAMES, logger=SimpleNamespace(
-        images=lambda tag, images, step: logged.setdefault(tag, images)))
+    logger = SimpleNamespace(writer=object(), image_size=0,
+                             images=lambda tag, images, step: logged.setdefault(tag, images))
     target = torch.arange(6).repeat_interleave(8).view(6, 8)  # one row per class
     normalised = (torch.full((3, 6, 8), 0.5) - torch.tensor(cfg.data.mean).view(3, 1, 1)) / torch.tensor(
         cfg.data.std).view(3, 1, 1)
-    Trainer._log_examples(trainer, SimpleNamespace(examples=[(normalised, target, target)]), step=1)
+    RunLogger.examples(logger, [(normalised, target, target)], cfg.data, NAMES, step=1)
     assert set(logged) == {"val/input", "val/label", "val/prediction", "val/legend"}
     label = logged["val/label"][0].permute(1, 2, 0).numpy().astype(np.float32)
     grey = logged["val/input"][0, :, 0, 0].numpy().astype(np.float32)

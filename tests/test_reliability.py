@@ -17,7 +17,7 @@ from segfocal.engine.trainer import NonFiniteLossError, Trainer
 
 def poison_loss(trainer, bad_steps):
     """Make the loss NaN on the given (0-based) micro-batches."""
-    original = trainer.criterion.forward
+    original = trainer.parts.criterion.forward
     calls = {"n": 0}
 
     def forward(logits, target):
@@ -25,22 +25,20 @@ def poison_loss(trainer, bad_steps):
         calls["n"] += 1
         return loss * float("nan") if calls["n"] - 1 in bad_steps else loss
 
-    trainer.criterion.forward = forward
+    trainer.parts.criterion.forward = forward
 
 
 def test_a_few_non_finite_steps_are_skipped_without_touching_the_weights(tmp_path):
     trainer = Trainer(load_config(tiny_recipe(tmp_path, train__epochs=1)), progress=False)
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.parts.model.state_dict().items()}
     poison_loss(trainer, bad_steps={0, 1})
     trainer._seed_epoch(0)
-    trainer.model.train()
-    images, targets = next(iter(trainer.train_loader))
+    trainer.parts.model.train()
+    batch = next(iter(trainer.data.train_loader))
     for _ in range(2):  # two poisoned steps: skipped, weights unchanged, counter at 2
-        loss = trainer.criterion(trainer.model(images), targets)
-        loss.backward()
-        bad = trainer._optimizer_step(loss, 0 if _ == 0 else bad)
-    assert bad == 2
-    for key, value in trainer.model.state_dict().items():
+        assert not trainer._step(iter([batch]), 1).applied
+    assert trainer.state.bad_steps == 2
+    for key, value in trainer.parts.model.state_dict().items():
         if value.is_floating_point() and "running" not in key:
             assert torch.equal(value, before[key]), key
     trainer.fit()  # the rest of the run trains normally
@@ -49,7 +47,7 @@ def test_a_few_non_finite_steps_are_skipped_without_touching_the_weights(tmp_pat
 
 def test_too_many_non_finite_steps_stop_with_a_clear_message_and_keep_the_last_checkpoint(tmp_path):
     trainer = Trainer(load_config(tiny_recipe(tmp_path, train__epochs=3, train__max_bad_steps=2)), progress=False)
-    steps_per_epoch = len(trainer.train_loader)
+    steps_per_epoch = len(trainer.data.train_loader)
     poison_loss(trainer, bad_steps=set(range(steps_per_epoch, 10 * steps_per_epoch)))  # from the second epoch on
     with pytest.raises(NonFiniteLossError, match=r"3 consecutive steps .*train.max_bad_steps=2.*last.pt"):
         trainer.fit()
@@ -162,7 +160,7 @@ def test_weights_that_become_non_finite_stop_the_run_and_are_never_written(tmp_p
         loss = original(epoch)
         if epoch == 1:
             with torch.no_grad():
-                next(trainer.bare_model.parameters()).fill_(float("nan"))
+                next(trainer.parts.bare_model.parameters()).fill_(float("nan"))
         return loss
 
     trainer.train_one_epoch = poison_after_first_epoch
@@ -172,3 +170,31 @@ def test_weights_that_become_non_finite_stop_the_run_and_are_never_written(tmp_p
         state = load_checkpoint(tmp_path / "run" / name)
         assert state["state"]["epoch"] == 1  # written after the first epoch, not after the poisoned one
         assert all(torch.isfinite(value).all() for value in state["model"].values() if value.is_floating_point())
+
+
+def test_skipped_fp16_steps_count_across_an_epoch_and_a_resume_and_stop_after_max_bad_steps_plus_one(
+        tmp_path, monkeypatch):
+    """A float16 GradScaler skips a non-finite step itself; those steps count, the count crosses the epoch's
+    end, and last.pt keeps it: NaN from step 1 stops at step max_bad_steps + 1 however the run was split."""
+    from recipes import signal_after_step
+
+    from segfocal.engine.interrupt import TrainingInterrupted
+    from segfocal.engine.precision import Precision
+
+    monkeypatch.setattr("segfocal.engine.parts.resolve_precision", lambda mode, device: Precision("cpu", torch.float16))
+    config = load_config(tiny_recipe(tmp_path, train__epochs=3, train__max_bad_steps=5, train__log_images=0))
+    trainer = Trainer(config, progress=False)
+    assert trainer.parts.scaler.is_enabled() and len(trainer.data.train_loader) == 4  # 4 steps an epoch
+    poison_loss(trainer, bad_steps=set(range(100)))
+    signal_after_step(trainer, 3)  # stopped mid-epoch, three bad steps counted
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["state"]["bad_steps"] == 3
+
+    resumed = Trainer(config, resume="auto", progress=False)
+    poison_loss(resumed, bad_steps=set(range(100)))
+    with pytest.raises(NonFiniteLossError, match=r"6 consecutive steps .*train.max_bad_steps=5"):
+        resumed.fit()
+    assert resumed.state.step == 5  # steps 4 (the epoch's last), 5, and the sixth bad one raised before counting
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")["state"]
+    assert (saved["epoch"], saved["step"], saved["bad_steps"]) == (1, 4, 4)  # the epoch's end, counted on

@@ -38,13 +38,13 @@ def record_saves(trainer):
 
 def record_learning_rates(trainer):
     """The learning rate each optimiser step used."""
-    rates, step = [], trainer._optimizer_step
+    rates, step = [], trainer._step
 
-    def recorded(loss, bad_steps):
-        rates.append(trainer.optimizer.param_groups[0]["lr"])
-        return step(loss, bad_steps)
+    def recorded(micro_batches, group_size):
+        rates.append(trainer.parts.optimizer.param_groups[0]["lr"])
+        return step(micro_batches, group_size)
 
-    trainer._optimizer_step = recorded
+    trainer._step = recorded
     return rates
 
 
@@ -85,18 +85,18 @@ def test_a_run_counted_in_steps_resumes_exactly_after_a_stop_and_after_a_kill(st
         trainer.fit()
     assert load_checkpoint(tmp_path / "run" / "last.pt")["state"]["step"] == 5
 
-    original = Trainer._optimizer_step
+    original = Trainer._step
 
-    def killed_at_step_8(self, loss, bad_steps):  # after last.pt of step 6 (mid-epoch), before the next
+    def killed_at_step_8(self, micro_batches, group_size):  # after last.pt of step 6 (mid-epoch), before the next
         if self.state.step == 7:
             raise KeyboardInterrupt("killed")
-        return original(self, loss, bad_steps)
+        return original(self, micro_batches, group_size)
 
-    monkeypatch.setattr(Trainer, "_optimizer_step", killed_at_step_8)
+    monkeypatch.setattr(Trainer, "_step", killed_at_step_8)
     with pytest.raises(KeyboardInterrupt):
         Trainer(config, resume="auto", progress=False).fit()
     assert load_checkpoint(tmp_path / "run" / "last.pt")["state"]["step"] == 6
-    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    monkeypatch.setattr(Trainer, "_step", original)
     Trainer(config, resume="auto", progress=False).fit()
 
     resumed = load_checkpoint(tmp_path / "run" / "last.pt")
@@ -111,7 +111,7 @@ def test_a_run_counted_in_steps_resumes_exactly_after_a_stop_and_after_a_kill(st
 
 def test_patience_stops_after_that_many_validations_without_a_better_metric(tmp_path, capsys, monkeypatch):
     scores = iter([0.5, 0.6, 0.55, 0.6, 0.9, 0.9])  # best at epoch 2, then two validations that do not beat it
-    monkeypatch.setattr("segfocal.engine.trainer.checkpoint_score", lambda *args: next(scores))
+    monkeypatch.setattr("segfocal.engine.trainer.metric_value", lambda *args: next(scores))
     config = load_config(tiny_recipe(tmp_path, train__epochs=6, train__patience=2, train__log_images=0))
     Trainer(config, progress=False).fit()
     last = load_checkpoint(tmp_path / "run" / "last.pt")["state"]

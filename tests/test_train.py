@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -63,7 +64,7 @@ def assert_tensorboard_has(log_dir, scalars, images):
 def test_bf16_autocast_trains_on_the_cpu(tmp_path):
     config = load_config(tiny_recipe(tmp_path, train__epochs=2, train__amp="bf16", train__log_images=0))
     trainer = Trainer(config, progress=False)
-    assert trainer.precision.autocast_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
+    assert trainer.parts.precision.autocast_dtype == torch.bfloat16 and not trainer.parts.scaler.is_enabled()
     trainer.fit()
     log = read_log(tmp_path / "run")
     assert all(entry["train_loss"] == entry["train_loss"] for entry in log)  # finite, not NaN
@@ -84,20 +85,20 @@ def test_fp16_autocast_with_a_grad_scaler_trains_through_the_step(tmp_path):
     from segfocal.engine.precision import Precision
 
     trainer = Trainer(load_config(tiny_recipe(tmp_path, train__epochs=1, train__log_images=0)), progress=False)
-    trainer.precision = Precision("cpu", torch.float16)
-    trainer.scaler = trainer.precision.grad_scaler()
-    assert trainer.scaler.is_enabled()
-    before = {name: value.clone() for name, value in trainer.model.state_dict().items()}
-    with trainer.precision.autocast():
-        assert trainer.model(torch.zeros(1, 3, 32, 32)).dtype == torch.float16
+    trainer.parts.step_settings = replace(trainer.parts.step_settings, precision=Precision("cpu", torch.float16))
+    trainer.parts.scaler = trainer.parts.precision.grad_scaler()
+    assert trainer.parts.scaler.is_enabled()
+    before = {name: value.clone() for name, value in trainer.parts.model.state_dict().items()}
+    with trainer.parts.precision.autocast():
+        assert trainer.parts.model(torch.zeros(1, 3, 32, 32)).dtype == torch.float16
     losses = [trainer.train_one_epoch(epoch) for epoch in range(3)]
     assert all(loss == loss and loss < 1e3 for loss in losses), losses
-    assert trainer.state.step == 3 * len(trainer.train_loader)
-    changed = [name for name, value in trainer.model.state_dict().items()
+    assert trainer.state.step == 3 * len(trainer.data.train_loader)
+    changed = [name for name, value in trainer.parts.model.state_dict().items()
                if value.is_floating_point() and not torch.equal(value, before[name])]
-    assert changed and all(torch.isfinite(value).all() for value in trainer.model.state_dict().values()
+    assert changed and all(torch.isfinite(value).all() for value in trainer.parts.model.state_dict().values()
                            if value.is_floating_point())
-    assert 0 < trainer.scaler.get_scale() <= 2.0 ** 16  # the scaler ran: started at 2**16, lowered on overflow
+    assert 0 < trainer.parts.scaler.get_scale() <= 2.0 ** 16  # the scaler ran: started at 2**16, lowered on overflow
 
 
 @pytest.mark.parametrize("bf16_supported, expected", [(True, torch.bfloat16), (False, torch.float16)])
@@ -163,7 +164,7 @@ def test_a_kill_between_logging_and_checkpointing_leaves_no_duplicate_log_entrie
 def test_gradient_accumulation_steps_the_optimizer_once_per_group(tmp_path):
     config = load_config(tiny_recipe(tmp_path, train__epochs=2, train__accumulate=3, train__log_images=0))
     trainer = Trainer(config, progress=False)
-    batches = len(trainer.train_loader)  # 16 images / 4 = 4 batches: groups of 3 and 1
+    batches = len(trainer.data.train_loader)  # 16 images / 4 = 4 batches: groups of 3 and 1
     trainer.fit()
     assert load_checkpoint(tmp_path / "run" / "last.pt")["state"]["step"] == 2 * -(-batches // 3)
 

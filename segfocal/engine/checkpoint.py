@@ -6,8 +6,9 @@ one, never half of one.
 """
 from __future__ import annotations
 
+import glob
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
 
@@ -37,12 +38,13 @@ def save_checkpoint(state: Dict[str, Any], path: PathLike) -> None:
                               f"the previous {path.name}, if any, is unchanged") from None
 
 
-def remove_stale_temporaries(directory: PathLike) -> list:
-    """Delete temporary files that a run killed in the middle of :func:`save_checkpoint` left behind.
+def remove_stale_temporaries(directory: PathLike, names: Iterable[str]) -> List[Path]:
+    """Delete the temporaries (``.<name>.*.tmp``, :func:`segfocal.files.replaced_atomically`'s) of the
+    files ``names`` in ``directory`` that a process killed while writing them left behind.
 
-    Call only while no other process writes checkpoints to ``directory`` (at the start of a run).
+    Call only while no other process writes those files (a run, under its work dir's lock).
     """
-    stale = sorted(Path(directory).glob(".*.pt.*.tmp"))
+    stale = sorted(path for name in names for path in Path(directory).glob(f".{glob.escape(name)}.*.tmp"))
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,17 @@ def init_distributed(device_preference: str) -> DistContext:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistContext(rank, world_size, local_rank, device)
+
+
+def data_parallel(model: nn.Module, context: DistContext, find_unused_parameters: bool = False) -> nn.Module:
+    """``model`` as each rank trains it: wrapped in DistributedDataParallel (with SyncBatchNorm on GPUs,
+    where PyTorch runs it) when there are several processes, else itself."""
+    if not context.enabled:
+        return model
+    if context.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [context.device.index] if context.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
 
 def shutdown() -> None:

@@ -5,10 +5,13 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from ..config import DataConfig
+from ..visualize import denormalize, legend, overlay_masks, palette_of
 
 
 class RunLogger:
@@ -63,6 +66,22 @@ class RunLogger:
             return
         self.writer.add_images(tag, downscaled(images, self.image_size), step, dataformats="NCHW")
         self._check_size()
+
+    def examples(self, examples: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]], data: DataConfig,
+                 class_names: Sequence[str], step: int) -> None:
+        """Validation examples (normalised image, label, prediction): the input, the label and the
+        prediction over it in the dataset's palette, and a legend of every class."""
+        if self.writer is None or not examples:
+            return
+        images, targets, predictions = (torch.stack(parts) for parts in zip(*examples))
+        palette = palette_of(data)
+        rgb = denormalize(images, data.mean, data.std)
+        self.images("val/input", rgb, step)
+        for tag, masks in (("label", targets), ("prediction", predictions)):
+            self.images(f"val/{tag}", overlay_masks(rgb, masks, palette, data.ignore_index), step)
+        # every class's colour, as wide as the logged images may be so it is not shrunk: a few kB a validation
+        key = legend(palette, class_names, self.image_size or rgb.shape[-1])
+        self.images("val/legend", torch.from_numpy(key).permute(2, 0, 1).unsqueeze(0), step)
 
     def _check_size(self) -> None:
         if self._warned or not self.max_mb:

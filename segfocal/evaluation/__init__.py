@@ -6,7 +6,7 @@ from .auroc import BinnedAUROC
 from .confusion import ConfusionMatrix
 from .inference import model_size_divisor, predict, predict_logits, sliding_windows
 from .mask_folders import MaskFolderResult, score_mask_folders, write_mask_folder_report
-from .metrics import segmentation_metrics
+from .metrics import metric_value, segmentation_metrics
 from .report import class_names, format_table, plot_confusion_matrix, write_json
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "ConfusionMatrix",
     "class_names", "format_table",
     "MaskFolderResult",
+    "metric_value",
     "model_size_divisor",
     "plot_confusion_matrix",
     "predict",

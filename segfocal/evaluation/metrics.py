@@ -1,7 +1,8 @@
 """Segmentation metrics (IoU, accuracy, Dice, ...) from a confusion matrix, in float64."""
 from __future__ import annotations
 
-from typing import Any, Dict
+import math
+from typing import Any, Dict, Sequence
 
 import torch
 
@@ -59,3 +60,11 @@ def segmentation_metrics(matrix: Any) -> Dict[str, Any]:
         "fwiou": float(fwiou),
         "num_pixels": int(total.item()),
     }
+
+
+def metric_value(metrics: Dict[str, Any], name: str, class_names: Sequence[str]) -> float:
+    """The metric ``name`` of :func:`segmentation_metrics`' result: a summary (``"miou"``) or one
+    class's ``iou``/``accuracy``/``dice`` as ``"iou.<class name>"``; NaN where it is undefined."""
+    kind, _, class_name = name.partition(".")
+    value = metrics[kind][list(class_names).index(class_name)] if class_name else metrics[name]
+    return math.nan if value is None else float(value)
