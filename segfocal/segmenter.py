@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .config import Config, load_config
+from .config import Config, class_names, load_config
 from .data import build_transform, pipeline_image, read_image
 from .data.images import check_channels, pil_array
 from .engine.distributed import resolve_device
 from .engine.precision import inference_precision
 from .engine.restore import prepare_for_inference, restore_with_config
-from .evaluation import class_names, predict_logits
+from .evaluation import predict_logits
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 ConfigInput = Union[Config, str, Path]

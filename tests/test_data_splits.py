@@ -71,5 +71,5 @@ def test_the_split_follows_the_seed_and_a_changed_fraction_is_refused(tmp_path):
         run_dataset(config(tmp_path, run="a", data__val_fraction=0.5), [], "val")
     with pytest.raises(ConfigError, match="data.val_fraction=0.01 of the 10 images of split 'train' leaves no val"):
         run_dataset(config(tmp_path, run="d", data__val_fraction=0.01), [], "val")
-    with pytest.raises(ConfigError, match=r"data.val_fraction=1.5 must be in \(0, 1\)"):
+    with pytest.raises(ConfigError, match=r"data.val_fraction must be in \(0, 1\), got 1.5"):
         config(tmp_path, data__val_fraction=1.5)

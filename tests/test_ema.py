@@ -73,7 +73,7 @@ def test_a_resumed_run_continues_the_average_bit_for_bit(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("train.ema={decay: 1.0}", r"train.ema.decay must be in \[0, 1\), got 1.0"),
-    ("train.ema={warmup: -1}", r"train.ema.warmup must be >= 0, got -1"),
+    ("train.ema={warmup: -1}", r"train.ema.warmup must be at least 0, got -1"),
 ])
 def test_ema_options_are_checked_at_load(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):

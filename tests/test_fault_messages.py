@@ -130,7 +130,8 @@ def test_a_full_disk_during_training_stops_in_one_line_and_keeps_the_checkpoints
 def test_a_placeholder_typo_in_a_folder_pattern_is_named_at_load(capsys, trained, tmp_path):
     line = fails_in_one_line(capsys, TRAIN, "--config", trained[1], "--work-dir", tmp_path / "run", "--no-progress",
                              "--set", 'data.mask_dir="{splt}/masks"')
-    assert "data.mask_dir='{splt}/masks' uses the placeholder {splt}; the only one is {split}" in line
+    assert ("data.mask_dir must use no placeholder but {split} (the split's name), not {splt}, got '{splt}/masks'"
+            in line)
     assert not (tmp_path / "run").exists()
     # unquoted, YAML reads a brace as a mapping: one line that says to quote it
     line = fails_in_one_line(capsys, TRAIN, "--config", trained[1], "--set", "data.mask_dir={split}/masks")

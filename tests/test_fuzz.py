@@ -8,7 +8,6 @@ reference implementations agreeing.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import tempfile
@@ -22,9 +21,9 @@ import torch
 import yaml
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
-from segfocal.config import Config, ConfigError, SyntheticConfig, load_config, save_config
-from segfocal.config.schema import CHOICES
+from segfocal.config import Config, ConfigError, SyntheticConfig, load_config, save_config, to_dict
 from segfocal.losses import WEIGHT_SCHEMES, FocalLoss, class_histogram, class_weights, focal_loss, weights_from_histogram
 from segfocal.losses import fused as fused_module
 
@@ -441,13 +440,19 @@ def test_bad_scheme_parameters_raise_value_error(enet_c, effective_beta, counts)
 # ================================================================================ config loader
 
 
-def _schema_keys(cls, prefix=""):
-    hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        hint, dotted = hints[field.name], prefix + field.name
-        yield dotted
-        if dataclasses.is_dataclass(hint):
-            yield from _schema_keys(hint, dotted + ".")
+def _schema_keys(model, prefix=""):
+    """(dotted key, annotation) of every field of the pydantic ``model``, its sections' fields included."""
+    for name, field in model.model_fields.items():
+        dotted = prefix + name
+        yield dotted, field.annotation
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from _schema_keys(field.annotation, dotted + ".")
+
+
+def _literal_choices(annotation):
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    return next((choices for arg in typing.get_args(annotation) for choices in [_literal_choices(arg)] if choices), ())
 
 
 def _defaults(data, prefix=""):
@@ -457,9 +462,13 @@ def _defaults(data, prefix=""):
             yield from _defaults(value, prefix + key + ".")
 
 
-VALID_KEYS = sorted(set(_schema_keys(Config)) | {"data.synthetic." + f.name for f in dataclasses.fields(SyntheticConfig)})
-DEFAULTS = dict(_defaults(dataclasses.asdict(Config())))
-DEFAULTS.update(_defaults(dataclasses.asdict(SyntheticConfig()), "data.synthetic."))
+SCHEMA_KEYS = dict(_schema_keys(Config))
+SCHEMA_KEYS.update(_schema_keys(SyntheticConfig, "data.synthetic."))
+VALID_KEYS = sorted(SCHEMA_KEYS)
+CHOICES = {key: choices for key, annotation in SCHEMA_KEYS.items() for choices in [_literal_choices(annotation)]
+           if choices}
+DEFAULTS = dict(_defaults(Config().model_dump()))
+DEFAULTS.update(_defaults(SyntheticConfig().model_dump(), "data.synthetic."))
 LEAF_KEYS = sorted(key for key in VALID_KEYS if not isinstance(DEFAULTS[key], dict) or key.endswith("kwargs"))
 KEY_TEXT = st.text(alphabet="abcdefglmnorstu._ 0", min_size=0, max_size=10)
 KEYS = st.one_of(st.sampled_from(VALID_KEYS), st.sampled_from(VALID_KEYS), KEY_TEXT, st.sampled_from(["_base_", "3"]))
@@ -609,7 +618,7 @@ def test_fuzz_load_config(tree):
         # whatever loads, round-trips through save_config
         saved = root / "resolved.yaml"
         save_config(config, saved)
-        assert yaml.safe_dump(dataclasses.asdict(load_config(saved))) == yaml.safe_dump(dataclasses.asdict(config))
+        assert yaml.safe_dump(to_dict(load_config(saved))) == yaml.safe_dump(to_dict(config))
 
 
 @pytest.mark.parametrize("base", [3, None, [3], ["base.yaml", 2.5], [["base.yaml"]], "", [""], "a\0b", "x" * 300])

@@ -85,9 +85,9 @@ def test_data_palette_is_loaded_and_chosen_over_the_default(tmp_path):
 
 @pytest.mark.parametrize("palette, message", [
     (PALETTE[:5], "data.palette has 5 colours for data.num_classes=6"),
-    (PALETTE[:5] + [[0, 256, 0]], r"data.palette\[5\] must be \[r, g, b\] with values 0..255, got \[0, 256, 0\]"),
-    (PALETTE[:5] + [[-1, 0, 0]], r"data.palette\[5\] must be"),
-    ([[1, 2]] + PALETTE[1:], r"data.palette\[0\] must be \[r, g, b\]"),
+    (PALETTE[:5] + [[0, 256, 0]], r"data.palette\[5\]\[1\] must be an integer in \[0, 255\], got 256"),
+    (PALETTE[:5] + [[-1, 0, 0]], r"data.palette\[5\]\[0\] must be an integer in \[0, 255\], got -1"),
+    ([[1, 2]] + PALETTE[1:], r"data.palette\[0\] must be 3 items, each an integer in \[0, 255\], got \[1, 2\]"),
 ], ids=["length", "above-255", "negative", "two-values"])
 def test_a_wrong_data_palette_is_refused_at_load_naming_the_key(tmp_path, palette, message):
     with pytest.raises(ConfigError, match=message):

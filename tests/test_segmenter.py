@@ -3,7 +3,6 @@ probabilities against predict_logits on images normalised here and against tools
 input kind, batching of lists, the mode/flip overrides, bare state dicts and the errors."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -118,7 +117,7 @@ def test_a_path_a_pil_image_and_an_array_give_the_same_mask(run, segmenter):
 def test_a_list_of_mixed_sizes_is_run_in_batches_of_one_size_and_equals_one_by_one(run, segmenter):
     odd, square = rgb(run, "odd.png"), rgb(run, "square.png")
     images = [odd, square, odd[::-1].copy(), run.images / "square.png", odd[:, ::-1].copy()]
-    cfg = dataclasses.replace(run.cfg, eval=dataclasses.replace(run.cfg.eval, batch_size=2))
+    cfg = run.cfg.model_copy(update={"eval": run.cfg.eval.model_copy(update={"batch_size": 2})})
     model = restore_model(run.cfg, run.last, CPU).train()
     batched = Segmenter(model, cfg, device="cpu")
     assert not model.training  # the constructor puts the model in eval mode

@@ -125,7 +125,7 @@ def test_patience_stops_after_that_many_validations_without_a_better_metric(tmp_
 
 @pytest.mark.parametrize("override, message", [
     ("train.iters=0", "train.iters must be at least 1"),
-    ("train.patience=-1", "train.patience must not be negative"),
+    ("train.patience=-1", "train.patience must be at least 0, got -1"),
 ])
 def test_schedule_options_are_checked_at_load(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):

@@ -18,8 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..config import ConfigError
-from ..evaluation import class_names, format_table, plot_confusion_matrix, write_json
+from ..config import ConfigError, class_names
+from ..evaluation import format_table, plot_confusion_matrix, write_json
 from .common import (add_config_arguments, add_inference_arguments, add_output_argument, checkpoint_and_config,
                      command_main, config_from_args)
 

@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> list:
     from ..data import read_image, write_palette_mask
     from ..engine.distributed import resolve_device
     from ..engine.restore import restore_model
-    from ..evaluation import class_names
+    from ..config import class_names
     from ..files import replaced_atomically
     from ..segmenter import Segmenter
     from ..visualize import display_images, overlay_masks, palette_of, with_legend

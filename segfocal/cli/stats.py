@@ -7,12 +7,13 @@ The per-scheme weights are printed; so are the mask values found in the files be
 ``data.label_map``/``data.reduce_zero_label`` (to write a label map from), and the images' mean/std,
 one value per channel, as a ``data: {mean, std}`` line in the units of ``data.mean``/``data.std``
 (stored values times ``data.scale``; fractions of 255 for 8-bit images by default). With ``--output`` both go
-into a YAML config fragment (``loss: {weight: [...]}`` of ``--scheme`` and ``data: {mean, std}``)
-that a recipe can use via ``_base_`` or copy from.
+into a YAML config whose ``_base_`` is ``--config``, with ``loss: {weight: [...]}`` of ``--scheme`` and
+``data: {mean, std}``: train with it as it is, or copy from it.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--split", help="dataset split (default: data.train_split)")
     parser.add_argument("--scheme", default="enet", help="scheme written as loss.weight in --output (default: enet)")
-    parser.add_argument("--output", help="write the chosen scheme's weights and the image mean/std as a YAML "
-                                         "config fragment")
+    parser.add_argument("--output", help="write a config: --config as its _base_, with the chosen scheme's "
+                                         "weights and the image mean/std")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> dict:
     from ..config import ConfigError
     from ..data import build_dataset
     from ..data.channel_stats import image_mean_std
-    from ..evaluation import class_names
+    from ..config import class_names
     from ..losses import WEIGHT_SCHEMES, weights_from_histogram
 
     if args.scheme not in WEIGHT_SCHEMES:
@@ -66,16 +67,27 @@ def run(args: argparse.Namespace) -> dict:
     print("per-channel image mean/std (stored values x data.scale, as data.mean/data.std take them):")
     print(f"data: {{mean: {_flow(mean)}, std: {_flow(std)}}}")
     if args.output:
-        fragment = {"loss": {"weight": weights[args.scheme]},
+        fragment = {"_base_": _base_reference(args.config, Path(args.output)),
+                    "loss": {"weight": weights[args.scheme]},
                     "data": {"mean": [round(v, 6) for v in mean], "std": [round(v, 6) for v in std]}}
-        comment = (f"# {args.scheme} class weights and image mean/std of split '{split}' of {data.root} "
-                   f"({len(dataset)} images)\n")
+        comment = (f"# {args.config} with the {args.scheme} class weights and image mean/std of split '{split}' of "
+                   f"{data.root} ({len(dataset)} images){'; --set ' + ' '.join(args.overrides) if args.overrides else ''}"
+                   f"\n")
         Path(args.output).write_text(comment + yaml.safe_dump(fragment, default_flow_style=None))
         print(f"wrote {args.output}")
     return {"counts": counts.tolist(), "weights": weights, "data": {"mean": mean, "std": std}, "stored_values": stored}
 
 
 _SHOWN_VALUES = 40  # mask values printed
+
+
+def _base_reference(config: str, output: Path) -> str:
+    """How ``output`` names ``config`` as its ``_base_``: relative to ``output``'s folder when it is a file
+    (a recipe name as it is), so the fragment is the recipe with the measured values."""
+    path = Path(config)
+    if not path.is_file():
+        return config
+    return os.path.relpath(path.resolve(), output.resolve().parent)
 
 
 def _flow(values: list) -> str:

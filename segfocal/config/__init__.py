@@ -1,5 +1,7 @@
-"""Run configuration: dataclasses (:mod:`.schema`) and the YAML loader (:mod:`.loader`)."""
-from .loader import ConfigError, apply_override, config_from_tree, load_config, save_config, to_dict
+"""Run configuration: pydantic models (:mod:`.schema`), the YAML loader (:mod:`.loader`) and its
+one-line errors (:mod:`.errors`)."""
+from .errors import ConfigError
+from .loader import apply_override, config_from_tree, load_config, save_config, to_dict
 from .schema import (
     AugmentConfig,
     Config,
@@ -13,10 +15,11 @@ from .schema import (
     ScheduleConfig,
     SyntheticConfig,
     TrainConfig,
+    class_names,
 )
 
 __all__ = [
     "Config", "DataConfig", "EmaConfig", "SyntheticConfig", "AugmentConfig", "ModelConfig", "LossConfig", "LossTermConfig",
     "OptimConfig", "ScheduleConfig", "TrainConfig", "EvalConfig",
-    "ConfigError", "load_config", "config_from_tree", "save_config", "apply_override", "to_dict",
+    "ConfigError", "load_config", "config_from_tree", "save_config", "apply_override", "to_dict", "class_names",
 ]

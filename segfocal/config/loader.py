@@ -1,34 +1,28 @@
 """YAML configs with ``_base_`` inheritance and dotted overrides, turned into :class:`Config`.
 
 A config file may name one or more ``_base_`` files (paths relative to itself, else recipes shipped
-with segfocal such as ``_base_/default.yaml``); they are merged first, in order, and the file's own
-keys override them key by key (dictionaries merge, everything else replaces). ``--set key.sub=value`` overrides are parsed as YAML values and applied last.
-Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key, with the
-closest valid key suggested.
+with segfocal such as ``_base_/default.yaml``); they are merged first, in order, then the file's own
+keys. The rule: **sections merge, values replace**. A section (``data``, ``train``, ``train.ema``,
+``data.synthetic``, ...) merges key by key; any value, a mapping such as ``model.kwargs`` or
+``data.label_map`` and a list included, replaces the base's whole, so a config can drop a key its
+base set. Two bases that set one key to different values are an error naming both files (say which
+wins by setting it in the config itself). ``--set key.sub=value`` overrides are parsed as YAML
+values and applied last. Errors are :class:`ConfigError`, one line naming the file and the key.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
-import math
-import string
-import typing
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Union
+from typing import Any, Dict, FrozenSet, Iterable, Tuple, Union, get_args, get_origin
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
-from ..evaluation.report import class_names
-from .schema import (CHOICES, PER_CLASS_METRICS, SUMMARY_METRICS, TERM_NAMES, TERM_OPTIONS, WEIGHT_SCHEMES, Config,
-                     DataConfig, LossTermConfig)
-
-
-class ConfigError(ValueError):
-    """A config file, key or value is invalid; the message names it."""
-
+from .errors import ConfigError, config_error
+from .schema import Config
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # the recipes of configs/, shipped in the wheel
+MAX_VALUES = 100_000  # a config, its YAML aliases expanded, holds fewer values than this
 
 
 def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> Config:
@@ -45,9 +39,10 @@ def config_from_tree(raw: Dict[str, Any], overrides: Iterable[str] = (), source:
     raw = copy.deepcopy(raw)
     for override in overrides:
         apply_override(raw, override)
-    config = from_dict(Config, raw, source=source)
-    check_consistency(config, source=source)
-    return config
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise config_error(error, Config, source) from None
 
 
 def config_path(name: Union[str, Path]) -> Path:
@@ -62,206 +57,63 @@ def config_path(name: Union[str, Path]) -> Path:
     raise ConfigError(f"config file not found: {name} (nor a shipped recipe of that name: {', '.join(recipes)})")
 
 
-def check_consistency(config: Config, source: str = "config") -> None:
-    """Checks that involve a value's range or several keys; raise :class:`ConfigError` naming the key."""
-    data, train = config.data, config.train
-    positive = {
-        "data.num_classes": data.num_classes, "data.batch_size": data.batch_size, "eval.batch_size": config.eval.batch_size,
-        "train.accumulate": train.accumulate, "train.val_every": train.val_every, "train.log_every": train.log_every,
-        "train.save_every": train.save_every,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{source}: {key} must be at least 1, got {value}")
-    if train.iters is not None and train.iters < 1:
-        raise ConfigError(f"{source}: train.iters must be at least 1 (or null to count train.epochs), got {train.iters}")
-    for key, value in {"train.epochs": train.epochs, "data.num_workers": data.num_workers,
-                       "train.max_bad_steps": train.max_bad_steps, "train.log_images": train.log_images,
-                       "train.log_image_size": train.log_image_size, "train.max_log_mb": train.max_log_mb,
-                       "train.patience": train.patience}.items():
-        if value < 0:
-            raise ConfigError(f"{source}: {key} must not be negative, got {value}")
-    if data.class_names and len(data.class_names) != data.num_classes:
-        raise ConfigError(f"{source}: data.class_names has {len(data.class_names)} names for "
-                          f"data.num_classes={data.num_classes}")
-    for key in ("mean", "std"):
-        if len(getattr(data, key)) != config.model.in_channels:
-            raise ConfigError(f"{source}: data.{key} needs one value per input channel "
-                              f"(model.in_channels={config.model.in_channels}), got {getattr(data, key)}")
-    for key in ("crop_size", "stride"):
-        value = getattr(config.eval, key)
-        if len(value) != 2 or min(value) < 1:
-            raise ConfigError(f"{source}: eval.{key} must be [height, width] of positive ints, got {value}")
-    _check_placeholders(config, source)
-    _check_checkpoint_metric(config, source)
-    _check_palette(config, source)
-    _check_ranges(config, source)
-    _check_data(config, source)
-
-
-def _check_checkpoint_metric(config: Config, source: str) -> None:
-    """``train.checkpoint_metric`` names a metric validation reports (a typo used to fail only at the
-    first validation, and a per-class one with a TypeError)."""
-    metric = config.train.checkpoint_metric
-    kind, _, name = metric.partition(".")
-    names = class_names(config.data.class_names, config.data.num_classes)
-    if metric in SUMMARY_METRICS or (kind in PER_CLASS_METRICS and name in names):
-        return
-    if kind in PER_CLASS_METRICS and name:
-        raise ConfigError(f"{source}: train.checkpoint_metric={metric!r}: no class {name!r}; the classes are "
-                          f"{', '.join(names)}")
-    raise ConfigError(f"{source}: train.checkpoint_metric={metric!r} is not a metric; choose one of "
-                      f"{', '.join(SUMMARY_METRICS)}, or one class's {'/'.join(PER_CLASS_METRICS)} as "
-                      f"'iou.<class name>'")
-
-
-def _check_placeholders(config: Config, source: str) -> None:
-    """Folder and split-file patterns may use ``{split}`` and nothing else (a typo was a KeyError at start)."""
-    for key in ("image_dir", "mask_dir", "split_file"):
-        pattern = getattr(config.data, key)
-        if pattern is None:
-            continue
-        try:
-            fields = {field for _, field, _, _ in string.Formatter().parse(pattern) if field is not None}
-        except ValueError as error:  # an unmatched brace
-            raise ConfigError(f"{source}: data.{key}={pattern!r} is not a valid pattern ({error}); "
-                              f"write {{split}} for the split name and {{{{ }}}} for a literal brace") from None
-        unknown = sorted(fields - {"split"})
-        if unknown:
-            raise ConfigError(f"{source}: data.{key}={pattern!r} uses the placeholder {{{unknown[0]}}}; "
-                              f"the only one is {{split}} (the split's name)")
-
-
-def _check_palette(config: Config, source: str) -> None:
-    """``data.palette``, when given, is one [r, g, b] of 0..255 values per class."""
-    palette, num_classes = config.data.palette, config.data.num_classes
-    if palette is None:
-        return
-    if len(palette) != num_classes:
-        raise ConfigError(f"{source}: data.palette has {len(palette)} colours for data.num_classes={num_classes}")
-    for index, colour in enumerate(palette):
-        if len(colour) != 3 or not all(0 <= value <= 255 for value in colour):
-            raise ConfigError(f"{source}: data.palette[{index}] must be [r, g, b] with values 0..255, got {colour}")
-
-
-def _check_data(config: Config, source: str) -> None:
-    """``data.scale``, ``data.label_map``, ``data.reduce_zero_label``, ``data.val_fraction`` and ``data.layout``'s
-    folder keys."""
-    data, default = config.data, DataConfig()
-    if data.scale is not None and not (math.isfinite(data.scale) and data.scale > 0):
-        raise ConfigError(f"{source}: data.scale must be a finite number > 0 (or null: the type's full range), "
-                          f"got {data.scale!r}")
-    if data.label_map is not None and data.reduce_zero_label:
-        raise ConfigError(f"{source}: data.label_map and data.reduce_zero_label are both set; use one (list the "
-                          f"shifted ids in data.label_map)")
-    for key, value in (data.label_map or {}).items():
-        where = f"{source}: data.label_map[{key!r}]={value!r}"
-        if type(key) is not int or key < 0:
-            raise ConfigError(f"{where}: stored mask values are integers >= 0")
-        if type(value) is not int or not (0 <= value < data.num_classes or value == data.ignore_index):
-            raise ConfigError(f"{where}: a train id must be a class 0..{data.num_classes - 1} "
-                              f"(data.num_classes={data.num_classes}) or data.ignore_index={data.ignore_index}")
-    if data.val_fraction is not None and not (0 < data.val_fraction < 1 and data.val_split != data.train_split):
-        raise ConfigError(f"{source}: data.val_fraction={data.val_fraction!r} must be in (0, 1), with data.val_split "
-                          f"(the carved part, {data.val_split!r}) named apart from data.train_split")
-    if data.layout != "folder":
-        for key in ("image_dir", "mask_dir", "split_file"):
-            if getattr(data, key) != getattr(default, key):
-                raise ConfigError(f"{source}: data.{key}={getattr(data, key)!r} is not used with data.layout="
-                                  f"{data.layout!r}, which knows where its files are; remove data.{key}")
-
-
-def _check_ranges(config: Config, source: str) -> None:
-    """Values that would wreck training silently (a flipped gradient, NaN weights), checked before any step."""
-    optim, schedule, loss, num_classes = config.optim, config.schedule, config.loss, config.data.num_classes
-    ema = config.train.ema
-    finite = math.isfinite
-    checks = [
-        ("optim.lr", optim.lr, finite(optim.lr) and optim.lr > 0, "a finite number > 0"),
-        ("optim.weight_decay", optim.weight_decay, finite(optim.weight_decay) and optim.weight_decay >= 0,
-         "a finite number >= 0"),
-        ("optim.momentum", optim.momentum, 0 <= optim.momentum < 1, "in [0, 1)"),
-        ("optim.betas", optim.betas, len(optim.betas) == 2 and all(0 <= beta < 1 for beta in optim.betas),
-         "two numbers in [0, 1)"),
-        ("schedule.warmup_iters", schedule.warmup_iters, schedule.warmup_iters >= 0, ">= 0"),
-        ("schedule.power", schedule.power, finite(schedule.power) and schedule.power >= 0, "a finite number >= 0"),
-        ("schedule.min_lr", schedule.min_lr, finite(schedule.min_lr) and 0 <= schedule.min_lr <= optim.lr,
-         "in [0, optim.lr]"),
-        ("train.grad_clip", config.train.grad_clip,
-         config.train.grad_clip is None or (finite(config.train.grad_clip) and config.train.grad_clip > 0),
-         "a finite number > 0, or null for no clipping"),
-        ("train.ema.decay", ema and ema.decay, ema is None or 0 <= ema.decay < 1, "in [0, 1)"),
-        ("train.ema.warmup", ema and ema.warmup, ema is None or ema.warmup >= 0, ">= 0"),
-        ("loss.enet_c", loss.enet_c, finite(loss.enet_c) and loss.enet_c > 1,
-         "a finite number > 1 (w = 1 / ln(c + f) must stay finite and positive)"),
-        ("loss.effective_beta", loss.effective_beta, 0 < loss.effective_beta < 1, "in (0, 1)"),
-    ]
-    checks += _loss_option_checks("loss", loss, "weight", num_classes)
-    for index, term in enumerate(loss.terms):
-        checks += _term_checks(f"loss.terms[{index}]", term, num_classes, source)
-    for key, value, valid, expected in checks:
-        if not valid:
-            raise ConfigError(f"{source}: {key} must be {expected}, got {value!r}")
-    if loss.terms and not any(term.weight > 0 for term in loss.terms):
-        raise ConfigError(f"{source}: loss.terms: every term has weight 0, so nothing would be trained")
-
-
-def _loss_option_checks(prefix: str, options: Any, weight_key: str, num_classes: int) -> list:
-    """(key, value, valid, expected) of the per-loss options of the loss section or of one term, whose
-    class weights are ``weight_key``."""
-    finite, weight = math.isfinite, getattr(options, weight_key)
-    schemes = WEIGHT_SCHEMES + (("auto",) if weight_key == "class_weight" else ())
-    checks = [
-        (f"{prefix}.gamma", options.gamma, finite(options.gamma) and options.gamma >= 0, "a finite number >= 0"),
-        (f"{prefix}.histogram_momentum", options.histogram_momentum,
-         options.histogram_momentum is None or 0 <= options.histogram_momentum < 1, "in [0, 1), or null"),
-        (f"{prefix}.{weight_key}", weight, not isinstance(weight, str) or weight in schemes,
-         f"one of {', '.join(schemes)}, a list or null"),
-    ]
-    for key, values in ((weight_key, weight), ("alpha", options.alpha)):
-        if isinstance(values, list):
-            checks.append((f"{prefix}.{key}", values, len(values) == num_classes
-                           and all(finite(v) and v >= 0 for v in values),
-                           f"one finite value >= 0 per class (data.num_classes={num_classes})"))
-    if isinstance(options.alpha, float):
-        checks.append((f"{prefix}.alpha", options.alpha, 0 <= options.alpha <= 1,
-                       "in [0, 1] (class 0 gets alpha, the others 1 - alpha)"))
-    return checks
-
-
-def _term_checks(prefix: str, term: LossTermConfig, num_classes: int, source: str) -> list:
-    """The range checks of one ``loss.terms`` item; raise for a bad name or an option its loss does not take."""
-    if term.name not in TERM_NAMES:
-        found = f"got {term.name!r}" if term.name else "but it is missing"
-        raise ConfigError(f"{source}: {prefix}.name must be one of {list(TERM_NAMES)}, {found}")
-    defaults = LossTermConfig()
-    for key, owners in TERM_OPTIONS.items():
-        if term.name not in owners and getattr(term, key) != getattr(defaults, key):
-            raise ConfigError(f"{source}: {prefix}.{key}={getattr(term, key)!r} applies to {' and '.join(owners)} "
-                              f"terms only, and this term is {term.name}")
-    finite = math.isfinite
-    return _loss_option_checks(prefix, term, "class_weight", num_classes) + [
-        (f"{prefix}.weight", term.weight, finite(term.weight) and term.weight >= 0, "a finite number >= 0"),
-        (f"{prefix}.normalize", term.normalize, term.normalize in CHOICES["loss.normalize"],
-         f"one of {list(CHOICES['loss.normalize'])}"),
-        (f"{prefix}.smooth_nr", term.smooth_nr, finite(term.smooth_nr) and term.smooth_nr >= 0,
-         "a finite number >= 0"),
-        (f"{prefix}.smooth_dr", term.smooth_dr, finite(term.smooth_dr) and term.smooth_dr > 0,
-         "a finite number > 0 (a sample without counted pixels divides by it)"),
-    ]
-
-
-def load_yaml_tree(path: Path, _seen: tuple = ()) -> Dict[str, Any]:
+def load_yaml_tree(path: Path) -> Dict[str, Any]:
     """The merged dictionary of ``path`` and its ``_base_`` files."""
+    return _merged_file(path, ()).tree
+
+
+class _Merged:
+    """A file's tree with its bases merged in, which file set each value (dotted key -> path), and the
+    files it was read from."""
+
+    def __init__(self, tree: Dict[str, Any], origins: Dict[str, Path], files: FrozenSet[Path]) -> None:
+        self.tree, self.origins, self.files = tree, origins, files
+
+
+def _merged_file(path: Path, seen: Tuple[Path, ...]) -> _Merged:
     try:
         path = path.resolve()
         found = path.is_file()
     except (OSError, ValueError) as error:  # e.g. a NUL byte or an over-long name
         raise ConfigError(f"invalid config path {str(path)!r}: {error}") from None
-    if path in _seen:
-        raise ConfigError(f"{path}: _base_ cycle through {' -> '.join(str(p) for p in _seen)}")
+    if path in seen:
+        raise ConfigError(f"{path}: _base_ cycle through {' -> '.join(str(p) for p in seen)}")
     if not found:
         raise ConfigError(f"config file not found: {path}")
+    data = _read_yaml(path)
+    bases = data.pop("_base_", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(base, str) and base for base in bases):
+        raise ConfigError(f"{path}: _base_ must be a file name or a list of file names, got {bases!r}")
+    own = {key: path for key in _value_keys(data)}
+    merged = _Merged({}, {}, frozenset())
+    for base in bases:
+        merged = _merge_base(merged, _merged_file(_base_path(path.parent, base), seen + (path,)), path, own)
+    return _Merged(deep_merge(merged.tree, data), {**merged.origins, **own}, merged.files | {path})
+
+
+def _merge_base(merged: _Merged, base: _Merged, path: Path, settled: Dict[str, Path]) -> _Merged:
+    """``base`` merged over the bases before it. A value ``base`` has from a file that an earlier base read
+    too (a shared ``_base_/default.yaml``) does not undo that base's own setting of it; a value both set
+    differently, each in a file the other did not read, is a conflict, unless the config ``path`` itself
+    sets it (the ``settled`` keys)."""
+    shared = []
+    for key, origin in base.origins.items():
+        before = merged.origins.get(key)
+        if before is None or before == origin or key in settled:
+            continue
+        if origin in merged.files:
+            shared.append(key)
+        elif before not in base.files and _value_at(merged.tree, key) != _value_at(base.tree, key):
+            raise ConfigError(f"{path}: its _base_ files {before} and {origin} set {key} differently "
+                              f"({_value_at(merged.tree, key)!r} and {_value_at(base.tree, key)!r}); set {key} "
+                              f"in {path.name} to say which")
+    kept = {key: merged.origins[key] for key in shared}
+    tree = deep_merge(merged.tree, _without(base.tree, shared))
+    return _Merged(tree, {**merged.origins, **base.origins, **kept}, merged.files | base.files)
+
+
+def _read_yaml(path: Path) -> Dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, UnicodeDecodeError) as error:
@@ -270,14 +122,30 @@ def load_yaml_tree(path: Path, _seen: tuple = ()) -> Dict[str, Any]:
         raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(error)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    bases = data.pop("_base_", [])
-    bases = [bases] if isinstance(bases, str) else bases
-    if not isinstance(bases, list) or not all(isinstance(base, str) and base for base in bases):
-        raise ConfigError(f"{path}: _base_ must be a file name or a list of file names, got {bases!r}")
-    merged: Dict[str, Any] = {}
-    for base in bases:
-        merged = deep_merge(merged, load_yaml_tree(_base_path(path.parent, base), _seen + (path,)))
-    return deep_merge(merged, data)
+    _check_size(data, path)
+    return data
+
+
+def _check_size(tree: Any, path: Path) -> None:
+    """Refuse a tree whose YAML aliases expand to :data:`MAX_VALUES` values or more (an alias bomb: a
+    few lines that become billions when the config is written out) or to an endless one (an alias
+    inside itself). Each distinct node is counted once, so this costs the file's size, not the expansion's."""
+    sizes: Dict[int, int] = {}
+
+    def size(node: Any, open_nodes: FrozenSet[int]) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) in open_nodes:
+            raise ConfigError(f"{path}: a YAML alias refers to a value that holds it; write the value out")
+        if id(node) not in sizes:
+            children = list(node.keys()) + list(node.values()) if isinstance(node, dict) else node
+            sizes[id(node)] = 1 + sum(size(child, open_nodes | {id(node)}) for child in children)
+            if sizes[id(node)] >= MAX_VALUES:
+                raise ConfigError(f"{path}: its YAML aliases expand to more than {MAX_VALUES} values; a config "
+                                  f"is far smaller (remove the aliases or write the values out)")
+        return sizes[id(node)]
+
+    size(tree, frozenset())
 
 
 def _base_path(folder: Path, base: str) -> Path:
@@ -288,7 +156,7 @@ def _base_path(folder: Path, base: str) -> Path:
         try:
             if candidate.is_file():
                 return candidate
-        except (OSError, ValueError):  # an over-long name or a NUL byte: load_yaml_tree names it
+        except (OSError, ValueError):  # an over-long name or a NUL byte: _merged_file names it
             break
     return relative
 
@@ -302,15 +170,60 @@ def _yaml_problem(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
-def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
-    """``base`` updated by ``update``; nested mappings merge, other values replace."""
+def _is_section(key: str) -> bool:
+    """Whether the dotted ``key`` is a section of the schema (a model, or an optional one), whose keys
+    merge one by one."""
+    model: Any = Config
+    for part in key.split("."):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        annotation = field.annotation
+        candidates = get_args(annotation) if get_origin(annotation) is Union else (annotation,)
+        model = next((arg for arg in candidates if isinstance(arg, type) and issubclass(arg, BaseModel)), None)
+        if model is None:
+            return False
+    return True
+
+
+def deep_merge(base: Dict[str, Any], update: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``base`` updated by ``update``: sections merge key by key, values replace."""
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and _is_section(dotted):
+            merged[key] = deep_merge(merged[key], value, f"{dotted}.")
         else:
             merged[key] = value
     return merged
+
+
+def _value_keys(tree: Dict[str, Any], prefix: str = "") -> Iterable[str]:
+    """The dotted keys of ``tree``'s values (not of its sections)."""
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and _is_section(dotted):
+            yield from _value_keys(value, f"{dotted}.")
+        else:
+            yield dotted
+
+
+def _without(tree: Dict[str, Any], keys: Iterable[str]) -> Dict[str, Any]:
+    """A copy of ``tree`` without the values at the dotted ``keys``."""
+    tree = copy.deepcopy(tree)
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node[part]
+        del node[leaf]
+    return tree
+
+
+def _value_at(tree: Dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def apply_override(raw: Dict[str, Any], override: str) -> None:
@@ -326,6 +239,7 @@ def apply_override(raw: Dict[str, Any], override: str) -> None:
     except (yaml.YAMLError, ValueError, RecursionError) as error:  # ValueError: e.g. a date 2024-02-30
         raise ConfigError(f"override {override!r}: invalid YAML value ({_yaml_problem(error)}); quote a string "
                           f"that starts with {{, [ or another YAML sign: {key.strip()}='\"...\"'") from None
+    _check_size(value, Path(f"override {key.strip()}"))
     node = raw
     *parents, leaf = parts
     for part in parents:
@@ -336,68 +250,11 @@ def apply_override(raw: Dict[str, Any], override: str) -> None:
     node[leaf] = value
 
 
-def to_dict(config: Any) -> Dict[str, Any]:
+def to_dict(config: Config) -> Dict[str, Any]:
     """The config as plain YAML-serialisable data."""
-    return dataclasses.asdict(config)
+    return config.model_dump()
 
 
 def save_config(config: Config, path: Union[str, Path]) -> None:
     """Write the fully resolved config as YAML."""
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-
-
-def from_dict(cls: type, data: Any, source: str = "config", prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and ill-typed values."""
-    where = f"{source}: {prefix.rstrip('.') or 'top level'}"
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where} must be a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
-    values = {}
-    for key, value in data.items():
-        dotted = prefix + key
-        values[key] = _convert(hints[key], value, source, dotted)
-        allowed = CHOICES.get(dotted)
-        if allowed is not None and values[key] not in allowed:
-            raise ConfigError(f"{source}: {dotted} must be one of {list(allowed)}, got {value!r}")
-    return cls(**values)
-
-
-def _convert(hint: Any, value: Any, source: str, dotted: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, source, dotted + ".")
-    if origin is Union:
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _convert(option, value, source, dotted)
-            except ConfigError as error:
-                errors.append(error)
-        raise errors[0] if len(errors) == 1 else ConfigError(f"{source}: {dotted} has an invalid value {value!r}")
-    if origin in (list, tuple) or hint in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {dotted} must be a list, got {value!r}")
-        item = args[0] if args else Any
-        return [_convert(item, v, source, f"{dotted}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or hint is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{source}: {dotted} must be a mapping, got {value!r}")
-        return dict(value)
-    if hint is Any:
-        return value
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except OverflowError:  # an integer beyond the float range
-            raise ConfigError(f"{source}: {dotted} is too large for a float, got {value!r}") from None
-    if hint in (int, str, bool) and type(value) is hint:
-        return value
-    raise ConfigError(f"{source}: {dotted} must be of type {getattr(hint, '__name__', hint)}, got {value!r}")

@@ -51,7 +51,8 @@ def index_folder(folder: Path, suffixes: Sequence[str], kind: str) -> Dict[str, 
     return found
 
 
-def _listed(stems: Sequence[str]) -> str:
+def listed(stems: Sequence[str]) -> str:
+    """The first few of ``stems`` and how many more: for a message."""
     more = f" and {len(stems) - _SHOWN} more" if len(stems) > _SHOWN else ""
     return ", ".join(stems[:_SHOWN]) + more
 
@@ -132,7 +133,7 @@ class SegmentationFolder(Dataset):
         if unmatched:
             raise DataError(
                 f"{len(unmatched)} images in {self.image_folder} have no mask in {self.mask_folder}: "
-                f"{_listed(unmatched)}", images[unmatched[0]]
+                f"{listed(unmatched)}", images[unmatched[0]]
             )
         return [(images[stem], masks[stem]) for stem in images]
 
@@ -161,10 +162,10 @@ class SegmentationFolder(Dataset):
                 samples.append((images[image_stem], masks[mask_stem]))
         if missing_images:
             raise DataError(f"{len(missing_images)} images listed in {path} are not in {self.image_folder}: "
-                            f"{_listed(missing_images)}", path)
+                            f"{listed(missing_images)}", path)
         if missing_masks:
             raise DataError(f"{len(missing_masks)} masks listed in {path} are not in {self.mask_folder}: "
-                            f"{_listed(missing_masks)}", path)
+                            f"{listed(missing_masks)}", path)
         if not samples:
             raise DataError(f"split file {path} lists no samples", path)
         return samples

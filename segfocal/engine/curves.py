@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ..evaluation.report import class_names as default_class_names
+from ..config import class_names as default_class_names
 from ..files import replaced_atomically
 
 if TYPE_CHECKING:

@@ -18,9 +18,9 @@ from typing import Any, Dict, Iterable, Optional
 
 import torch
 
-from ..config import Config, ConfigError, to_dict
+from ..config import Config, ConfigError, class_names, to_dict
 from ..data.seeding import reseed_transform
-from ..evaluation import class_names, format_table, metric_value
+from ..evaluation import format_table, metric_value
 from .checkpoint import load_checkpoint, model_state_from
 from .checkpointer import Checkpointer, NonFiniteLossError
 from .distributed import init_distributed

@@ -1,18 +1,19 @@
 """Evaluation: device-side confusion matrix and AUROC, metrics, dense inference, reports.
 
-Importing this package needs torch alone; matplotlib is imported only by ``plot_confusion_matrix``.
+Scoring mask folders reads masks as the data package does; matplotlib is imported only by
+``plot_confusion_matrix``.
 """
 from .auroc import BinnedAUROC
 from .confusion import ConfusionMatrix
 from .inference import model_size_divisor, predict, predict_logits, sliding_windows
 from .mask_folders import MaskFolderResult, score_mask_folders, write_mask_folder_report
 from .metrics import metric_value, segmentation_metrics
-from .report import class_names, format_table, plot_confusion_matrix, write_json
+from .report import format_table, plot_confusion_matrix, write_json
 
 __all__ = [
     "BinnedAUROC",
     "ConfusionMatrix",
-    "class_names", "format_table",
+    "format_table",
     "MaskFolderResult",
     "metric_value",
     "model_size_divisor",

@@ -17,22 +17,25 @@ Rules:
 
 Masks are read one pair at a time with :func:`~segfocal.data.read_mask` (8/16-bit grey, palette
 PNGs as their indices, RGB through a colour map); nothing is kept but the ``[C, C]`` counts.
-The data package is imported inside the functions, so ``import segfocal.evaluation`` stays light.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from ..config import class_names as default_names
+from ..data.errors import DataError
+from ..data.folder import MASK_SUFFIXES, index_folder, listed
+from ..data.masks import check_mask_values, read_mask
 from .confusion import ConfusionMatrix
 from .counts import check_positive_int
 from .metrics import segmentation_metrics
-from .report import class_names as default_names, plot_confusion_matrix, write_json
+from .report import plot_confusion_matrix, write_json
 
 PathLike = Union[str, "os.PathLike[str]"]
 ColorMap = Optional[Sequence[Sequence[int]]]
@@ -78,9 +81,6 @@ def score_mask_folders(
     ground-truth value that is neither a class nor ``ignore_index``. ``ValueError`` for a bad
     ``num_classes``/``ignore_index``.
     """
-    from ..data.errors import DataError
-    from ..data.folder import MASK_SUFFIXES, index_folder
-    from ..data.masks import read_mask
 
     check_positive_int("num_classes", num_classes)
     if ignore_index is not None and (not isinstance(ignore_index, int) or isinstance(ignore_index, bool)):
@@ -148,24 +148,21 @@ def write_mask_folder_report(result: MaskFolderResult, out: PathLike,
 
 def _check_pairing(gts: Dict[str, Path], preds: Dict[str, Path], gt_dir: Path, pred_dir: Path) -> None:
     """One DataError listing both kinds of unmatched stems, so a naming scheme that differs shows at once."""
-    from ..data.errors import DataError
-    from ..data.folder import _listed
 
     no_pred = [stem for stem in gts if stem not in preds]
     no_gt = [stem for stem in preds if stem not in gts]
     problems = []
     if no_pred:
         problems.append(f"{len(no_pred)} ground-truth masks in {gt_dir} have no prediction in {pred_dir}: "
-                        f"{_listed(no_pred)}")
+                        f"{listed(no_pred)}")
     if no_gt:
-        problems.append(f"{len(no_gt)} predictions in {pred_dir} have no ground truth in {gt_dir}: {_listed(no_gt)}")
+        problems.append(f"{len(no_gt)} predictions in {pred_dir} have no ground truth in {gt_dir}: {listed(no_gt)}")
     if problems:
         first = gts[no_pred[0]] if no_pred else preds[no_gt[0]]
         raise DataError("; ".join(problems) + " (files are matched by name without the suffix)", first)
 
 
 def _check_ground_truth(gt: np.ndarray, path: Path, num_classes: int, ignore_index: Optional[int]) -> None:
-    from ..data.masks import check_mask_values
 
     if ignore_index is not None:
         check_mask_values(gt, path, num_classes, ignore_index)
@@ -193,7 +190,6 @@ def _check_prediction(pred: np.ndarray, gt: np.ndarray, pred_path: Path, gt_path
 
 
 def _raise_values(path: Path, values: np.ndarray, what: str, where: str) -> None:
-    from ..data.errors import DataError
 
     unique = np.unique(values)
     shown = ", ".join(str(v) for v in unique[:_SHOWN_VALUES].tolist()) + (" ..." if len(unique) > _SHOWN_VALUES else "")

@@ -5,7 +5,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -13,11 +13,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 _SUMMARY = (("mIoU", "miou"), ("Class-avg acc", "mean_accuracy"), ("Pixel acc", "pixel_accuracy"),
             ("Mean Dice", "mean_dice"), ("fwIoU", "fwiou"))
-
-
-def class_names(names: Optional[Sequence[str]], num_classes: int) -> List[str]:
-    """``names``, or ``class_0 .. class_{C-1}`` when none are given: the labels of tables, plots and logs."""
-    return list(names) if names else [f"class_{index}" for index in range(num_classes)]
 
 
 def format_table(metrics: Mapping[str, Any], class_names: Sequence[str]) -> str:
