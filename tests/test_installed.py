@@ -37,12 +37,12 @@ def run_installed(target, cwd, *argv):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_the_wheel_carries_the_recipes_the_kernel_source_and_the_license(wheel):
+def test_the_wheel_carries_the_recipes_the_kernel_source_the_config_schema_and_the_license(wheel):
     built, _ = wheel
     names = zipfile.ZipFile(built).namelist()
     for recipe in (REPO / "configs").rglob("*.yaml"):
         assert f"segfocal/recipes/{recipe.relative_to(REPO / 'configs').as_posix()}" in names
-    assert "segfocal/losses/cpu_kernel.cpp" in names
+    assert "segfocal/losses/cpu_kernel.cpp" in names and "segfocal/config/schema.json" in names
     assert any(name.endswith(".dist-info/licenses/LICENSE") or name.endswith(".dist-info/LICENSE") for name in names)
 
 

@@ -1,5 +1,5 @@
 """The ``segfocal`` command: one subcommand per module (``train``, ``eval``, ``predict``, ``stats``,
-``export``).
+``export``, ``config-schema`` in ``config_schema.py``).
 
 Each command module provides ``add_arguments(parser)``, ``run(args)`` and a standalone ``main``
 (what ``tools/<name>.py`` calls); :func:`main` here dispatches ``segfocal <command> ...``. Only the
@@ -19,10 +19,11 @@ COMMANDS = {
     "predict": "masks and overlays for new images",
     "stats": "class pixel counts of a split and the weights of every scheme",
     "export": "the model as ONNX, a torch.export program or an smp folder",
+    "config-schema": "the config's JSON Schema, for editors",
 }
 # what `pip install segfocal` leaves out and the "train" extra brings (import names)
 TRAIN_EXTRA = frozenset({"segmentation_models_pytorch", "albumentations", "tensorboard", "matplotlib", "yaml",
-                         "tqdm", "torchvision", "cv2", "PIL", "timm"})
+                         "tqdm", "torchvision", "cv2", "PIL", "timm", "pydantic"})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -47,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                                                                   "class-balanced focal loss.")
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, summary in COMMANDS.items():
-        command = importlib.import_module(f".{name}", __name__)
+        command = importlib.import_module(f".{name.replace('-', '_')}", __name__)
         subparser = subcommands.add_parser(name, help=summary, description=command.__doc__,
                                            formatter_class=argparse.RawDescriptionHelpFormatter)
         command.add_arguments(subparser)
