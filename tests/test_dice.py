@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segfocal.losses import DiceLoss, FocalLoss, class_weights, dice_loss
+from segfocal.losses import DiceLoss, DiceOptions, FocalLoss, class_weights, dice_loss
 
 IGNORE = 255
 SHAPES = [(9, 4), (2, 3, 5, 4), (3, 5, 6, 6), (2, 3, 2, 3, 4)]  # [N, C], [B, C, H, W], [B, C, D, H, W]
@@ -259,3 +259,18 @@ def test_matches_monai_itself(batch, include_background):
                                      batch=batch)(logits, target.unsqueeze(1))
     weight = None if include_background else [0.0, 1.0, 1.0, 1.0]
     _close(dice_loss(logits, target, batch=batch, weight=weight), expected.detach().numpy())
+
+
+def test_the_module_keeps_its_options_as_one_value_read_only_and_its_state_dict_as_before():
+    loss = DiceLoss(weight=[0.0, 1.0, 1.0], smooth_nr=0.5, smooth_dr=2.0, batch=True, ignore_index=7)
+    assert isinstance(loss.options, DiceOptions)
+    assert (loss.smooth_nr, loss.smooth_dr, loss.batch, loss.ignore_index, loss.reduction) == (0.5, 2.0, True, 7, "mean")
+    with pytest.raises(AttributeError):
+        loss.smooth_nr = 1.0
+    assert list(loss.state_dict()) == ["weight"]  # the fixed weights' buffer, as before the options value
+    generator = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(2, 3, 4, 4, generator=generator), torch.randint(0, 3, (2, 4, 4), generator=generator)
+    target[0, 0, 0] = 7
+    expected = dice_loss(logits, target, weight=[0.0, 1.0, 1.0], smooth_nr=0.5, smooth_dr=2.0, batch=True,
+                         ignore_index=7)
+    assert torch.equal(loss(logits, target), expected)

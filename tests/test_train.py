@@ -177,7 +177,7 @@ def test_each_loss_of_the_ablation_trains(tmp_path, loss):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("loss.gamma=-1", "loss.gamma must be a finite number >= 0, got -1.0"),
+    ("loss.gamma=-1", "loss.gamma must be a finite number >= 0, got -1"),
     ("loss.enet_c=0.5", "loss.enet_c must be a finite number > 1"),  # was a traceback at the first step
 ])
 def test_invalid_loss_option_exits_naming_the_key(tmp_path, override, message):

@@ -2,13 +2,15 @@
 sum of terms among those and the Dice loss (``loss.terms``)."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..config import ConfigError, LossConfig
-from ..losses import CrossEntropy, DiceLoss, FocalLoss
+from ..config.schema import TERM_OPTIONS
+from ..losses.terms import TERM_LOSSES, takes
 
 
 class WeightedSum(nn.Module):
@@ -44,28 +46,22 @@ def build_criterion(cfg: LossConfig, num_classes: int, ignore_index: int) -> nn.
     for index, term in enumerate(cfg.terms):
         class_weight = term.class_weight
         if class_weight == "auto":  # each loss's own default
-            class_weight = None if term.name == "dice" else "enet"
+            class_weight = inspect.signature(TERM_LOSSES[term.name]).parameters["weight"].default
         terms.append(_loss(term.name, term, class_weight, cfg, num_classes, ignore_index, f"loss.terms[{index}]"))
     return WeightedSum(terms, [term.weight for term in cfg.terms])
 
 
 def _loss(name: str, options: Any, class_weight: Union[str, list, None], cfg: LossConfig, num_classes: int,
           ignore_index: int, key: str) -> nn.Module:
-    """One loss: ``options`` holds its own options (the loss section or a term), ``cfg`` the options
-    shared by every term (how class weights are computed and synced)."""
-    if name == "cross_entropy" and options.histogram_momentum is not None:
+    """The loss ``name`` of :data:`TERM_LOSSES`, given the keywords it takes: ``options`` holds its own
+    (the loss section or a term), ``cfg`` those shared by every term (how class weights are computed
+    and synced)."""
+    if not takes(name, "histogram_momentum") and options.histogram_momentum is not None:
         raise ConfigError(f"{key}.histogram_momentum applies to focal losses only")
+    own = {option: getattr(options, option) for option in TERM_OPTIONS if option in type(options).model_fields}
+    given = {"weight": class_weight, "ignore_index": ignore_index, "num_classes": num_classes, "enet_c": cfg.enet_c,
+             "effective_beta": cfg.effective_beta, "sync_histogram": cfg.sync_histogram, **own}
     try:
-        if name == "cross_entropy":
-            return CrossEntropy(weight=class_weight, ignore_index=ignore_index, enet_c=cfg.enet_c,
-                                effective_beta=cfg.effective_beta, sync_histogram=cfg.sync_histogram)
-        if name == "dice":
-            return DiceLoss(weight=class_weight, ignore_index=ignore_index, smooth_nr=options.smooth_nr,
-                            smooth_dr=options.smooth_dr, batch=options.batch, enet_c=cfg.enet_c,
-                            effective_beta=cfg.effective_beta, sync_histogram=cfg.sync_histogram)
-        return FocalLoss(gamma=options.gamma, alpha=options.alpha, weight=class_weight, ignore_index=ignore_index,
-                         normalize=options.normalize, poly_epsilon=options.poly_epsilon, enet_c=cfg.enet_c,
-                         effective_beta=cfg.effective_beta, sync_histogram=cfg.sync_histogram,
-                         histogram_momentum=options.histogram_momentum, num_classes=num_classes)
+        return TERM_LOSSES[name](**{keyword: value for keyword, value in given.items() if takes(name, keyword)})
     except ValueError as error:  # an option the loss rejects: name the config section
         raise ConfigError(f"{key}: {error}") from None

@@ -1,7 +1,7 @@
 """Losses for dense prediction; importing this package needs torch alone."""
 from .class_weights import WEIGHT_SCHEMES, WeightScheme, class_histogram, class_weights, weights_from_histogram
 from .cross_entropy import CrossEntropy
-from .dice import DiceLoss, dice_loss
+from .dice import DiceLoss, DiceOptions, dice_loss
 from .focal import FocalLoss, focal_loss
 from .options import FocalOptions
 
@@ -12,6 +12,7 @@ __all__ = [
     "WeightScheme",
     "CrossEntropy",
     "DiceLoss",
+    "DiceOptions",
     "dice_loss",
     "class_weights",
     "class_histogram",

@@ -17,8 +17,11 @@ schemes give classes absent from the batch weight 0 (except ``"enet"``), which d
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Optional, Tuple
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -28,7 +31,7 @@ from .focal import check_inputs
 from .labels import not_ignored
 from .layout import flat_labels, flat_logits
 from .options import (REDUCTIONS, Reduction, WeightArg, check_choice, check_class_factors, check_ignore_index,
-                      per_class)
+                      option_attribute, per_class, weight_of)
 
 
 def dice_loss(
@@ -68,11 +71,48 @@ def dice_loss(
     fp16/bf16 logits are upcast: softmax and every sum run in float32 (float64 stays float64), so
     large images neither overflow nor lose the sums to fp16 rounding.
     """
-    check_class_factors(weight=weight, alpha=None)
-    if isinstance(weight, str):
-        weight = WeightScheme(weight, enet_c=enet_c, effective_beta=effective_beta)
-    return _dice_loss(logits, target, weight, ignore_index, reduction, smooth_nr, smooth_dr, batch, sync_histogram,
-                      validate)[0]
+    options = DiceOptions.of(weight=weight, ignore_index=ignore_index, reduction=reduction, smooth_nr=smooth_nr,
+                             smooth_dr=smooth_dr, batch=batch, enet_c=enet_c, effective_beta=effective_beta,
+                             sync_histogram=sync_histogram, validate=validate)
+    return _dice_loss(logits, target, options)[0]
+
+
+@dataclass(frozen=True, eq=False)
+class DiceOptions:
+    """Every option of the Dice loss (see :func:`dice_loss`) as one value, checked when it is made.
+
+    ``weight`` is a :class:`WeightScheme`, fixed per-class weights or ``None``.
+    """
+
+    weight: Union[WeightScheme, torch.Tensor, Sequence[float], None] = None
+    ignore_index: int = 255
+    reduction: Reduction = "mean"
+    smooth_nr: float = 1e-5
+    smooth_dr: float = 1e-5
+    batch: bool = False
+    sync_histogram: bool = False
+    validate: bool = True
+
+    def __post_init__(self) -> None:
+        check_ignore_index(self.ignore_index)
+        check_choice("reduction", self.reduction, REDUCTIONS)
+        if not (isinstance(self.smooth_nr, (int, float)) and math.isfinite(self.smooth_nr) and self.smooth_nr >= 0):
+            raise ValueError(f"smooth_nr must be a finite number >= 0, got {self.smooth_nr!r}")
+        if not (isinstance(self.smooth_dr, (int, float)) and math.isfinite(self.smooth_dr) and self.smooth_dr > 0):
+            raise ValueError(f"smooth_dr must be a finite number > 0, got {self.smooth_dr!r}")
+
+    @classmethod
+    def of(cls, *, weight: WeightArg = None, enet_c: float = 1.10, effective_beta: float = 0.9999,
+           **options) -> "DiceOptions":
+        """The options of the public keywords, checked: a scheme name and its parameters become one
+        :class:`WeightScheme`."""
+        check_class_factors(weight=weight, alpha=None)
+        return cls(weight=weight_of(weight, enet_c, effective_beta), **options)
+
+    @property
+    def scheme(self) -> Optional[WeightScheme]:
+        """The on-the-fly weight scheme, or ``None`` (fixed weights or none)."""
+        return self.weight if isinstance(self.weight, WeightScheme) else None
 
 
 class DiceLoss(nn.Module):
@@ -97,23 +137,19 @@ class DiceLoss(nn.Module):
         validate: bool = True,
     ) -> None:
         super().__init__()
-        check_dice_options(ignore_index=ignore_index, reduction=reduction, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
-                           weight=weight)
-        check_class_factors(weight=weight, alpha=None)
-        keep_class_weight(self, weight, enet_c, effective_beta)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.smooth_nr = float(smooth_nr)
-        self.smooth_dr = float(smooth_dr)
-        self.batch = bool(batch)
-        self.sync_histogram = sync_histogram
-        self.validate = validate
+        self.options = DiceOptions.of(weight=weight, ignore_index=ignore_index, reduction=reduction,
+                                      smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch, enet_c=enet_c,
+                                      effective_beta=effective_beta, sync_histogram=sync_histogram, validate=validate)
+        keep_class_weight(self, self.options.weight)
         self.last_class_weights: Optional[torch.Tensor] = None
 
+    ignore_index, reduction = option_attribute("ignore_index"), option_attribute("reduction")
+    smooth_nr, smooth_dr, batch = option_attribute("smooth_nr"), option_attribute("smooth_dr"), option_attribute("batch")
+
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # the buffer (which follows .to()) stands for fixed weights
         weight = self.weight if self.weight is not None else self.scheme
-        loss, class_weight = _dice_loss(logits, target, weight, self.ignore_index, self.reduction, self.smooth_nr,
-                                        self.smooth_dr, self.batch, self.sync_histogram, self.validate)
+        loss, class_weight = _dice_loss(logits, target, dataclasses.replace(self.options, weight=weight))
         if self.scheme is not None:
             self.last_class_weights = class_weight.detach()
         return loss
@@ -124,26 +160,12 @@ class DiceLoss(nn.Module):
                 f"smooth_nr={self.smooth_nr}, smooth_dr={self.smooth_dr}, batch={self.batch}")
 
 
-def check_dice_options(*, ignore_index: int, reduction: str, smooth_nr: float, smooth_dr: float,
-                       weight: WeightArg) -> None:
-    """Raise ``ValueError`` naming the first invalid scalar option (no tensor is read)."""
-    check_ignore_index(ignore_index)
-    check_choice("reduction", reduction, REDUCTIONS)
-    if not (isinstance(smooth_nr, (int, float)) and math.isfinite(smooth_nr) and smooth_nr >= 0):
-        raise ValueError(f"smooth_nr must be a finite number >= 0, got {smooth_nr!r}")
-    if not (isinstance(smooth_dr, (int, float)) and math.isfinite(smooth_dr) and smooth_dr > 0):
-        raise ValueError(f"smooth_dr must be a finite number > 0, got {smooth_dr!r}")
-    if isinstance(weight, str):
-        WeightScheme(weight)  # raises for an unknown name
-
-
-def _dice_loss(logits, target, weight, ignore_index, reduction, smooth_nr, smooth_dr, batch, sync_histogram,
-               validate) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The loss and the class weights in use (``None`` without weights); ``weight`` is a
-    :class:`WeightScheme`, fixed values or ``None``."""
-    check_dice_options(ignore_index=ignore_index, reduction=reduction, smooth_nr=smooth_nr, smooth_dr=smooth_dr,
-                       weight=weight)
-    if validate:
+def _dice_loss(logits: torch.Tensor, target: torch.Tensor,
+               options: DiceOptions) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The loss and the class weights in use (``None`` without weights)."""
+    weight, ignore_index, reduction, batch = options.weight, options.ignore_index, options.reduction, options.batch
+    smooth_nr, smooth_dr = options.smooth_nr, options.smooth_dr
+    if options.validate:
         check_inputs(logits, target, ignore_index)
     num_classes = logits.shape[1]
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -161,7 +183,7 @@ def _dice_loss(logits, target, weight, ignore_index, reduction, smooth_nr, smoot
 
     class_weight = None
     if isinstance(weight, WeightScheme):
-        class_weight = weight.of_batch(target, num_classes, ignore_index, sync_histogram, dtype)
+        class_weight = weight.of_batch(target, num_classes, ignore_index, options.sync_histogram, dtype)
     elif weight is not None:
         class_weight = per_class(weight, num_classes, "weight", dtype, logits.device)
     weighted = class_loss if class_weight is None else class_loss * class_weight

@@ -23,7 +23,7 @@ from torch import nn
 from .class_weights import class_histogram, keep_class_weight
 from .fused import fused_focal_loss
 from .labels import mean_denominator, not_ignored, per_class_factor, sum_over_ranks
-from .options import AlphaArg, FocalOptions, Implementation, Normalization, Reduction, WeightArg
+from .options import AlphaArg, FocalOptions, Implementation, Normalization, Reduction, WeightArg, option_attribute
 
 
 def focal_loss(
@@ -89,11 +89,6 @@ def focal_loss(
     return _focal_loss(logits, target, options)[0]
 
 
-def _option(name: str) -> property:
-    """``FocalLoss.<name>``: ``options.<name>``, read-only, as ``torch.nn`` losses expose their options."""
-    return property(lambda self: getattr(self.options, name), doc=f"``options.{name}`` (read-only).")
-
-
 class FocalLoss(nn.Module):
     """Module form of :func:`focal_loss`, with the same arguments.
 
@@ -146,8 +141,9 @@ class FocalLoss(nn.Module):
             self.register_buffer("running_histogram", torch.zeros(num_classes, dtype=torch.float64))
             self.register_buffer("histogram_updates", torch.zeros((), dtype=torch.int64))
 
-    gamma, ignore_index, reduction = _option("gamma"), _option("ignore_index"), _option("reduction")
-    normalize, poly_epsilon = _option("normalize"), _option("poly_epsilon")
+    gamma, ignore_index = option_attribute("gamma"), option_attribute("ignore_index")
+    reduction, normalize = option_attribute("reduction"), option_attribute("normalize")
+    poly_epsilon = option_attribute("poly_epsilon")
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # the buffers (which follow .to()) stand for the fixed weights and per-class alpha

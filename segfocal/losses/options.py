@@ -58,9 +58,7 @@ class FocalOptions:
         """The options of the public keywords, checked: a scheme name and its parameters become one
         :class:`WeightScheme`; fixed weights and alpha are read where that needs no device synchronisation."""
         check_class_factors(weight=weight, alpha=options.get("alpha"))
-        if isinstance(weight, str):
-            weight = WeightScheme(weight, enet_c=enet_c, effective_beta=effective_beta)
-        return cls(weight=weight, **options)
+        return cls(weight=weight_of(weight, enet_c, effective_beta), **options)
 
     @property
     def scheme(self) -> Optional[WeightScheme]:
@@ -80,6 +78,17 @@ class FocalOptions:
         elif alpha is not None:
             alpha = per_class(alpha, num_classes, "alpha", dtype, device)
         return dataclasses.replace(self, weight=weight, alpha=alpha)
+
+
+def option_attribute(name: str) -> property:
+    """A loss module's ``<name>``: its ``options.<name>``, read-only, as ``torch.nn`` losses expose their options."""
+    return property(lambda self: getattr(self.options, name), doc=f"``options.{name}`` (read-only).")
+
+
+def weight_of(weight: WeightArg, enet_c: float, effective_beta: float):
+    """The ``weight`` keyword as an options value holds it: a scheme name with its parameters becomes
+    one :class:`WeightScheme`; fixed weights, a scheme and ``None`` stay as they are."""
+    return WeightScheme(weight, enet_c=enet_c, effective_beta=effective_beta) if isinstance(weight, str) else weight
 
 
 def check_options(
