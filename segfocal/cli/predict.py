@@ -32,7 +32,8 @@ import sys
 from pathlib import Path
 from typing import Tuple
 
-from .common import add_config_arguments, add_inference_arguments, checkpoint_and_config, command_main
+from .common import (add_config_arguments, add_inference_arguments, check_output_folder, checkpoint_and_config,
+                     command_main)
 
 MAX_PIXELS = 2048 * 2048
 OVERLAY_FORMATS = {"png": ("PNG", {}), "jpg": ("JPEG", {"quality": 90})}  # suffix: PIL format, save options
@@ -87,23 +88,21 @@ def output_names(image: Path, overlay_format: str) -> Tuple[str, str]:
 
 
 def check_output_outside_input(source: Path, output: Path, images: list, overlay_format: str) -> None:
-    """Raise DataError if writing to ``output`` could overwrite an input image.
+    """Raise DataError if ``output`` (with its overlays' folder) cannot be a folder or writing there could
+    overwrite an input image.
 
     Paths are compared resolved, so a relative or symlinked spelling of the same folder (the overlays'
     folder included) is caught. An output file's own name is not resolved: a symlink there is
     replaced, never followed.
     """
     from ..data import DataError
+    from ..files import entry_name, names_of
 
-    folder = output.resolve()
-    if source.is_dir() and folder.is_relative_to(source.resolve()):
-        raise DataError(f"--output {output} is the --input folder {source} or inside it; "
-                        f"choose an output folder outside the input, so that no image is overwritten")
+    check_output_folder(output, {"the --input folder": source}, subfolders=[OVERLAY_FOLDER])
     for image in images:
-        spellings = {image.parent.resolve() / image.name, image.resolve()}
+        spellings = names_of(image)
         for name in output_names(image, overlay_format):
-            target = output / name
-            if target.parent.resolve() / target.name in spellings:
+            if entry_name(output / name) in spellings:
                 raise DataError(f"--output {output} would overwrite the --input image {image} with {name}; "
                                 f"choose another output folder")
 

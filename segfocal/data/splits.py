@@ -19,6 +19,7 @@ from ..files import replaced_atomically
 from .build import build_dataset
 from .errors import DataError
 from .folder import SegmentationFolder
+from .layouts import layout_folders
 
 RECORD = "val_split.json"
 
@@ -36,6 +37,18 @@ def run_dataset(cfg: Config, augment_items: List[Dict[str, Any]], split: str,
     dataset.samples = [sample for sample in dataset.samples if (sample[0] in val) == (split == data.val_split)]
     dataset.split = split
     return dataset
+
+
+def has_split(cfg: Config, split: str) -> bool:
+    """Whether :func:`run_dataset` finds ``split`` on disk: its image folder (its split file, where the layout
+    lists the split's images in one) exists; a val split carved from train, where the train split does."""
+    data = cfg.data
+    if data.val_fraction is not None and split == data.val_split:
+        split = data.train_split
+    image_dir, _, split_file = layout_folders(data.layout, data.image_dir, data.mask_dir, data.split_file)
+    if split_file:
+        return (Path(data.root) / split_file.format(split=split)).is_file()
+    return (Path(data.root) / image_dir.format(split=split)).is_dir()
 
 
 def held_out(dataset: SegmentationFolder, fraction: float, seed: int, path: Path, record: bool) -> Set[Path]:
