@@ -261,7 +261,7 @@ def test_ignore_index_predicted_on_a_scored_pixel_is_an_error_with_a_hint(tmp_pa
     pred_dir, gt_dir = folders(tmp_path)
     save_l(gt_dir / "a.png", np.array([[0, 1], [IGNORE, 2]]))
     save_l(pred_dir / "a.png", np.array([[0, IGNORE], [IGNORE, 2]]))  # second 255 is on an ignored pixel: fine
-    with pytest.raises(DataError, match=r"1 pixels have predicted values \[255\].*ignore_index=255 is accepted only"):
+    with pytest.raises(DataError, match=r"1 pixel has predicted values \[255\].*ignore_index=255 is accepted only"):
         score_mask_folders(pred_dir, gt_dir, C, ignore_index=IGNORE)
 
 
@@ -286,7 +286,7 @@ def test_ground_truth_255_without_ignore_index_is_an_error(tmp_path):
     pred_dir, gt_dir = folders(tmp_path)
     save_l(gt_dir / "a.png", np.array([[0, IGNORE]]))
     save_l(pred_dir / "a.png", np.zeros((1, 2)))
-    with pytest.raises(DataError, match=r"a\.png: 1 pixels have label values \[255\] .*no ignore_index is set"):
+    with pytest.raises(DataError, match=r"a\.png: 1 pixel has label values \[255\] .*no ignore_index is set"):
         score_mask_folders(pred_dir, gt_dir, C)
 
 

@@ -2,18 +2,19 @@
 weighted sum, a single ``loss.name`` is unchanged, and a run with terms trains and checkpoints."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from segfocal.config import ConfigError, LossTermConfig, config_from_tree, load_config
-from segfocal.config.schema import WEIGHT_SCHEMES as SCHEMA_SCHEMES
 from segfocal.engine.checkpoint import load_checkpoint
 from segfocal.engine.criterion import WeightedSum, build_criterion
 from segfocal.engine.trainer import Trainer
 from segfocal.losses import WEIGHT_SCHEMES, FocalLoss, class_weights, dice_loss, focal_loss
 
-from recipes import tiny_recipe
+from recipes import REPO, tiny_recipe
 
 NUM_CLASSES, IGNORE = 6, 255
 
@@ -72,8 +73,14 @@ def test_an_unknown_loss_weight_scheme_is_refused_at_load(tmp_path):
         load_config(tiny_recipe(tmp_path), ["loss.weight=enett"])
 
 
-def test_the_config_knows_the_losses_weight_schemes():
-    assert SCHEMA_SCHEMES == WEIGHT_SCHEMES
+def test_the_shipped_defaults_and_the_readme_name_every_weight_scheme():
+    """The schemes are one list, WEIGHT_SCHEMES: the config takes exactly it (the tests around load each and
+    refuse others); the prose that lists them is checked against it, so a new scheme is not left out."""
+    defaults = (REPO / "configs" / "_base_" / "default.yaml").read_text()
+    comment = re.search(r"^  weight: enet +# .*\(([^)]*)\)", defaults, re.MULTILINE)
+    assert comment is not None and comment.group(1).split(" | ") == list(WEIGHT_SCHEMES)
+    readme_row = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `weight` |"))
+    assert sorted(re.findall(r'"(\w+)"', readme_row)) == sorted(WEIGHT_SCHEMES)
 
 
 @pytest.mark.parametrize("scheme", WEIGHT_SCHEMES)

@@ -314,7 +314,7 @@ def test_predict_on_a_single_file(capsys, trained, new_images, tmp_path):
         predicted = np.array(mask)
     rgb = np.array(Image.open(new_images / "photo.jpg").convert("RGB"))
     assert (predicted != expected_prediction(trained, rgb)).sum() <= 2
-    assert "wrote 1 masks" in stdout
+    assert "wrote 1 mask to" in stdout
 
 
 def test_predict_on_a_folder_without_images_exits_2_naming_it(capsys, trained, tmp_path):
@@ -397,11 +397,13 @@ def test_dataset_stats_counts_the_training_masks(capsys, trained):
     assert counts == expected.tolist()
     assert expected.min() > 0  # every class occurs, so every weight below is defined
     assert f"split 'train': 16 images, {expected.sum()} labelled pixels" in stdout
-    enet = weights_from_histogram(torch.from_numpy(expected), "enet", dtype=torch.float64)
-    column = 3 + WEIGHT_SCHEMES.index("enet")
-    for index, name in enumerate(names):
-        assert float(rows[name][2]) == pytest.approx(expected[index] / expected.sum(), abs=1e-4)
-        assert float(rows[name][column]) == pytest.approx(float(enet[index]), abs=1e-4)
+    header = next(line for line in stdout.splitlines() if line.startswith("class "))
+    assert header.split() == ["class", "pixels", "share", *WEIGHT_SCHEMES]  # a column per scheme, names apart
+    for column, scheme in enumerate(WEIGHT_SCHEMES, start=3):
+        weights = weights_from_histogram(torch.from_numpy(expected), scheme, dtype=torch.float64)
+        for index, name in enumerate(names):
+            assert float(rows[name][2]) == pytest.approx(expected[index] / expected.sum(), abs=1e-4)
+            assert float(rows[name][column]) == pytest.approx(float(weights[index]), abs=1e-4), (scheme, name)
 
     code, stdout, _ = call(capsys, "dataset_stats", "--config", trained.config, "--split", "val")
     assert code == 0

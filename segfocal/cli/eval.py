@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..config import ConfigError
 from ..evaluation import class_names, format_table, plot_confusion_matrix, write_json
+from ..text import counted
 from .common import (add_config_arguments, add_inference_arguments, add_output_argument, check_output_folder,
                      checkpoint_and_config, command_main, config_from_args)
 
@@ -81,7 +82,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         extra["auroc"] = result.auroc
     write_json(result.metrics, out / "metrics.json", extra=extra)
     plot_confusion_matrix(result.confusion, names, out / "confusion_matrix.png")
-    print(f"{len(dataset)} images of split '{split}', checkpoint {args.checkpoint}")
+    print(f"{counted(len(dataset), 'image')} of split '{split}', checkpoint {args.checkpoint}")
     print(format_table(result.metrics, names))
     if result.auroc is not None:
         print("AUROC: " + ", ".join(f"{name} {value:.4f}" for name, value in zip(names, result.auroc)))
@@ -127,7 +128,7 @@ def score_masks(args: argparse.Namespace) -> dict:
                                 gt_remap=gt_remap)
     names = class_names(names, num_classes)
     json_path, png_path = write_mask_folder_report(result, out, names)
-    print(f"{result.num_images} mask pairs: predictions {result.pred_dir} against ground truth {result.gt_dir}")
+    print(f"{counted(result.num_images, 'mask pair')}: predictions {result.pred_dir} against ground truth {result.gt_dir}")
     print(format_table(result.metrics, names))
     print(f"wrote {json_path} and {png_path}")
     return {"metrics": result.metrics, "out": out}

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Tuple
 
+from ..text import counted
 from .common import (add_config_arguments, add_inference_arguments, check_output_folder, checkpoint_and_config,
                      command_main)
 
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace) -> list:
         with replaced_atomically(output / overlay_name) as handle:
             Image.fromarray(overlay).save(handle, format=overlay_format, **save_options)
         written.append(output / mask_name)
-    print(f"wrote {len(written)} masks and overlays to {output}")
+    print(f"wrote {counted(len(written), 'mask')} to {output} and as many overlays to {output / OVERLAY_FOLDER}")
     return written
 
 

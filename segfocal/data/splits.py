@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import Config, ConfigError
 from ..files import replaced_atomically
+from ..text import counted
 from .build import build_dataset
 from .errors import DataError
 from .folder import SegmentationFolder
@@ -58,7 +59,7 @@ def held_out(dataset: SegmentationFolder, fraction: float, seed: int, path: Path
     images = [image for image, _ in dataset.samples]
     count = round(len(images) * fraction)
     if not 0 < count < len(images):
-        raise ConfigError(f"data.val_fraction={fraction} of the {len(images)} images of split '{dataset.split}' "
+        raise ConfigError(f"data.val_fraction={fraction} of the {counted(len(images), 'image')} of split '{dataset.split}' "
                           f"leaves {'no val' if count == 0 else 'no training'} image; change it")
     picks = np.sort(np.random.default_rng(seed).choice(len(images), size=count, replace=False))
     val = [images[index] for index in picks]

@@ -29,6 +29,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..text import counted
+
 from .confusion import ConfusionMatrix
 from .counts import check_positive_int
 from .metrics import segmentation_metrics
@@ -197,4 +199,4 @@ def _raise_values(path: Path, values: np.ndarray, what: str, where: str) -> None
 
     unique = np.unique(values)
     shown = ", ".join(str(v) for v in unique[:_SHOWN_VALUES].tolist()) + (" ..." if len(unique) > _SHOWN_VALUES else "")
-    raise DataError(f"{path}: {values.size} pixels have {what} [{shown}] {where}", path)
+    raise DataError(f"{path}: {counted(values.size, 'pixel', 'has/have')} {what} [{shown}] {where}", path)
