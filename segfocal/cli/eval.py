@@ -8,9 +8,13 @@ accuracy, confusion matrix.
 Prints a per-class table and writes ``metrics.json`` and ``confusion_matrix.png`` to ``--output``
 (default: ``eval_<split>/`` beside the checkpoint, or ``eval_masks/`` beside ``--pred``). The
 checkpoint may be one the trainer wrote (its saved config is used unless ``--config`` is given)
-or a bare model state dict (``--config`` needed). With ``--pred``/``--gt``, two folders of masks
-are matched by file stem and scored with the same metrics; pixels whose ground truth is the
+or a bare model state dict (``--config`` needed); a dataset without a test split is scored on its
+val split, with a note. With ``--pred``/``--gt``, two folders of masks are matched by file stem and
+scored with the same metrics (at most :data:`MAX_CLASSES` classes); pixels whose ground truth is the
 ignore index are not scored.
+
+Nothing is written among the masks: an ``--output`` that is, or lies inside, ``--pred``, ``--gt`` or
+the split's image or mask folder is refused, as is one that is a file, before the checkpoint is read.
 """
 from __future__ import annotations
 

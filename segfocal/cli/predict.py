@@ -17,13 +17,16 @@ channel as grey and an image of more channels by its first three, non-8-bit valu
 
 Inputs are never overwritten: an ``--output`` that is the ``--input`` folder or lies inside it, or
 that would put a mask or overlay over an input file, is refused before anything is written or the
-model is loaded (paths are compared resolved, so symlinked spellings count). Each output is written
+model is loaded (paths are compared resolved, so symlinked spellings count), and so is an ``--output``
+(or its ``overlays/``) that is a file. Each output is written
 to a hidden temporary file in ``--output`` and renamed onto its name, so a symlink already there is
 replaced, never followed, and no half-written file is left behind.
 
 ``--max-pixels N`` (default 4194304 = 2048x2048) bounds memory in whole-image mode: an image with
 more pixels than N (read from its header) is predicted with sliding ``eval.crop_size`` windows every
-``eval.stride`` pixels instead, and a line on stderr names it. ``--max-pixels 0``: no limit.
+``eval.stride`` pixels instead, and a line on stderr names it. ``--max-pixels 0``: no limit. (The image
+must still be decodable: one whose header claims more pixels than PIL's limit is refused, see
+:func:`segfocal.data.images.pixel_limit`.)
 """
 from __future__ import annotations
 
