@@ -105,7 +105,7 @@ def test_cityscapes_tree_loads_label_ids_as_the_19_train_ids(tmp_path):
     assert result is not None and 0 <= result.metrics["miou"] <= 1 and (tmp_path / "run" / "best.pt").is_file()
 
     (tmp_path / "gtFine" / "train" / "bremen" / "bremen_000001_000019_gtFine_labelIds.png").unlink()
-    with pytest.raises(DataError, match="1 Cityscapes images have no _gtFine_labelIds.png mask; first: .*bremen_0"):
+    with pytest.raises(DataError, match="1 Cityscapes image has no _gtFine_labelIds.png mask; first: .*bremen_0"):
         build_dataset(cfg.data, [], "train")
 
 
