@@ -425,4 +425,4 @@ def test_predict_train_and_stats_refuse_the_bomb_in_one_line(tmp_path, capsys):
         error = capsys.readouterr().err.strip().splitlines()[-1]
         assert error.startswith("error: ")
         assert_refused_from_the_header(bomb, error.removeprefix("error: "))
-    assert not (tmp_path / "run" / "last.pt").exists()
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "out").exists()  # nor an empty overlays/

@@ -152,7 +152,6 @@ def run(args: argparse.Namespace) -> list:
     del contents  # the optimiser state it may hold is not needed any more
     palette, names = palette_of(cfg.data), class_names(cfg.data.class_names, cfg.data.num_classes)
     overlay_format, save_options = OVERLAY_FORMATS[args.overlay_format]
-    (output / OVERLAY_FOLDER).mkdir(parents=True, exist_ok=True)
     written = []
     for path in images:
         mode = inference_mode(path, cfg.eval.mode, args.max_pixels, cfg.eval.crop_size, cfg.model.in_channels)
@@ -164,6 +163,7 @@ def run(args: argparse.Namespace) -> list:
         blended = overlay_masks(shown, mask.unsqueeze(0), palette, cfg.data.ignore_index)
         overlay = with_legend(blended[0].permute(1, 2, 0).numpy(), palette, names, mask.unique().tolist())
         mask_name, overlay_name = output_names(path, args.overlay_format)
+        (output / OVERLAY_FOLDER).mkdir(parents=True, exist_ok=True)  # once an image was predicted, not before
         with replaced_atomically(output / mask_name) as handle:
             write_palette_mask(handle, mask.numpy(), palette)
         with replaced_atomically(output / overlay_name) as handle:
