@@ -426,3 +426,13 @@ def test_predict_train_and_stats_refuse_the_bomb_in_one_line(tmp_path, capsys):
         assert error.startswith("error: ")
         assert_refused_from_the_header(bomb, error.removeprefix("error: "))
     assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "out").exists()  # nor an empty overlays/
+
+
+def test_a_one_band_tiff_only_tifffile_reads_passes_the_header_check(tmp_path):
+    """A float64 page PIL cannot identify goes to tifffile with no band axis: one channel, as before."""
+    path = tmp_path / "float64.tif"
+    tifffile.imwrite(path, np.arange(H * W, dtype=np.float64).reshape(H, W))
+    assert check_image(path, channels=1) == (H, W)
+    np.testing.assert_array_equal(read_image(path, channels=1)[..., 0], np.arange(H * W).reshape(H, W))
+    with pytest.raises(DataError, match="the image has 1 channel but model.in_channels=3"):
+        read_image(path, channels=3)

@@ -264,10 +264,10 @@ def _check_npy_header(path: Path, channels: Optional[int]) -> None:
 
 
 def _check_header(path: Path, shape, channels: Optional[int]) -> None:
-    """Raise DataError unless the (H, W, C) ``shape`` a header claims has at most :func:`pixel_limit` pixels
-    and ``channels`` channels (None: any count)."""
+    """Raise DataError unless the (H, W) or (H, W, C) ``shape`` a header claims has at most :func:`pixel_limit`
+    pixels and ``channels`` channels (None: any count)."""
     check_pixels(path, shape[0], shape[1])
-    check_channels(path, shape[2], channels)
+    check_channels(path, shape[2] if len(shape) > 2 else 1, channels)
 
 
 def _channel_count(image: Image.Image, channels: Optional[int]) -> int:
