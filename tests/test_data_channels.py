@@ -338,7 +338,7 @@ def claiming(path: Path, height: int, width: int, page: int = 0) -> Path:
 
 
 def tiff_bomb(path: Path) -> Path:
-    """The issue's file: a 4-band uint16 TIFF of a few hundred bytes whose header claims 100000x100000 (tifffile reads it)."""
+    """A 4-band uint16 TIFF of a few hundred bytes whose header claims 100000x100000 (tifffile reads it)."""
     tifffile.imwrite(path, np.zeros((1, 1, 4), np.uint16), photometric="minisblack", planarconfig="contig")
     return claiming(path, CLAIMED, CLAIMED)
 

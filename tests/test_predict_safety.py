@@ -233,5 +233,6 @@ def test_an_output_that_is_not_a_folder_is_one_line_before_the_model_loads(capsy
     message = stderr.strip()
     assert code == 2 and "\n" not in message
     culprit = {"file": "", "file/masks": f": {tmp_path / 'file'}", "out/overlays": f": {tmp_path / output}"}[output]
-    assert message == f"error: --output {target}{culprit} is not a folder; give a new or existing folder for the results"
+    assert message == (f"error: --output {target}{culprit} is not a folder; give a new or existing folder for the "
+                       f"results")
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before

@@ -564,7 +564,8 @@ def test_eval_of_a_dataset_without_a_test_split_scores_val_with_a_note(capsys, t
     root, sets = without_test_split
     code, stdout, stderr = call(capsys, "eval", "--checkpoint", trained.best, *sets, "--output", tmp_path / "out")
     assert code == 0, stderr
-    assert stderr.splitlines()[0] == f"note: {root} has no 'test' split; evaluating split 'val' (--split chooses another)"
+    assert stderr.splitlines()[0] == (f"note: {root} has no 'test' split; evaluating split 'val' (--split chooses "
+                                      f"another)")
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert report["split"] == "val" and report["num_images"] == 8
     assert np.sum(report["confusion_matrix"]) == labelled_pixels(root, "val")

@@ -132,7 +132,8 @@ def score_masks(args: argparse.Namespace) -> dict:
                                 gt_remap=gt_remap)
     names = class_names(names, num_classes)
     json_path, png_path = write_mask_folder_report(result, out, names)
-    print(f"{counted(result.num_images, 'mask pair')}: predictions {result.pred_dir} against ground truth {result.gt_dir}")
+    print(f"{counted(result.num_images, 'mask pair')}: predictions {result.pred_dir} against ground truth "
+          f"{result.gt_dir}")
     print(format_table(result.metrics, names))
     print(f"wrote {json_path} and {png_path}")
     return {"metrics": result.metrics, "out": out}

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-
 from pathlib import Path
 
 from .common import add_config_arguments, checkpoint_and_config, command_main

@@ -96,8 +96,8 @@ def check_mask_values(mask: np.ndarray, path: PathLike, num_classes: int, ignore
         values = np.unique(mask[bad])
         shown = ", ".join(str(v) for v in values[:10].tolist()) + (" ..." if len(values) > 10 else "")
         raise DataError(
-            f"{path}: {counted(int(bad.sum()), 'pixel', 'has/have')} label values [{shown}] outside 0..{num_classes - 1} "
-            f"that are not ignore_index={ignore_index}", path
+            f"{path}: {counted(int(bad.sum()), 'pixel', 'has/have')} label values [{shown}] outside "
+            f"0..{num_classes - 1} that are not ignore_index={ignore_index}", path
         )
 
 

@@ -59,8 +59,8 @@ def held_out(dataset: SegmentationFolder, fraction: float, seed: int, path: Path
     images = [image for image, _ in dataset.samples]
     count = round(len(images) * fraction)
     if not 0 < count < len(images):
-        raise ConfigError(f"data.val_fraction={fraction} of the {counted(len(images), 'image')} of split '{dataset.split}' "
-                          f"leaves {'no val' if count == 0 else 'no training'} image; change it")
+        raise ConfigError(f"data.val_fraction={fraction} of the {counted(len(images), 'image')} of split "
+                          f"'{dataset.split}' leaves {'no val' if count == 0 else 'no training'} image; change it")
     picks = np.sort(np.random.default_rng(seed).choice(len(images), size=count, replace=False))
     val = [images[index] for index in picks]
     if record:
