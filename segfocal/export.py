@@ -6,6 +6,8 @@ Every exporter
   version of it (a copy when the model is on a GPU, in another dtype, or channels_last);
 * stages its files in a hidden temporary beside the target and moves them into place only
   after they were written completely (and verified), so a failure leaves the target as it was;
+* writes an smp folder only where it holds nothing but an earlier smp export, unless told to
+  overwrite (:func:`check_output`, which ``segfocal export`` calls before the model loads);
 * with ``verify=True`` (the default) loads the artefact back with its own runtime and compares
   its logits with the PyTorch model's on two inputs, the example ``[2, C, H, W]`` and a
   ``[1, C, H + s, W + 2s]`` one (``s``: the least multiple of 32 and the model's size divisor), so a
@@ -28,6 +30,7 @@ import copy
 import importlib
 import io
 import itertools
+import json
 import math
 import os
 import shutil
@@ -53,9 +56,12 @@ ONNX_INPUT, ONNX_OUTPUT = "image", "logits"
 TOLERANCE = 1e-4
 
 __all__ = [
-    "ExportError", "TOLERANCE", "EXPORT_EXTRA", "ONNX_INPUT", "ONNX_OUTPUT",
-    "model_from_checkpoint", "export_onnx", "export_pt2", "export_smp",
+    "ExportError", "TOLERANCE", "EXPORT_EXTRA", "ONNX_INPUT", "ONNX_OUTPUT", "SMP_FILES",
+    "model_from_checkpoint", "export_onnx", "export_pt2", "export_smp", "check_output", "output_files",
 ]
+
+#: The files smp's ``save_pretrained`` writes into an smp export's folder.
+SMP_FILES = ("config.json", "model.safetensors", "README.md")
 
 
 class ExportError(RuntimeError):
@@ -105,7 +111,7 @@ def export_onnx(
     _require("ONNX export", ("onnx", "onnxscript") + (("onnxruntime",) if verify else ()))
     _require_dynamic_dims()
     path = Path(path)
-    _check_target_file(path)
+    check_output("onnx", path)
     model = _prepared(model)
     channels = _in_channels(model, in_channels)
     example, inputs = _example_inputs(model, channels, example_size, vary_size=dynamic_size)
@@ -156,7 +162,7 @@ def export_pt2(
     """
     _require_dynamic_dims()
     path = Path(path)
-    _check_target_file(path)
+    check_output("pt2", path)
     model = _prepared(model)
     channels = _in_channels(model, in_channels)
     example, inputs = _example_inputs(model, channels, example_size)
@@ -185,6 +191,7 @@ def export_smp(
     verify: bool = True,
     tolerance: float = TOLERANCE,
     example_size: Tuple[int, int] = (256, 256),
+    overwrite: bool = False,
 ) -> List[Path]:
     """Save an smp model with its ``save_pretrained``: ``config.json``, ``model.safetensors``, ``README.md``.
 
@@ -192,13 +199,13 @@ def export_smp(
     The model must carry the init config that smp's hub mixin records when a model is built
     (``smp.create_model`` or ``smp.Unet(...)``, as :func:`segfocal.models.build_model` does).
     ``encoder_weights`` is saved as null: the weights are all in ``model.safetensors``, and a
-    name such as "imagenet" would make ``from_pretrained`` download them. Other files in
-    ``directory`` are left alone; the three are replaced one by one, ``config.json`` last.
-    ``example_size`` is the (height, width) of the verification inputs.
+    name such as "imagenet" would make ``from_pretrained`` download them. ``directory`` must be
+    new, empty or an earlier smp export (the three files, an smp ``config.json``); with
+    ``overwrite=True`` it may hold other files, which are left alone. The three are replaced one
+    by one, ``config.json`` last. ``example_size`` is the (height, width) of the verification inputs.
     """
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ExportError(f"{directory} exists and is not a directory")
+    check_output("smp", directory, overwrite)
     model = _prepared(model)
     config = getattr(model, "config", None)
     if not callable(getattr(model, "save_pretrained", None)) or not isinstance(config, dict) or not config:
@@ -222,6 +229,50 @@ def export_smp(
             _verify(f"smp folder {directory}", loaded, model, inputs, tolerance)
         directory.mkdir(parents=True, exist_ok=True)
         return _publish(stage, directory, last="config.json")
+
+
+def output_files(fmt: str, output: PathLike) -> List[Path]:
+    """The files an export in format ``fmt`` ("onnx", "pt2" or "smp") to ``output`` may write.
+
+    ONNX: the file and ``<name>.data``, where weights over 2 GB go; smp: :data:`SMP_FILES` in the folder.
+    """
+    output = Path(output)
+    if fmt == "smp":
+        return [output / name for name in SMP_FILES]
+    return [output, output.with_name(output.name + ".data")] if fmt == "onnx" else [output]
+
+
+def check_output(fmt: str, output: PathLike, overwrite: bool = False) -> None:
+    """Raise :class:`ExportError` unless an export in format ``fmt`` may write to ``output``.
+
+    A file format needs a path that is not a folder. An smp export needs a folder that does not
+    exist, is empty, or holds an earlier smp export and nothing else (a ``config.json`` that smp
+    wrote, with the other two files at most); ``overwrite`` allows a folder holding other files
+    (they are kept; only the three are replaced). Cheap: reads names and one small JSON file.
+    """
+    output = Path(output)
+    if fmt != "smp":
+        if output.is_dir():
+            raise ExportError(f"{output} is a directory; give a file path")
+        return
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"{output} exists and is not a directory; give a folder for the smp export")
+    if overwrite or not output.is_dir():
+        return
+    names = sorted(entry.name for entry in output.iterdir())
+    if names and not (set(names) <= set(SMP_FILES) and _is_smp_config(output / "config.json")):
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise ExportError(f"{output} holds files an smp export did not write ({shown}); export to a new or empty "
+                          f"folder, or pass --overwrite to replace {', '.join(SMP_FILES)} there (other files are kept)")
+
+
+def _is_smp_config(path: Path) -> bool:
+    """Whether ``path`` is a ``config.json`` that smp's ``save_pretrained`` wrote (it records the model class)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("_model_class"), str)
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
@@ -340,11 +391,6 @@ def _verify_onnx(model: nn.Module, file: Path, inputs: Sequence[torch.Tensor], t
         return torch.from_numpy(session.run([ONNX_OUTPUT], {ONNX_INPUT: images.numpy()})[0])
 
     _verify(f"ONNX model {target}", run, model, inputs, tolerance, other_size_hint)
-
-
-def _check_target_file(path: Path) -> None:
-    if path.is_dir():
-        raise ExportError(f"{path} is a directory; give a file path")
 
 
 @contextlib.contextmanager

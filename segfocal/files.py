@@ -1,7 +1,9 @@
-"""Files replaced atomically: written beside their target, then renamed onto it.
+"""Files replaced atomically: written beside their target, then renamed onto it; and the names a file goes by.
 
 Readers see the old file or the new one, never half of one; a symlink at the target is replaced
 itself, never written through; a failure deletes the temporary and leaves the target as it was.
+A command that must not write over its inputs compares the :func:`entry_name` of each file it
+would write with the :func:`names_of` each input.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO, Iterator, Set, Union
 
 
 @contextlib.contextmanager
@@ -35,6 +37,20 @@ def replaced_atomically(path: Union[str, Path], durable: bool = False) -> Iterat
         raise
     if durable:
         _fsync_directory(path.parent)
+
+
+def entry_name(path: Union[str, Path]) -> Path:
+    """The absolute name of the folder entry that writing ``path`` replaces: its folder resolved
+    (symlinked or relative spellings of a folder give one name), its own name kept, since
+    :func:`replaced_atomically` replaces a symlink there and never follows it."""
+    path = Path(path)
+    return path.parent.resolve() / path.name
+
+
+def names_of(path: Union[str, Path]) -> Set[Path]:
+    """The absolute names by which ``path`` reaches a file: its :func:`entry_name` and, through any
+    symlinks, the file itself; a write to one of them replaces what ``path`` reads."""
+    return {entry_name(path), Path(path).resolve()}
 
 
 def _new_file_mode() -> int:

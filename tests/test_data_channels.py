@@ -319,3 +319,120 @@ def test_predict_reads_16bit_images_as_training_did(tmp_path, capsys):
     assert code == 0, err
     with Image.open(tmp_path / "out" / "0.png") as mask, Image.open(tmp_path / "out" / "overlays" / "0.png") as overlay:
         assert mask.size == (W, H) and overlay.mode == "RGB" and overlay.width == W
+
+
+# -- every decoder has PIL's pixel limit, checked from the header ---------------------------------
+
+CLAIMED = 100_000  # a side: 10^10 pixels, 74.5 GiB as 4-band uint16
+
+
+def claiming(path: Path, height: int, width: int, page: int = 0) -> Path:
+    """``path``, a TIFF, with page ``page``'s header rewritten to claim ``width x height`` (its few bytes of
+    data unchanged): a file of a few hundred bytes that would decode to a huge image."""
+    with tifffile.TiffFile(path, mode="r+b") as tiff:
+        tags = tiff.pages[page].tags
+        tags["ImageWidth"].overwrite(width)
+        tags["ImageLength"].overwrite(height)
+        tags["RowsPerStrip"].overwrite(height)  # one strip, as the file has: tifffile finds the header consistent
+    return path
+
+
+def tiff_bomb(path: Path) -> Path:
+    """A 4-band uint16 TIFF of a few hundred bytes whose header claims 100000x100000 (tifffile reads it)."""
+    tifffile.imwrite(path, np.zeros((1, 1, 4), np.uint16), photometric="minisblack", planarconfig="contig")
+    return claiming(path, CLAIMED, CLAIMED)
+
+
+def npy_bomb(path: Path) -> Path:
+    with open(path, "wb") as handle:  # the header of a (100000, 100000, 4) uint16 array, then 64 bytes
+        np.lib.format.write_array_header_1_0(handle, {"descr": "<u2", "fortran_order": False,
+                                                      "shape": (CLAIMED, CLAIMED, 4)})
+        handle.write(bytes(64))
+    return path
+
+
+def pages_bomb(path: Path) -> Path:
+    """A multi-page TIFF of 4 one-band pages (PIL reads it) whose third page claims 100000x100000."""
+    pages = [Image.fromarray(np.zeros((1, 1), np.uint16)) for _ in range(4)]
+    pages[0].save(path, save_all=True, append_images=pages[1:])
+    return claiming(path, CLAIMED, CLAIMED, page=2)
+
+
+def assert_refused_from_the_header(path: Path, error: str) -> None:
+    assert path.stat().st_size < 1000
+    assert error == (f"{path}: its header claims a {CLAIMED}x{CLAIMED} image ({CLAIMED ** 2} pixels), more than the "
+                     f"178956970 pixels an image may have (twice PIL.Image.MAX_IMAGE_PIXELS, PIL's guard against "
+                     f"decompression bombs); nothing was decoded. Cut an image this large into tiles")
+
+
+@pytest.mark.parametrize("bomb", [tiff_bomb, npy_bomb, pages_bomb])
+def test_an_image_whose_header_claims_too_many_pixels_is_refused_before_decoding(tmp_path, bomb):
+    import tracemalloc
+
+    path = bomb(tmp_path / ("bomb.npy" if bomb is npy_bomb else "bomb.tif"))
+    tracemalloc.start()
+    try:
+        for check in (check_image, read_image, lambda path, channels: check_image(path, True, channels)):
+            with pytest.raises(DataError) as info:
+                check(path, channels=4)
+            assert_refused_from_the_header(path, str(info.value))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20  # nothing the size of the image (74.5 GiB) was allocated
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's, from MAX_IMAGE_PIXELS on
+def test_the_pixel_limit_is_pils_for_every_decoder(tmp_path, monkeypatch):
+    """At PIL.Image.MAX_IMAGE_PIXELS = 1000 a 2048-pixel image is refused by PIL (over 2 x 1000) and by the
+    decoders of tifffile and .npy alike; at 1024 (limit 2048) each reads."""
+    png, tif, npy = tmp_path / "a.png", tmp_path / "a.tif", tmp_path / "a.npy"
+    Image.fromarray(grey16(0)).save(png)
+    tifffile.imwrite(tif, bands4(0), photometric="minisblack", planarconfig="contig")
+    np.save(npy, bands4(0))
+    channels = {png: 1, tif: 4, npy: 4}
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    for path in (png, tif, npy):
+        with pytest.raises(DataError, match=r"2048 pixels.*exceeds limit of 2000 pixels|2048 pixels\), more than "
+                                            r"the 2000 pixels an image may have") as info:
+            read_image(path, channels[path])
+        assert str(path) in str(info.value)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1024)
+    for path in (png, tif, npy):
+        assert read_image(path, channels[path]).shape == (H, W, channels[path])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # PIL's "no limit" is ours too
+    assert read_image(tif, 4).shape == (H, W, 4)
+
+
+def test_predict_train_and_stats_refuse_the_bomb_in_one_line(tmp_path, capsys):
+    """The issue's cases: predict with a 4-channel model, train with data.verify: full, and stats."""
+    from segfocal.cli import main
+    from segfocal.models import build_model
+
+    write_split(tmp_path / "data", "train", [bands4(0)], ".tif")
+    write_split(tmp_path / "data", "val", [bands4(1)], ".tif")
+    bomb = tiff_bomb(tmp_path / "data" / "train" / "images" / "1.tif")
+    Image.fromarray(stripes()).save(tmp_path / "data" / "train" / "masks" / "1.png")
+    config = recipe(tmp_path, 4, data__verify="full")
+    weights = tmp_path / "weights.pt"
+    torch.save(build_model(load_config(config).model, 3).state_dict(), weights)
+    commands = {"predict": ["--config", config, "--checkpoint", weights, "--input", bomb, "--output", tmp_path / "out"],
+                "train": ["--config", config], "stats": ["--config", config]}
+    for command, argv in commands.items():
+        with pytest.raises(SystemExit) as exited:
+            main([command, *map(str, argv)])
+        assert exited.value.code == 2, command
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("error: ")
+        assert_refused_from_the_header(bomb, error.removeprefix("error: "))
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "out").exists()  # nor an empty overlays/
+
+
+def test_a_one_band_tiff_only_tifffile_reads_passes_the_header_check(tmp_path):
+    """A float64 page PIL cannot identify goes to tifffile with no band axis: one channel, as before."""
+    path = tmp_path / "float64.tif"
+    tifffile.imwrite(path, np.arange(H * W, dtype=np.float64).reshape(H, W))
+    assert check_image(path, channels=1) == (H, W)
+    np.testing.assert_array_equal(read_image(path, channels=1)[..., 0], np.arange(H * W).reshape(H, W))
+    with pytest.raises(DataError, match="the image has 1 channel but model.in_channels=3"):
+        read_image(path, channels=3)

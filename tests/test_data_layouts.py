@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from segfocal.config import ConfigError, load_config
@@ -104,7 +105,7 @@ def test_cityscapes_tree_loads_label_ids_as_the_19_train_ids(tmp_path):
     assert result is not None and 0 <= result.metrics["miou"] <= 1 and (tmp_path / "run" / "best.pt").is_file()
 
     (tmp_path / "gtFine" / "train" / "bremen" / "bremen_000001_000019_gtFine_labelIds.png").unlink()
-    with pytest.raises(DataError, match="1 Cityscapes images have no _gtFine_labelIds.png mask; first: .*bremen_0"):
+    with pytest.raises(DataError, match="1 Cityscapes image has no _gtFine_labelIds.png mask; first: .*bremen_0"):
         build_dataset(cfg.data, [], "train")
 
 
@@ -134,7 +135,28 @@ def test_voc_tree_loads_palette_indices_with_ignored_borders_and_trains(tmp_path
     np.testing.assert_array_equal(masks_of(train), [masks["2007_000032"], masks["2008_000123"]])
     assert masks_of(build_dataset(cfg.data, [], "val"))[0][15:17].tolist() == [[255] * W] * 2
 
-    result = Trainer(cfg, progress=False).fit()
+    trainer = Trainer(cfg, progress=False)
+    _, mask = next(iter(trainer.train_loader))
+    border = mask == 255
+    assert border.any(dim=0)[15:17].all() and not border.any(dim=0)[:15].any()  # the borders reach the loss
+
+    def loss_and_gradient(logits):
+        logits = logits.clone().requires_grad_(True)
+        loss = trainer.criterion(logits, mask)
+        return loss, torch.autograd.grad(loss, logits)[0]
+
+    logits = torch.randn(mask.shape[0], cfg.data.num_classes, H, W, generator=torch.Generator().manual_seed(0))
+    loss, gradient = loss_and_gradient(logits)
+    changed = logits + 5.0 * border.unsqueeze(1) * torch.randn(logits.shape, generator=torch.Generator().manual_seed(1))
+    changed_loss, changed_gradient = loss_and_gradient(changed)
+    torch.testing.assert_close(changed_loss, loss, rtol=1e-6, atol=0)  # the borders' logits count for nothing
+    torch.testing.assert_close(changed_gradient, gradient, rtol=1e-5, atol=1e-9)
+    assert (gradient.permute(0, 2, 3, 1)[border] == 0).all()
+    labelled = logits.clone()
+    labelled[:, 0, 0, 0] += 5.0  # a labelled pixel's logits do count
+    assert not torch.allclose(loss_and_gradient(labelled)[0], loss)
+
+    result = trainer.fit()
     assert result is not None and 0 <= result.metrics["miou"] <= 1 and (tmp_path / "run" / "best.pt").is_file()
 
 

@@ -261,7 +261,7 @@ def test_ignore_index_predicted_on_a_scored_pixel_is_an_error_with_a_hint(tmp_pa
     pred_dir, gt_dir = folders(tmp_path)
     save_l(gt_dir / "a.png", np.array([[0, 1], [IGNORE, 2]]))
     save_l(pred_dir / "a.png", np.array([[0, IGNORE], [IGNORE, 2]]))  # second 255 is on an ignored pixel: fine
-    with pytest.raises(DataError, match=r"1 pixels have predicted values \[255\].*ignore_index=255 is accepted only"):
+    with pytest.raises(DataError, match=r"1 pixel has predicted values \[255\].*ignore_index=255 is accepted only"):
         score_mask_folders(pred_dir, gt_dir, C, ignore_index=IGNORE)
 
 
@@ -286,7 +286,7 @@ def test_ground_truth_255_without_ignore_index_is_an_error(tmp_path):
     pred_dir, gt_dir = folders(tmp_path)
     save_l(gt_dir / "a.png", np.array([[0, IGNORE]]))
     save_l(pred_dir / "a.png", np.zeros((1, 2)))
-    with pytest.raises(DataError, match=r"a\.png: 1 pixels have label values \[255\] .*no ignore_index is set"):
+    with pytest.raises(DataError, match=r"a\.png: 1 pixel has label values \[255\] .*no ignore_index is set"):
         score_mask_folders(pred_dir, gt_dir, C)
 
 
@@ -382,3 +382,53 @@ def test_eval_with_a_config_remaps_stored_ground_truth_values_as_training_did(tm
     # unlabeled (0) and bicycle (33) are not in the map: ignored; of the other 4 pixels one is wrong
     assert scored["confusion_matrix"] == [[2, 0, 0], [0, 1, 0], [0, 1, 0]]
     assert scored["num_ignored_pixels"] == 2
+
+
+# -- segfocal eval --pred/--gt: where it writes, and how many classes -------------------------------
+
+def eval_masks(capsys, *argv):
+    from recipes import run_tool
+
+    from segfocal.cli import eval as eval_command
+
+    return run_tool(capsys, eval_command, *argv)
+
+
+def snapshot(folder: Path):
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("output", ["gt", "pred", "gt/report", "link-to-pred", "pred/../gt", "file", "file/report"])
+def test_eval_writes_nowhere_among_the_masks_and_never_over_a_file(tmp_path, capsys, output):
+    """An --output that is, or lies inside, the --gt or --pred folder (however spelled) would put
+    metrics.json and confusion_matrix.png among the masks; a file there cannot be a folder: both are
+    one line, exit 2, before anything is read or written."""
+    pred, gt = folders(tmp_path)
+    labels = np.array([[0, 1], [2, IGNORE]])
+    save_l(gt / "a.png", labels)
+    save_l(pred / "a.png", np.array([[0, 1], [1, 0]]))
+    (tmp_path / "link-to-pred").symlink_to(pred, target_is_directory=True)
+    (tmp_path / "file").write_text("a file of mine")
+    before = snapshot(tmp_path)
+    code, _, err = eval_masks(capsys, "--pred", pred, "--gt", gt, "--num-classes", C, "--output", tmp_path / output)
+    message = err.strip()
+    assert code == 2 and "\n" not in message and message.startswith(f"error: --output {tmp_path / output}")
+    if output.startswith("file"):
+        assert message.endswith("is not a folder; give a new or existing folder for the results")
+        assert str(tmp_path / "file") in message
+    else:
+        assert "or inside it; choose an output folder outside it" in message
+        assert f"the --{'gt' if 'gt' in output else 'pred'} folder" in message
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("num_classes", [0, 2049, 100_000_000])
+def test_eval_bounds_the_number_of_classes_in_one_line(tmp_path, capsys, num_classes):
+    pred, gt = folders(tmp_path)
+    save_l(gt / "a.png", np.zeros((2, 2)))
+    save_l(pred / "a.png", np.zeros((2, 2)))
+    code, _, err = eval_masks(capsys, "--pred", pred, "--gt", gt, "--num-classes", num_classes,
+                              "--output", tmp_path / "out")
+    assert code == 2
+    assert err.strip().startswith(f"error: --num-classes must be 1..2048, got {num_classes}")
+    assert "\n" not in err.strip() and not (tmp_path / "out").exists()

@@ -185,3 +185,78 @@ def test_the_onnx_file_records_the_normalisation_of_any_bit_depth(capsys, cfg, m
         .get_modelmeta().custom_metadata_map
     assert json.loads(meta["scale"]) == 1 / 65535
     assert (json.loads(meta["mean"]), json.loads(meta["std"])) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+
+
+# -- an export never replaces its inputs ---------------------------------------------------------
+
+def export_command(capsys, *argv):
+    """Run `segfocal export` in-process; returns (exit code, stderr)."""
+    from segfocal.cli import main
+
+    try:
+        main(["export", *map(str, argv)])
+        code = 0
+    except SystemExit as exited:
+        code = exited.code
+    return code, capsys.readouterr().err.strip()
+
+
+def files_of(folder):
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("fmt, output, what", [
+    ("pt2", "run/best.pt", "the --checkpoint"),
+    ("onnx", "run/best.pt", "the --checkpoint"),
+    ("pt2", "link/best.pt", "the --checkpoint"),          # the run directory through a symlink
+    ("pt2", "run/last.pt", "a file of the checkpoint's run directory"),
+    ("onnx", "run/metrics.jsonl", "a file of the checkpoint's run directory"),
+    ("pt2", "recipe.yaml", "the --config file"),
+    ("smp", "elsewhere", "the --config file"),             # elsewhere/config.json is the config
+])
+def test_an_export_that_would_replace_its_inputs_is_refused_before_the_checkpoint_is_read(
+        capsys, tmp_path, fmt, output, what):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"the trained weights")  # not even a checkpoint: the refusal comes first
+    (run / "last.pt").write_bytes(b"the last weights")
+    (run / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "link").symlink_to(run, target_is_directory=True)
+    (tmp_path / "recipe.yaml").write_text("data: {num_classes: 6}\n")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "config.json").write_text("{}\n")
+    config = tmp_path / ("elsewhere/config.json" if fmt == "smp" else "recipe.yaml")
+    before = files_of(tmp_path)
+    code, error = export_command(capsys, "--checkpoint", run / "best.pt", "--config", config, "--format", fmt,
+                                 "--output", tmp_path / output)
+    assert code == 2 and "\n" not in error
+    assert error.startswith(f"error: --output {tmp_path / output} would replace ") and what in error
+    assert files_of(tmp_path) == before
+
+
+def test_an_smp_folder_with_files_the_export_did_not_write_needs_overwrite(capsys, cfg, model, tmp_path):
+    import segmentation_models_pytorch as smp
+
+    checkpoint = tmp_path / "run" / "best.pt"
+    checkpoint.parent.mkdir()
+    save_checkpoint({"model": model.state_dict(), "config": to_dict(cfg)}, checkpoint)
+    folder = tmp_path / "smp"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"mine": true}')
+    (folder / "notes.txt").write_text("keep me")
+    argv = ["--checkpoint", checkpoint, "--format", "smp", "--output", folder, "--size", 64, 64]
+    code, error = export_command(capsys, *argv)
+    assert code == 2 and "\n" not in error
+    assert error == (f"error: {folder} holds files an smp export did not write (config.json, notes.txt); export to a "
+                     f"new or empty folder, or pass --overwrite to replace config.json, model.safetensors, "
+                     f"README.md there (other files are kept)")
+    assert files_of(folder) == {"config.json": b'{"mine": true}', "notes.txt": b"keep me"}
+
+    assert export_command(capsys, *argv, "--overwrite")[0] == 0
+    assert sorted(files_of(folder)) == ["README.md", "config.json", "model.safetensors", "notes.txt"]
+    assert (folder / "notes.txt").read_text() == "keep me"
+    assert_matches(smp.from_pretrained(str(folder)).eval(), model)
+    # a folder holding an earlier smp export and nothing else is replaced without --overwrite
+    (folder / "notes.txt").unlink()
+    assert export_command(capsys, *argv)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "smp"]  # no staging folder left

@@ -198,6 +198,28 @@ def test_gamma_zero_pixels_with_fixed_weights_is_weighted_sum_over_pixel_count()
     torch.testing.assert_close(ours, reference, rtol=1e-12, atol=0)
 
 
+def test_a_float_alpha_weighs_class_0_by_alpha_and_every_other_class_by_one_minus_alpha():
+    """segfocal's convention, written out in float64 for three pixels of labels 0, 1 and 2. MONAI's softmax
+    FocalLoss and kornia's focal_loss weigh class 0 by 1 - alpha and the others by alpha: their alpha is
+    our 1 - alpha (README, the loss's option table)."""
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.3, 0.2, -0.4], [-1.5, 0.7, 1.1]], dtype=torch.float64)
+    target = torch.tensor([0, 1, 2])
+    alpha, gamma = 0.25, 2.0
+    p_t = logits.softmax(dim=1)[torch.arange(3), target]
+    expected = -torch.tensor([alpha, 1 - alpha, 1 - alpha], dtype=torch.float64) * (1 - p_t) ** gamma * p_t.log()
+    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-6)):  # the chunked pass; the CPU kernel
+        options = dict(gamma=gamma, alpha=alpha, weight=None)
+        per_pixel = focal_loss(logits.to(dtype), target, reduction="none", **options)
+        torch.testing.assert_close(per_pixel.double(), expected, rtol=tolerance, atol=0)
+        total = focal_loss(logits.to(dtype), target, reduction="sum", **options)
+        torch.testing.assert_close(total.double(), expected.sum(), rtol=tolerance, atol=0)
+        module = FocalLoss(**options)(logits.to(dtype), target)  # mean over the three pixels
+        torch.testing.assert_close(module.double(), expected.mean(), rtol=tolerance, atol=0)
+    monai_convention = focal_loss(logits, target, gamma=gamma, alpha=[1 - alpha, alpha, alpha], weight=None,
+                                  reduction="none")
+    assert not torch.allclose(monai_convention, expected)
+
+
 # =============================================================================================
 # gradcheck
 # =============================================================================================

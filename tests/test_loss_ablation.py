@@ -49,6 +49,21 @@ def test_each_variant_trains_with_its_own_loss(ablated):
         assert (out / name / "eval_test" / "metrics.json").is_file()
 
 
+def test_the_losses_the_variants_logged_relate_as_their_formulas_do(ablated):
+    """Same seed, data and initial weights, and four steps from there: each variant's logged training loss
+    stands to the others as the formulas do on one model. Focal multiplies each pixel's cross-entropy by
+    (1 - p_t)^2 < 1; ENet weights (1 / ln(1.1 + f) >= 1 / ln 2.1 = 1.35 per pixel, normalised by the pixel
+    count) multiply it by more than 1.35; Poly-1 adds a positive term; weighted cross-entropy (a weighted
+    mean) differs from the plain one. A variant that lost its overrides would log another's loss."""
+    _, out = ablated
+    loss = {name: json.loads((out / name / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]
+            for name in ABLATION.VARIANTS}
+    assert loss["focal"] < 0.9 * loss["cross_entropy"]
+    assert loss["cb_focal"] > 1.3 * loss["focal"]
+    assert loss["cb_focal_poly1"] > loss["cb_focal"]
+    assert abs(loss["weighted_cross_entropy"] - loss["cross_entropy"]) > 0.01 * loss["cross_entropy"]
+
+
 def test_the_table_reports_what_eval_wrote_on_the_test_split(ablated):
     _, out = ablated
     rows = [line for line in (out / "ablation.md").read_text().splitlines() if line.startswith("| ")][1:]

@@ -28,7 +28,8 @@ def test_encoder_weights_load_from_a_local_file(tmp_path):
 
 
 def test_missing_or_foreign_weight_files_are_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match=r"encoder_weights: file not found: .*nope.pth \(weights are never downloaded\)"):
+    with pytest.raises(ConfigError, match=r"encoder_weights: file not found: .*nope.pth \(a path names a local "
+                                          r"state-dict file; a name smp knows"):
         build_model(ModelConfig(encoder_weights=str(tmp_path / "nope.pth")), num_classes=3)
     torch.save({"something": torch.zeros(3)}, tmp_path / "foreign.pth")
     with pytest.raises(ConfigError, match="holds no tensor of encoder"):

@@ -219,3 +219,20 @@ def test_an_overlays_folder_linked_to_the_input_is_refused(capsys, model, images
     code, _, stderr = predict(capsys, model, images, output)
     assert code == 2 and "would overwrite the --input image" in stderr and "with overlays/a.png" in stderr
     assert {path.name: path.read_bytes() for path in images.iterdir()} == before
+
+
+@pytest.mark.parametrize("output", ["file", "file/masks", "out/overlays"])
+def test_an_output_that_is_not_a_folder_is_one_line_before_the_model_loads(capsys, model, images, tmp_path, output):
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "overlays").write_text("also mine")  # predict would make overlays/ there
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    target = tmp_path / output.removesuffix("/overlays")
+    code, _, stderr = call(capsys, "--config", model.config, "--checkpoint", tmp_path / "missing.pt",  # not read
+                           "--input", images, "--output", target)
+    message = stderr.strip()
+    assert code == 2 and "\n" not in message
+    culprit = {"file": "", "file/masks": f": {tmp_path / 'file'}", "out/overlays": f": {tmp_path / output}"}[output]
+    assert message == (f"error: --output {target}{culprit} is not a folder; give a new or existing folder for the "
+                       f"results")
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before

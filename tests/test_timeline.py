@@ -130,3 +130,16 @@ def test_patience_stops_after_that_many_validations_without_a_better_metric(tmp_
 def test_schedule_options_are_checked_at_load(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(tiny_recipe(tmp_path), [override])
+
+
+@pytest.mark.parametrize("unit, steps_per_epoch, total, expected", [
+    ("epoch", 1, 1, "training for 1 epoch of 1 step (1 step); validation every epoch, last.pt every 2 epochs"),
+    ("epoch", 4, 12, "training for 3 epochs of 4 steps (12 steps); validation every epoch, last.pt every 2 epochs"),
+    ("step", 1, 1, "training for 1 step (train.iters; 1.0 epochs of 1 step); validation every step, last.pt every "
+                   "2 steps"),
+])
+def test_the_console_line_counts_in_the_right_number(unit, steps_per_epoch, total, expected):
+    """One epoch of one step is '1 epoch of 1 step', not '1 epochs of 1 steps'."""
+    from segfocal.engine.timeline import Timeline
+
+    assert Timeline(unit, steps_per_epoch, total, val_every=1, save_every=2).describe() == expected

@@ -314,7 +314,7 @@ def test_predict_on_a_single_file(capsys, trained, new_images, tmp_path):
         predicted = np.array(mask)
     rgb = np.array(Image.open(new_images / "photo.jpg").convert("RGB"))
     assert (predicted != expected_prediction(trained, rgb)).sum() <= 2
-    assert "wrote 1 masks" in stdout
+    assert "wrote 1 mask to" in stdout
 
 
 def test_predict_on_a_folder_without_images_exits_2_naming_it(capsys, trained, tmp_path):
@@ -397,11 +397,13 @@ def test_dataset_stats_counts_the_training_masks(capsys, trained):
     assert counts == expected.tolist()
     assert expected.min() > 0  # every class occurs, so every weight below is defined
     assert f"split 'train': 16 images, {expected.sum()} labelled pixels" in stdout
-    enet = weights_from_histogram(torch.from_numpy(expected), "enet", dtype=torch.float64)
-    column = 3 + WEIGHT_SCHEMES.index("enet")
-    for index, name in enumerate(names):
-        assert float(rows[name][2]) == pytest.approx(expected[index] / expected.sum(), abs=1e-4)
-        assert float(rows[name][column]) == pytest.approx(float(enet[index]), abs=1e-4)
+    header = next(line for line in stdout.splitlines() if line.startswith("class "))
+    assert header.split() == ["class", "pixels", "share", *WEIGHT_SCHEMES]  # a column per scheme, names apart
+    for column, scheme in enumerate(WEIGHT_SCHEMES, start=3):
+        weights = weights_from_histogram(torch.from_numpy(expected), scheme, dtype=torch.float64)
+        for index, name in enumerate(names):
+            assert float(rows[name][2]) == pytest.approx(expected[index] / expected.sum(), abs=1e-4)
+            assert float(rows[name][column]) == pytest.approx(float(weights[index]), abs=1e-4), (scheme, name)
 
     code, stdout, _ = call(capsys, "dataset_stats", "--config", trained.config, "--split", "val")
     assert code == 0
@@ -540,3 +542,43 @@ def test_eval_predict_and_export_read_the_checkpoint_once(capsys, trained, new_i
         code, _, stderr = run_tool(capsys, modules[tool], *argv)
         assert code == 0, stderr
         assert len(reads) == 1, (tool, reads)
+
+
+# -- eval: the split, and where it writes -----------------------------------------------------------
+
+
+@pytest.fixture
+def without_test_split(trained, tmp_path):
+    """A copy of the trained run's data with train and val splits only, and its --set."""
+    import shutil
+
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        shutil.copytree(trained.data / split, root / split)
+    return root, ["--set", f"data.root={root}", "--set", "data.synthetic=null"]
+
+
+def test_eval_of_a_dataset_without_a_test_split_scores_val_with_a_note(capsys, trained, without_test_split, tmp_path):
+    root, sets = without_test_split
+    code, stdout, stderr = call(capsys, "eval", "--checkpoint", trained.best, *sets, "--output", tmp_path / "out")
+    assert code == 0, stderr
+    assert stderr.splitlines()[0] == (f"note: {root} has no 'test' split; evaluating split 'val' (--split chooses "
+                                      f"another)")
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["split"] == "val" and report["num_images"] == 8
+    assert np.sum(report["confusion_matrix"]) == labelled_pixels(root, "val")
+    assert "8 images of split 'val'" in stdout
+
+
+@pytest.mark.parametrize("output", ["val/masks", "val/images/report", "file"])
+def test_eval_of_a_checkpoint_writes_nowhere_among_the_split_files(capsys, trained, without_test_split, output):
+    root, sets = without_test_split
+    (root / "file").write_text("mine")
+    before = {path: path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+    checkpoint = trained.best if output != "file" else root / "missing.pt"  # a file: refused before reading it
+    code, _, stderr = call(capsys, "eval", "--checkpoint", checkpoint, *sets, "--split", "val",
+                           "--output", root / output)
+    message = stderr.strip()
+    assert code == 2 and "\n" not in message and message.startswith(f"error: --output {root / output} ")
+    assert ("is not a folder" if output == "file" else f"is the split's {output.split('/')[1][:-1]} folder") in message
+    assert {path: path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()} == before

@@ -5,8 +5,9 @@ import argparse
 import contextlib
 import os
 import sys
+from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..config import Config, ConfigError, load_config
 
@@ -55,6 +56,29 @@ def checkpoint_and_config(args: argparse.Namespace) -> Tuple[Dict[str, Any], Con
 def add_output_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
     """``--output`` (``--out`` is accepted too: the spelling eval used to have)."""
     parser.add_argument("--output", "--out", dest="output", help=help_text)
+
+
+def check_output_folder(output: Path, inputs: Mapping[str, Path], subfolders: Sequence[str] = ()) -> None:
+    """Raise DataError unless ``output`` (and its ``subfolders``) can be made folders of results apart from ``inputs``.
+
+    Each, and its parents, must be a folder where it exists (what is not is named), and ``output``
+    may not be, or lie inside, any folder of ``inputs`` (what the message calls it → the folder):
+    paths are compared resolved, so symlinked and relative spellings count. Cheap: call it before any work.
+    """
+    from ..data import DataError
+
+    output = Path(output)
+    for folder in (output, *(output / name for name in subfolders)):
+        existing = next(path for path in (folder, *folder.absolute().parents) if path.exists() or path.is_symlink())
+        if not existing.is_dir():
+            culprit = "" if existing == output else f": {existing}"
+            raise DataError(f"--output {output}{culprit} is not a folder; give a new or existing folder for the "
+                            f"results")
+    resolved = output.resolve()
+    for what, source in inputs.items():
+        if source.is_dir() and resolved.is_relative_to(source.resolve()):
+            raise DataError(f"--output {output} is {what} {source} or inside it; choose an output folder outside "
+                            f"it, so that nothing there is overwritten")
 
 
 @contextlib.contextmanager

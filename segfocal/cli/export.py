@@ -14,12 +14,19 @@
 Each artefact is loaded back with its own runtime and compared with the PyTorch model at two batch
 and input sizes before it is written; if they differ, nothing is written and the command exits 2.
 The config saved in a trainer checkpoint is used unless ``--config`` is given.
+
+An export never replaces its inputs: an ``--output`` that would write over the checkpoint, the
+``--config`` file or any file already in the checkpoint's folder (its run directory) is refused
+before the checkpoint is read (paths compared resolved, so symlinked spellings count), and so is an
+smp folder that holds files an smp export did not write, unless ``--overwrite`` (which replaces the
+three files smp writes and keeps the others). Files are written beside their target and renamed onto it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .common import add_config_arguments, checkpoint_and_config, command_main
 
@@ -35,15 +42,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", nargs=2, type=int, default=[256, 256], metavar=("H", "W"),
                         help="the example input size traced and checked (default: 256 256)")
     parser.add_argument("--fixed-size", action="store_true", help="onnx: fix height and width to --size")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="smp: write into a folder that holds other files (they are kept)")
 
 
 def run(args: argparse.Namespace) -> list:
-    from ..export import ExportError, export_onnx, export_pt2, export_smp, model_from_checkpoint
+    from ..export import ExportError, check_output, export_onnx, export_pt2, export_smp, model_from_checkpoint
 
-    contents, cfg = checkpoint_and_config(args)
-    model, cfg = model_from_checkpoint(args.checkpoint, config=cfg, contents=contents)
     size = tuple(args.size)
     try:
+        check_inputs_spared(args)  # before the checkpoint is read
+        check_output(args.format, args.output, args.overwrite)
+        contents, cfg = checkpoint_and_config(args)
+        model, cfg = model_from_checkpoint(args.checkpoint, config=cfg, contents=contents)
         if args.format == "onnx":
             data = cfg.data
             metadata = {"class_names": json.dumps(data.class_names or []), "mean": json.dumps(data.mean),
@@ -55,12 +66,35 @@ def run(args: argparse.Namespace) -> list:
         elif args.format == "pt2":
             written = export_pt2(model, args.output, example_size=size, in_channels=cfg.model.in_channels)
         else:
-            written = export_smp(model, args.output, example_size=size)
+            written = export_smp(model, args.output, example_size=size, overwrite=args.overwrite)
     except (ExportError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print("wrote " + ", ".join(str(path) for path in written))
     return written
+
+
+def check_inputs_spared(args: argparse.Namespace) -> None:
+    """Raise ExportError if a file the export writes would replace the checkpoint, the config or a file of
+    the checkpoint's folder (its run directory: ``last.pt``, ``config.yaml``, ...); a new file there is fine."""
+    from ..config.loader import config_path
+    from ..export import ExportError, output_files
+    from ..files import entry_name, names_of
+
+    checkpoint = Path(args.checkpoint)
+    inputs = {checkpoint: f"the --checkpoint {checkpoint}"}
+    if args.config:
+        config = config_path(args.config)
+        inputs[config] = f"the --config file {config}"
+    for folder in {checkpoint.parent, checkpoint.resolve().parent}:
+        for entry in sorted(folder.iterdir()) if folder.is_dir() else ():
+            if entry.is_file():
+                inputs.setdefault(entry, f"{entry}, a file of the checkpoint's run directory")
+    for target in output_files(args.format, args.output):
+        for path, what in inputs.items():
+            if entry_name(target) in names_of(path):
+                raise ExportError(f"--output {args.output} would replace {what}; export to a new file name or "
+                                  f"outside the run directory")
 
 
 main = command_main(sys.modules[__name__])

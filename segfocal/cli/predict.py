@@ -17,13 +17,16 @@ channel as grey and an image of more channels by its first three, non-8-bit valu
 
 Inputs are never overwritten: an ``--output`` that is the ``--input`` folder or lies inside it, or
 that would put a mask or overlay over an input file, is refused before anything is written or the
-model is loaded (paths are compared resolved, so symlinked spellings count). Each output is written
+model is loaded (paths are compared resolved, so symlinked spellings count), and so is an ``--output``
+(or its ``overlays/``) that is a file. Each output is written
 to a hidden temporary file in ``--output`` and renamed onto its name, so a symlink already there is
 replaced, never followed, and no half-written file is left behind.
 
 ``--max-pixels N`` (default 4194304 = 2048x2048) bounds memory in whole-image mode: an image with
 more pixels than N (read from its header) is predicted with sliding ``eval.crop_size`` windows every
-``eval.stride`` pixels instead, and a line on stderr names it. ``--max-pixels 0``: no limit.
+``eval.stride`` pixels instead, and a line on stderr names it. ``--max-pixels 0``: no limit. (The image
+must still be decodable: one whose header claims more pixels than PIL's limit is refused, see
+:func:`segfocal.data.images.pixel_limit`.)
 """
 from __future__ import annotations
 
@@ -32,7 +35,9 @@ import sys
 from pathlib import Path
 from typing import Tuple
 
-from .common import add_config_arguments, add_inference_arguments, checkpoint_and_config, command_main
+from ..text import counted
+from .common import (add_config_arguments, add_inference_arguments, check_output_folder, checkpoint_and_config,
+                     command_main)
 
 MAX_PIXELS = 2048 * 2048
 OVERLAY_FORMATS = {"png": ("PNG", {}), "jpg": ("JPEG", {"quality": 90})}  # suffix: PIL format, save options
@@ -87,23 +92,21 @@ def output_names(image: Path, overlay_format: str) -> Tuple[str, str]:
 
 
 def check_output_outside_input(source: Path, output: Path, images: list, overlay_format: str) -> None:
-    """Raise DataError if writing to ``output`` could overwrite an input image.
+    """Raise DataError if ``output`` (with its overlays' folder) cannot be a folder or writing there could
+    overwrite an input image.
 
     Paths are compared resolved, so a relative or symlinked spelling of the same folder (the overlays'
     folder included) is caught. An output file's own name is not resolved: a symlink there is
     replaced, never followed.
     """
     from ..data import DataError
+    from ..files import entry_name, names_of
 
-    folder = output.resolve()
-    if source.is_dir() and folder.is_relative_to(source.resolve()):
-        raise DataError(f"--output {output} is the --input folder {source} or inside it; "
-                        f"choose an output folder outside the input, so that no image is overwritten")
+    check_output_folder(output, {"the --input folder": source}, subfolders=[OVERLAY_FOLDER])
     for image in images:
-        spellings = {image.parent.resolve() / image.name, image.resolve()}
+        spellings = names_of(image)
         for name in output_names(image, overlay_format):
-            target = output / name
-            if target.parent.resolve() / target.name in spellings:
+            if entry_name(output / name) in spellings:
                 raise DataError(f"--output {output} would overwrite the --input image {image} with {name}; "
                                 f"choose another output folder")
 
@@ -149,7 +152,6 @@ def run(args: argparse.Namespace) -> list:
     del contents  # the optimiser state it may hold is not needed any more
     palette, names = palette_of(cfg.data), class_names(cfg.data.class_names, cfg.data.num_classes)
     overlay_format, save_options = OVERLAY_FORMATS[args.overlay_format]
-    (output / OVERLAY_FOLDER).mkdir(parents=True, exist_ok=True)
     written = []
     for path in images:
         mode = inference_mode(path, cfg.eval.mode, args.max_pixels, cfg.eval.crop_size, cfg.model.in_channels)
@@ -161,12 +163,13 @@ def run(args: argparse.Namespace) -> list:
         blended = overlay_masks(shown, mask.unsqueeze(0), palette, cfg.data.ignore_index)
         overlay = with_legend(blended[0].permute(1, 2, 0).numpy(), palette, names, mask.unique().tolist())
         mask_name, overlay_name = output_names(path, args.overlay_format)
+        (output / OVERLAY_FOLDER).mkdir(parents=True, exist_ok=True)  # once an image was predicted, not before
         with replaced_atomically(output / mask_name) as handle:
             write_palette_mask(handle, mask.numpy(), palette)
         with replaced_atomically(output / overlay_name) as handle:
             Image.fromarray(overlay).save(handle, format=overlay_format, **save_options)
         written.append(output / mask_name)
-    print(f"wrote {len(written)} masks and overlays to {output}")
+    print(f"wrote {counted(len(written), 'mask')} to {output} and as many overlays to {output / OVERLAY_FOLDER}")
     return written
 
 

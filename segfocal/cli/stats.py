@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..text import counted
 from .common import add_config_arguments, config_from_args, command_main
 
 
@@ -52,12 +53,13 @@ def run(args: argparse.Namespace) -> dict:
             counts, scheme, enet_c=cfg.loss.enet_c, effective_beta=cfg.loss.effective_beta, dtype=torch.float64)]
         for scheme in WEIGHT_SCHEMES
     }
-    header = f"{'class':<16}{'pixels':>12}{'share':>9}" + "".join(f"{scheme:>11}" for scheme in WEIGHT_SCHEMES)
-    print(f"split '{split}': {len(dataset)} images, {total} labelled pixels")
+    width = max(len(scheme) for scheme in WEIGHT_SCHEMES) + 2  # a column per scheme, its name and a gap
+    header = f"{'class':<16}{'pixels':>12}{'share':>9}" + "".join(f"{scheme:>{width}}" for scheme in WEIGHT_SCHEMES)
+    print(f"split '{split}': {counted(len(dataset), 'image')}, {counted(total, 'labelled pixel')}")
     print(header)
     for index, name in enumerate(names):
         row = f"{name:<16}{int(counts[index]):>12}{int(counts[index]) / total:>9.4f}"
-        print(row + "".join(f"{weights[scheme][index]:>11.4f}" for scheme in WEIGHT_SCHEMES))
+        print(row + "".join(f"{weights[scheme][index]:>{width}.4f}" for scheme in WEIGHT_SCHEMES))
     stored = dataset.stored_value_counts()
     shown = ", ".join(f"{value}: {pixels}" for value, pixels in list(stored.items())[:_SHOWN_VALUES])
     more = f" and {len(stored) - _SHOWN_VALUES} more" if len(stored) > _SHOWN_VALUES else ""
@@ -71,8 +73,8 @@ def run(args: argparse.Namespace) -> dict:
                     "loss": {"weight": weights[args.scheme]},
                     "data": {"mean": [round(v, 6) for v in mean], "std": [round(v, 6) for v in std]}}
         comment = (f"# {args.config} with the {args.scheme} class weights and image mean/std of split '{split}' of "
-                   f"{data.root} ({len(dataset)} images){'; --set ' + ' '.join(args.overrides) if args.overrides else ''}"
-                   f"\n")
+                   f"{data.root} ({counted(len(dataset), 'image')})"
+                   f"{'; --set ' + ' '.join(args.overrides) if args.overrides else ''}\n")
         Path(args.output).write_text(comment + yaml.safe_dump(fragment, default_flow_style=None))
         print(f"wrote {args.output}")
     return {"counts": counts.tolist(), "weights": weights, "data": {"mean": mean, "std": std}, "stored_values": stored}

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config.schema import BAD_SAMPLE_MODES, VERIFY_MODES, BadSamples, Layout, Verify
+from ..text import counted
 from .errors import DataError
 from .images import IMAGE_SUFFIXES, check_image, pipeline_image, read_image
 from .labels import LabelRemap
@@ -132,7 +133,7 @@ class SegmentationFolder(Dataset):
         unmatched = [stem for stem in images if stem not in masks]
         if unmatched:
             raise DataError(
-                f"{len(unmatched)} images in {self.image_folder} have no mask in {self.mask_folder}: "
+                f"{counted(len(unmatched), 'image')} in {self.image_folder} without a mask in {self.mask_folder}: "
                 f"{listed(unmatched)}", images[unmatched[0]]
             )
         return [(images[stem], masks[stem]) for stem in images]
@@ -161,10 +162,10 @@ class SegmentationFolder(Dataset):
             else:
                 samples.append((images[image_stem], masks[mask_stem]))
         if missing_images:
-            raise DataError(f"{len(missing_images)} images listed in {path} are not in {self.image_folder}: "
+            raise DataError(f"{counted(len(missing_images), 'image')} listed in {path} not in {self.image_folder}: "
                             f"{listed(missing_images)}", path)
         if missing_masks:
-            raise DataError(f"{len(missing_masks)} masks listed in {path} are not in {self.mask_folder}: "
+            raise DataError(f"{counted(len(missing_masks), 'mask')} listed in {path} not in {self.mask_folder}: "
                             f"{listed(missing_masks)}", path)
         if not samples:
             raise DataError(f"split file {path} lists no samples", path)

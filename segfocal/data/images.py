@@ -6,6 +6,10 @@ holds bands PIL cannot read in full (several 16-bit or float bands, as GIS tools
 multispectral imagery) is read by tifffile, its band axis last. NumPy ``.npy`` files hold (H, W) or
 (H, W, C) arrays. Values keep their type: nothing is clipped to 8 bits.
 
+Every decoder has one pixel limit, :func:`pixel_limit` (PIL's decompression-bomb limit): an image whose
+header claims more pixels, or (for tifffile, ``.npy`` and multi-page TIFFs, whose headers tell it)
+another channel count than the model's, is refused from its header, before anything is decoded.
+
 For a 3-channel model (``channels=3``), 8-bit images are converted to RGB as before (grey
 repeated, palette colours looked up, alpha dropped), so RGB datasets load exactly as they did.
 
@@ -52,11 +56,12 @@ def read_image(path: PathLike, channels: Optional[int] = 3) -> np.ndarray:
     path = Path(path)
     try:
         if path.suffix.lower() == ".npy":
+            _check_npy_header(path, channels)
             array = _hwc(np.load(path, allow_pickle=False), path)
         else:
             image = _open(path)
             if image is None:
-                array = _tiff_series(path, decode=True)
+                array = _tiff_series(path, channels, decode=True)
             else:
                 with image:
                     array = pil_array(image, channels, path)
@@ -80,15 +85,18 @@ def check_image(path: PathLike, decode: bool = False, channels: Optional[int] = 
         return read_image(path, channels).shape[:2]
     try:
         if path.suffix.lower() == ".npy":
+            _check_npy_header(path, channels)
             array = _hwc(np.load(path, mmap_mode="r", allow_pickle=False), path)  # the header only
             height, width, count = array.shape
         else:
             image = _open(path)
             if image is None:
-                height, width, count = _tiff_series(path, decode=False).shape
+                height, width, count = _tiff_series(path, channels, decode=False).shape
             else:
                 with image:
                     (width, height), count = image.size, _channel_count(image, channels)
+                    if _is_multipage(image):
+                        _check_pages(image, channels, path)
     except DataError:
         raise
     except _READ_ERRORS as error:
@@ -103,6 +111,23 @@ def check_channels(path: PathLike, count: int, channels: Optional[int]) -> None:
         raise DataError(f"{path}: the image has {count} channel{'s' * (count != 1)} but model.in_channels="
                         f"{channels} (and data.mean/data.std have {channels} values); every image must have "
                         f"model.in_channels channels", path)
+
+
+def pixel_limit() -> Optional[int]:
+    """The most pixels (height x width) an image may have: twice ``PIL.Image.MAX_IMAGE_PIXELS``, where PIL
+    refuses to open an image as a decompression bomb (it warns from once), for every decoder alike.
+    Read at each call, so a program that sets PIL's limit sets this one; None (PIL's None): no limit."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else 2 * int(limit)
+
+
+def check_pixels(path: PathLike, height: int, width: int) -> None:
+    """Raise DataError naming ``path`` and its claimed size if ``height x width`` exceeds :func:`pixel_limit`."""
+    limit = pixel_limit()
+    if limit is not None and height * width > limit:
+        raise DataError(f"{path}: its header claims a {width}x{height} image ({height * width} pixels), more than "
+                        f"the {limit} pixels an image may have (twice PIL.Image.MAX_IMAGE_PIXELS, PIL's guard "
+                        f"against decompression bombs); nothing was decoded. Cut an image this large into tiles", path)
 
 
 def pipeline_image(image: np.ndarray, scale: Optional[float], path: PathLike = "image") -> np.ndarray:
@@ -132,9 +157,10 @@ def uint8_max_pixel_value(scale: Optional[float]) -> float:
 
 
 def pil_array(image: Image.Image, channels: Optional[int], path: PathLike = "PIL image") -> np.ndarray:
-    """The (H, W, C) array :func:`read_image` makes of an open PIL ``image`` (channels not checked)."""
-    if image.format == "TIFF" and getattr(image, "n_frames", 1) > 1:
-        return _pages(image, path)
+    """The (H, W, C) array :func:`read_image` makes of an open PIL ``image`` (channels checked only where
+    they are pages, before those are decoded)."""
+    if _is_multipage(image):
+        return _pages(image, channels, path)
     if ImageMode.getmode(image.mode).typestr in _EIGHT_BIT:
         if channels == 3:
             return np.array(image.convert("RGB"))
@@ -171,10 +197,11 @@ def _open(path: Path) -> Optional[Image.Image]:
     return image
 
 
-def _tiff_series(path: Path, decode: bool) -> np.ndarray:
+def _tiff_series(path: Path, channels: Optional[int], decode: bool) -> np.ndarray:
     """The TIFF at ``path`` read by tifffile as (H, W, C): its first series' Y and X axes, then its other axis
     (samples, contiguous or planar, or pages) as channels; with ``decode=False`` the header only, as a
-    read-only stand-in of the image's shape and type that holds no pixels."""
+    read-only stand-in of the image's shape and type that holds no pixels. The size and channel count
+    (``channels``: the model's) are checked from the header first."""
     try:
         import tifffile
     except ImportError:
@@ -192,17 +219,22 @@ def _tiff_series(path: Path, decode: bool) -> np.ndarray:
                 raise DataError(f"{path}: this TIFF holds a {'x'.join(map(str, series.shape))} {axes} image (tifffile "
                                 f"axes); expected Y, X and at most one band axis", path)
             order = [axes.index("Y"), axes.index("X"), *bands]
+            shape = [series.shape[index] for index in order]
+            _check_header(path, shape, channels)
             if decode:
                 array = np.ascontiguousarray(series.asarray().transpose(order))
             else:
-                array = np.broadcast_to(np.zeros((), series.dtype), [series.shape[index] for index in order])
+                array = np.broadcast_to(np.zeros((), series.dtype), shape)
     except tifffile.TiffFileError as error:  # a ValueError only since tifffile 2025.9.20
         raise _unreadable(path, error) from None
     return _hwc(array, path)
 
 
-def _pages(image: Image.Image, path: Path) -> np.ndarray:
-    """The pages of a multi-page TIFF stacked as channels; each page must be one band of one size and type."""
+def _pages(image: Image.Image, channels: Optional[int], path: Path) -> np.ndarray:
+    """The pages of a multi-page TIFF stacked as channels; each page must be one band of one size and type.
+
+    The pages' headers are checked (:func:`_check_pages`) before any page is decoded."""
+    _check_pages(image, channels, path)
     pages = []
     for number, page in enumerate(ImageSequence.Iterator(image)):
         array = np.array(page)
@@ -214,13 +246,42 @@ def _pages(image: Image.Image, path: Path) -> np.ndarray:
     return np.stack(pages, axis=-1)
 
 
+def _check_pages(image: Image.Image, channels: Optional[int], path: Path) -> None:
+    """Check a multi-page TIFF's page count against ``channels`` (the model's) and each page's size against
+    :func:`pixel_limit`, from the headers: PIL checks only the first page's size when it opens the file."""
+    check_channels(path, image.n_frames, channels)
+    for page in ImageSequence.Iterator(image):
+        check_pixels(path, page.size[1], page.size[0])
+
+
+def _check_npy_header(path: Path, channels: Optional[int]) -> None:
+    """Check the shape an ``.npy`` file's header declares (:func:`_check_header`) without reading its data."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)  # 3.0 differs from 2.0 only in the header's text encoding
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(handle)
+    _check_header(path, _hwc(np.broadcast_to(np.zeros((), dtype), shape), path).shape, channels)  # holds no pixels
+
+
+def _check_header(path: Path, shape, channels: Optional[int]) -> None:
+    """Raise DataError unless the (H, W) or (H, W, C) ``shape`` a header claims has at most :func:`pixel_limit`
+    pixels and ``channels`` channels (None: any count)."""
+    check_pixels(path, shape[0], shape[1])
+    check_channels(path, shape[2] if len(shape) > 2 else 1, channels)
+
+
 def _channel_count(image: Image.Image, channels: Optional[int]) -> int:
     """How many channels :func:`read_image` gives ``image``, from its header."""
-    if image.format == "TIFF" and getattr(image, "n_frames", 1) > 1:
+    if _is_multipage(image):
         return image.n_frames
     if ImageMode.getmode(image.mode).typestr in _EIGHT_BIT and channels == 3:
         return 3
     return len(ImageMode.getmode(_KEPT_AS.get(image.mode, image.mode)).bands)
+
+
+def _is_multipage(image: Image.Image) -> bool:
+    """Whether ``image`` is a TIFF of several pages, read as one channel per page."""
+    return image.format == "TIFF" and getattr(image, "n_frames", 1) > 1
 
 
 def _hwc(array: np.ndarray, path: Path) -> np.ndarray:

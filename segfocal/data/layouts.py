@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from ..text import counted
 from .errors import DataError
 
 # layout: (image_dir, mask_dir, split_file), as data.image_dir/mask_dir/split_file would set them
@@ -40,6 +41,6 @@ def cityscapes_samples(image_folder: Path, mask_folder: Path) -> List[Tuple[Path
              for image in images]
     missing = [mask for _, mask in pairs if not mask.is_file()]
     if missing:
-        raise DataError(f"{len(missing)} Cityscapes images have no {CITYSCAPES_MASK} mask; first: {missing[0]}",
-                        missing[0])
+        raise DataError(f"{counted(len(missing), 'Cityscapes image', 'has/have')} no {CITYSCAPES_MASK} mask; first: "
+                        f"{missing[0]}", missing[0])
     return pairs

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError
+from ..text import counted
 
 PathLike = Union[str, Path]
 
@@ -80,7 +81,8 @@ def rgb_to_classes(rgb: np.ndarray, color_map: Sequence[Sequence[int]], path: Pa
         unknown = np.unique(codes[~known])
         shown = ", ".join(f"({c >> 16}, {(c >> 8) & 255}, {c & 255})" for c in unknown[:5].tolist())
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-        raise DataError(f"{path}: {int((~known).sum())} pixels have colours not in data.color_map: {shown}{more}", path)
+        raise DataError(f"{path}: {counted(int((~known).sum()), 'pixel', 'has/have')} colours not in data.color_map: "
+                        f"{shown}{more}", path)
     dtype = np.uint8 if len(keys) <= 256 else np.int32
     return order[position].astype(dtype)
 
@@ -94,8 +96,8 @@ def check_mask_values(mask: np.ndarray, path: PathLike, num_classes: int, ignore
         values = np.unique(mask[bad])
         shown = ", ".join(str(v) for v in values[:10].tolist()) + (" ..." if len(values) > 10 else "")
         raise DataError(
-            f"{path}: {int(bad.sum())} pixels have label values [{shown}] outside 0..{num_classes - 1} "
-            f"that are not ignore_index={ignore_index}", path
+            f"{path}: {counted(int(bad.sum()), 'pixel', 'has/have')} label values [{shown}] outside "
+            f"0..{num_classes - 1} that are not ignore_index={ignore_index}", path
         )
 
 

@@ -16,9 +16,11 @@ import numpy as np
 
 from ..config import Config, ConfigError
 from ..files import replaced_atomically
+from ..text import counted
 from .build import build_dataset
 from .errors import DataError
 from .folder import SegmentationFolder
+from .layouts import layout_folders
 
 RECORD = "val_split.json"
 
@@ -38,6 +40,18 @@ def run_dataset(cfg: Config, augment_items: List[Dict[str, Any]], split: str,
     return dataset
 
 
+def has_split(cfg: Config, split: str) -> bool:
+    """Whether :func:`run_dataset` finds ``split`` on disk: its image folder (its split file, where the layout
+    lists the split's images in one) exists; a val split carved from train, where the train split does."""
+    data = cfg.data
+    if data.val_fraction is not None and split == data.val_split:
+        split = data.train_split
+    image_dir, _, split_file = layout_folders(data.layout, data.image_dir, data.mask_dir, data.split_file)
+    if split_file:
+        return (Path(data.root) / split_file.format(split=split)).is_file()
+    return (Path(data.root) / image_dir.format(split=split)).is_dir()
+
+
 def held_out(dataset: SegmentationFolder, fraction: float, seed: int, path: Path, record: bool) -> Set[Path]:
     """The image paths of ``dataset`` that form the val split: read from ``path``, else drawn with ``seed``."""
     if path.is_file():
@@ -45,8 +59,8 @@ def held_out(dataset: SegmentationFolder, fraction: float, seed: int, path: Path
     images = [image for image, _ in dataset.samples]
     count = round(len(images) * fraction)
     if not 0 < count < len(images):
-        raise ConfigError(f"data.val_fraction={fraction} of the {len(images)} images of split '{dataset.split}' "
-                          f"leaves {'no val' if count == 0 else 'no training'} image; change it")
+        raise ConfigError(f"data.val_fraction={fraction} of the {counted(len(images), 'image')} of split "
+                          f"'{dataset.split}' leaves {'no val' if count == 0 else 'no training'} image; change it")
     picks = np.sort(np.random.default_rng(seed).choice(len(images), size=count, replace=False))
     val = [images[index] for index in picks]
     if record:

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from ..config import TrainConfig
+from ..text import counted
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,11 @@ class Timeline:
     def describe(self) -> str:
         """One line for the console: the length in both units and the intervals."""
         unit = self.unit
-        length = (f"{self.total_epochs} epochs of {self.steps_per_epoch} steps ({self.total_steps} steps)"
+        epoch = f"of {counted(self.steps_per_epoch, 'step')}"
+        length = (f"{counted(self.total_epochs, 'epoch')} {epoch} ({counted(self.total_steps, 'step')})"
                   if unit == "epoch" else
-                  f"{self.total_steps} steps (train.iters; {self.total_steps / self.steps_per_epoch:.1f} epochs of "
-                  f"{self.steps_per_epoch} steps)")
+                  f"{counted(self.total_steps, 'step')} (train.iters; {self.total_steps / self.steps_per_epoch:.1f} "
+                  f"epochs {epoch})")
         return (f"training for {length}; validation every {_units(self.val_every, unit)}, last.pt every "
                 f"{_units(self.save_every, unit)}")
 

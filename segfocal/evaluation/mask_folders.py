@@ -32,6 +32,7 @@ from ..config import class_names as default_names
 from ..data.errors import DataError
 from ..data.folder import MASK_SUFFIXES, index_folder, listed
 from ..data.masks import check_mask_values, read_mask
+from ..text import counted
 from .confusion import ConfusionMatrix
 from .counts import check_positive_int
 from .metrics import segmentation_metrics
@@ -193,4 +194,4 @@ def _raise_values(path: Path, values: np.ndarray, what: str, where: str) -> None
 
     unique = np.unique(values)
     shown = ", ".join(str(v) for v in unique[:_SHOWN_VALUES].tolist()) + (" ..." if len(unique) > _SHOWN_VALUES else "")
-    raise DataError(f"{path}: {values.size} pixels have {what} [{shown}] {where}", path)
+    raise DataError(f"{path}: {counted(values.size, 'pixel', 'has/have')} {what} [{shown}] {where}", path)

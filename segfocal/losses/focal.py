@@ -51,7 +51,8 @@ def focal_loss(
         target: integer class indices, the shape of ``logits`` without dimension 1.
         gamma: focusing parameter, ``>= 0``.
         alpha: ``None``; a float (class 0 gets ``alpha``, every other class ``1 - alpha``, the
-            RetinaNet/background convention of the source write-ups); or one value per class.
+            convention of the source write-ups; MONAI's and kornia's softmax focal losses give class 0
+            ``1 - alpha`` and the others ``alpha``); or one value per class.
         weight: a scheme of ``WEIGHT_SCHEMES`` (``"enet"`` by default), by name or as a
             :class:`~segfocal.losses.WeightScheme`, computes class weights from this batch's histogram of
             non-ignored labels (see :mod:`segfocal.losses.class_weights`); a tensor or sequence of ``C``

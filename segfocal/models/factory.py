@@ -66,7 +66,8 @@ def _hub_cache() -> Optional[str]:
 def load_encoder_weights(model: nn.Module, path: Path) -> None:
     """Load a local encoder state dict (a plain state dict, or one nested under ``state_dict``/``model``)."""
     if not path.is_file():
-        raise ConfigError(f"model.encoder_weights: file not found: {path} (weights are never downloaded)")
+        raise ConfigError(f"model.encoder_weights: file not found: {path} (a path names a local state-dict file; "
+                          f"a name smp knows, such as imagenet, is downloaded instead)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for foreign, truncated or unsafe files
