@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from segfocal.files import replaced_atomically
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -38,7 +40,8 @@ def tiny_recipe(tmp_path: Path, **overrides) -> Path:
         node[leaf] = value
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    with replaced_atomically(path) as handle:  # DDP tests' ranks each write it: none may read half a file
+        handle.write(yaml.safe_dump(recipe).encode())
     return path
 
 

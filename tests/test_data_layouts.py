@@ -136,13 +136,13 @@ def test_voc_tree_loads_palette_indices_with_ignored_borders_and_trains(tmp_path
     assert masks_of(build_dataset(cfg.data, [], "val"))[0][15:17].tolist() == [[255] * W] * 2
 
     trainer = Trainer(cfg, progress=False)
-    _, mask = next(iter(trainer.train_loader))
+    _, mask = next(iter(trainer.data.train_loader))
     border = mask == 255
     assert border.any(dim=0)[15:17].all() and not border.any(dim=0)[:15].any()  # the borders reach the loss
 
     def loss_and_gradient(logits):
         logits = logits.clone().requires_grad_(True)
-        loss = trainer.criterion(logits, mask)
+        loss = trainer.parts.criterion(logits, mask)
         return loss, torch.autograd.grad(loss, logits)[0]
 
     logits = torch.randn(mask.shape[0], cfg.data.num_classes, H, W, generator=torch.Generator().manual_seed(0))
