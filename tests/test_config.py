@@ -136,8 +136,8 @@ def test_every_shipped_recipe_loads(recipe):
     ("optim.weight_decay=-0.1", "optim.weight_decay"),
     ("loss.gamma=-1", "loss.gamma"),
     ("loss.weight=[1.0,2.0]", "loss.weight"),
-    ("loss.weight=[1.0,2.0,-1.0,1.0,1.0,1.0]", "loss.weight"),
-    ("loss.alpha=[0.5,0.5,0.5,0.5,0.5,.nan]", "loss.alpha"),
+    ("loss.weight=[1.0,2.0,-1.0,1.0,1.0,1.0]", "loss.weight[2]"),
+    ("loss.alpha=[0.5,0.5,0.5,0.5,0.5,.nan]", "loss.alpha[5]"),
     ("loss.alpha=1.5", "loss.alpha"),
 ])
 def test_values_that_would_wreck_training_are_refused_at_load_naming_the_key(tmp_path, override, key):

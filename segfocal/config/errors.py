@@ -78,13 +78,24 @@ def _member_fits(place: _Place, value: Any) -> bool:
                                                                                                 "constrained"))
 
 
+def _member_of_tag(members: tuple, tag: str) -> Any:
+    """The member of a union that pydantic's location tag (``list[...]``, ``literal[...]``, ``float``) names."""
+    for member in members:
+        bare, _ = _unwrapped(member)
+        origin = get_origin(bare)
+        if ((tag.startswith("list") and origin is list) or (tag.startswith("literal") and origin is Literal)
+                or (tag.startswith(("float", "int", "constrained", "str")) and origin is None
+                    and bare is not type(None))):
+            return member
+    return None
+
+
 def _sentence(model: type, problem: dict) -> str:
     if problem["type"] == "extra_forbidden":
         return _unknown_key(model, problem["loc"])
     place = _Place.of(model, problem["loc"])
     if place.rest:  # a value of a union type: within the member its kind chose, or the whole union
-        member = next((m for m in _members(place.annotation) if _member_fits(_Place("", m, [], None, place.rest),
-                                                                              problem["input"])), None)
+        member = _member_of_tag(_members(place.annotation), str(place.rest[0]))
         if member is None or len(place.rest) == 1:
             return f"{place.key} must be {_kind(place.annotation, place.bounds)}, got {problem['input']!r}"
         place = _Place.of(member, place.rest[1:], place.key, place.description)
