@@ -1,8 +1,12 @@
-"""Shared cases for testing a focal-loss implementation against the composite reference."""
+"""Shared cases for testing a focal-loss implementation against the composite reference, and the
+guard that makes a test of a kernel back end fail when the fused loss turned that back end off."""
+import contextlib
 import math
 
+import pytest
 import torch
 
+import segfocal.losses.fused as fused_module
 from segfocal.losses import focal_loss
 
 #: Option sets covering every weight scheme, alpha form, normalisation, reduction and Poly-1 sign;
@@ -61,3 +65,20 @@ def far_off_labels(dtype, num_pixels=64, num_classes=4, seed=0, device="cpu"):
     slope = gamma * modulated / (1 - p) * p * p.log() - modulated
     grad = slope.unsqueeze(1) * (onehot - softmax) / num_pixels
     return logits.to(dtype).to(device), target.to(device), gamma, loss, grad
+
+
+@contextlib.contextmanager
+def fast_path_kept():
+    """Fail the test if a kernel back end was turned off inside the block.
+
+    A kernel that raises is turned off for the process and the chunked pass answers, which equals the
+    reference: without this, a broken kernel would pass every test that compares values. The block
+    starts with no back end turned off, so an earlier test's failure does not hide this one's kernels.
+    """
+    failures = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused_module, "_KERNEL_FAILURES", failures)
+        yield failures
+    if failures:
+        pytest.fail(f"the fused loss turned a kernel back end off during the test, so its chunked pass answered "
+                    f"instead: {failures}")

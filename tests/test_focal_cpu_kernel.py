@@ -48,6 +48,21 @@ def test_built_once_then_loaded_from_the_cache(fresh_library):
 
 
 @needs_compiler
+def test_a_compiler_that_takes_the_native_flag_builds_with_it_and_only_once(fresh_library, monkeypatch):
+    """The portable build is a fallback for a compiler that rejects -march=native, never taken silently
+    where the native one builds (this machine's gcc takes it)."""
+    compiles, run = [], cpu_kernels.subprocess.run
+
+    def recorded(command, **kwargs):
+        compiles.append(command)
+        return run(command, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels.subprocess, "run", recorded)
+    assert cpu_kernels.library() is not None
+    assert len(compiles) == 1 and set(cpu_kernels.NATIVE) <= set(compiles[0])
+
+
+@needs_compiler
 def test_a_rejected_native_flag_falls_back_to_portable_flags(fresh_library, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "NATIVE", ("-fno-such-flag-segfocal",))
     assert cpu_kernels.library() is not None

@@ -17,7 +17,7 @@ import segfocal.losses.fused as fused_module
 from segfocal.losses import focal_loss
 
 import focal_cases
-from focal_cases import OPTIONS, far_off_labels, options_id, value_and_grad
+from focal_cases import OPTIONS, far_off_labels, fast_path_kept, options_id, value_and_grad
 
 CUDA = torch.cuda.is_available()
 
@@ -52,7 +52,7 @@ def triton_backend():
 @pytest.fixture(params=["cpu", "triton"])
 def backend(request, monkeypatch):
     """A kernel back end (``.module``, ``.device``), with every fused call on logits of a dtype it
-    takes routed through it, whatever the device."""
+    takes routed through it, whatever the device (``conftest.py`` fails the test if it was turned off)."""
     chosen = cpu_backend() if request.param == "cpu" else triton_backend()
     monkeypatch.setattr(fused_module, "_kernels",
                         lambda logits: chosen.module if logits.dtype in chosen.module.DTYPES else None)
@@ -204,3 +204,48 @@ def test_without_a_gradient_the_loss_is_the_same(backend):
         loss = focal_loss(logits.float(), target, implementation="fused", poly_epsilon=1.0)
     reference = focal_loss(logits, target, implementation="reference", poly_epsilon=1.0)
     torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=0)
+
+
+def test_the_cuda_path_of_the_fused_loss_is_the_triton_kernels(monkeypatch):
+    """The dispatch of CUDA logits, the Triton counterpart of the CPU path test: run on fake CUDA
+    tensors (shapes and devices without data), so it holds on a machine without a GPU too."""
+    pytest.importorskip("triton")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from segfocal.losses import triton_kernels
+
+    with FakeTensorMode():
+        logits = torch.empty(2, 19, 8, 8, device="cuda")
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert fused_module._kernels(logits.to(dtype)) is triton_kernels
+        assert fused_module._kernels(logits.double()) is None  # float64 stays on the exact chunked path
+        too_many = torch.empty(2, triton_kernels.MAX_CLASSES + 1, 8, device="cuda")
+        assert fused_module._kernels(too_many) is None
+        monkeypatch.setenv("SEGFOCAL_TRITON", "0")
+        assert fused_module._kernels(logits) is None
+        monkeypatch.setenv("SEGFOCAL_TRITON", "1")
+        monkeypatch.setattr(fused_module, "_HAS_TRITON", False)  # the only other way off, and never silent
+        monkeypatch.setattr(fused_module, "_WARNED", set())
+        with pytest.warns(RuntimeWarning, match="Triton is not installed"):
+            assert fused_module._kernels(logits) is None
+
+
+@pytest.mark.parametrize("phase", ["histogram", "forward", "scale_"])
+def test_the_guard_fails_a_kernel_test_whose_kernel_raised(phase, monkeypatch):
+    """Proof that the guard bites: the C++ back end made to raise in one phase (the histogram, the
+    forward pass, or the backward's scaling of the gradient it wrote). The chunked pass still gives
+    the reference's values, so only the guard can tell."""
+    chosen = cpu_backend()
+    monkeypatch.setattr(fused_module, "_kernels", lambda logits: fused_module._usable(chosen.module))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"deliberately broken {phase}")
+
+    monkeypatch.setattr(chosen.module, phase, broken)
+    logits, target = focal_cases.batch((2, 5, 6, 6))
+    with pytest.raises(pytest.fail.Exception, match=f"deliberately broken {phase}"):
+        with fast_path_kept():
+            loss, grad = value_and_grad(logits.float(), target, "fused", weight="enet")
+    reference_loss, reference_grad = value_and_grad(logits, target, "reference", weight="enet")
+    torch.testing.assert_close(loss.double(), reference_loss, rtol=1e-5, atol=0)  # the fallback's answer
+    torch.testing.assert_close(grad.double(), reference_grad, rtol=1e-4, atol=1e-6)
