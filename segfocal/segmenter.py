@@ -9,6 +9,11 @@ above ``--max-pixels`` to slide mode; pass ``mode="slide"`` for such images here
 
     segmenter = Segmenter.from_checkpoint("runs/synthetic_unet_focal/best.pt")
     mask = segmenter.predict("street.jpg")          # (H, W) class indices
+
+A checkpoint calibrated by ``segfocal calibrate`` (or ``train.calibrate``) carries a bias per class
+that its decisions add to the logits: :meth:`Segmenter.predict` and :meth:`Segmenter.predict_proba`
+apply it (``segmenter.calibrated`` says whether there is one), :meth:`Segmenter.logits` gives the raw
+logits, and ``calibrated=False`` in :meth:`Segmenter.from_checkpoint` leaves it out.
 """
 from __future__ import annotations
 
@@ -24,10 +29,13 @@ from torch import nn
 from .config import Config, class_names, load_config
 from .data import build_transform, pipeline_image, read_image
 from .data.images import check_channels, pil_array
+from .engine.calibrate import stored_calibration
+from .engine.checkpoint import load_checkpoint
 from .engine.distributed import resolve_device
 from .engine.precision import inference_precision
 from .engine.restore import prepare_for_inference, restore_with_config
 from .evaluation import predict_logits
+from .evaluation.calibration import Calibration
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 ConfigInput = Union[Config, str, Path]
@@ -39,12 +47,14 @@ class Segmenter:
 
     ``mode`` (``"whole"`` or ``"slide"``) and ``flip`` override the config's ``eval.mode`` and
     ``eval.flip``; ``device=None`` picks the GPU when CUDA is available, else the CPU (whatever
-    device the run trained on). Attributes: ``model`` (in eval mode on ``device``), ``config``,
-    ``device``, ``mode``, ``flip``, ``num_classes``, ``class_names``.
+    device the run trained on); ``calibration``: a fitted :class:`~segfocal.evaluation.calibration.Calibration`
+    whose bias the decisions add. Attributes: ``model`` (in eval mode on ``device``), ``config``,
+    ``device``, ``mode``, ``flip``, ``num_classes``, ``class_names``, ``calibration``.
     """
 
     def __init__(self, model: nn.Module, config: ConfigInput, device: DeviceInput = None,
-                 mode: Optional[str] = None, flip: Optional[bool] = None) -> None:
+                 mode: Optional[str] = None, flip: Optional[bool] = None,
+                 calibration: Optional[Calibration] = None) -> None:
         """Wrap ``model`` (already built and loaded; it is moved to ``device`` and put in eval mode)."""
         self.config = _as_config(config)
         self.device = _as_device(device)
@@ -59,20 +69,33 @@ class Segmenter:
         self._channels = self.config.model.in_channels
         self._transform = build_transform(self.config.augment.val, data.mean, data.std, scale=data.scale)
         self._precision = inference_precision(self.config.train.amp, self.device)
+        if calibration is not None and len(calibration.bias) != self.num_classes:
+            raise ValueError(f"the calibration has {len(calibration.bias)} biases for {self.num_classes} classes")
+        self.calibration = calibration
+        self._bias = None if calibration is None else calibration.tensor(self.device).view(1, -1, 1, 1)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether :meth:`predict` and :meth:`predict_proba` add a calibration's bias to the logits."""
+        return self.calibration is not None
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], config: Optional[ConfigInput] = None, device: DeviceInput = None,
-                        mode: Optional[str] = None, flip: Optional[bool] = None) -> "Segmenter":
+                        mode: Optional[str] = None, flip: Optional[bool] = None,
+                        calibrated: bool = True) -> "Segmenter":
         """A Segmenter for a trainer checkpoint (``last.pt``/``best.pt``) or a bare state-dict file.
 
         The config is the one the trainer saved in the checkpoint unless ``config`` (a
-        :class:`Config` or a YAML file) is given, which a bare state dict needs. A missing config,
-        or weights that do not fit the model, raise :class:`~segfocal.engine.checkpoint.CheckpointError`
-        naming the file.
+        :class:`Config` or a YAML file) is given, which a bare state dict needs. The checkpoint's
+        calibration is applied unless ``calibrated=False``. A missing config, weights that do not fit
+        the model, or a calibration of another class count raise
+        :class:`~segfocal.engine.checkpoint.CheckpointError` naming the file.
         """
         target = _as_device(device)
-        cfg, model = restore_with_config(path, target, None if config is None else _as_config(config))
-        return cls(model, cfg, target, mode=mode, flip=flip)
+        contents = load_checkpoint(path)
+        cfg, model = restore_with_config(path, target, None if config is None else _as_config(config), contents)
+        calibration = stored_calibration(contents, cfg.data.num_classes, path) if calibrated else None
+        return cls(model, cfg, target, mode=mode, flip=flip, calibration=calibration)
 
     def predict(self, image: Union[ImageInput, Sequence[ImageInput]]) -> Union[np.ndarray, List[np.ndarray]]:
         """The class-index mask (H, W) of ``image`` at its own size; a list of them for a list of images.
@@ -81,11 +104,23 @@ class Segmenter:
         ``PIL.Image.fromarray`` writes as a PNG, like ``tools/predict.py``), else int64.
         """
         dtype = torch.uint8 if self.num_classes <= 256 else torch.int64
-        return self._run(image, lambda logits: logits.argmax(dim=1).to(dtype))
+        return self._run(image, lambda logits: self._decided(logits).argmax(dim=1).to(dtype))
 
     def predict_proba(self, image: Union[ImageInput, Sequence[ImageInput]]) -> Union[np.ndarray, List[np.ndarray]]:
-        """Float32 softmax probabilities (C, H, W) of ``image`` at its own size; a list for a list of images."""
-        return self._run(image, lambda logits: logits.softmax(dim=1))
+        """Float32 softmax probabilities (C, H, W) of ``image`` at its own size; a list for a list of images.
+
+        When :attr:`calibrated`, they are those of the calibrated logits (the bias shifts each class's
+        prior), so their argmax is :meth:`predict`'s decision; ``softmax(logits(image))`` gives the raw ones.
+        """
+        return self._run(image, lambda logits: self._decided(logits).softmax(dim=1))
+
+    def logits(self, image: Union[ImageInput, Sequence[ImageInput]]) -> Union[np.ndarray, List[np.ndarray]]:
+        """Float32 raw logits (C, H, W) of ``image`` at its own size, without any calibration; a list for a list."""
+        return self._run(image, lambda logits: logits)
+
+    def _decided(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits the decisions are taken on: plus the calibration's bias, when there is one."""
+        return logits if self._bias is None else logits.float() + self._bias
 
     def _run(self, images: Union[ImageInput, Sequence[ImageInput]],
              finish: Callable[[torch.Tensor], torch.Tensor]) -> Union[np.ndarray, List[np.ndarray]]:

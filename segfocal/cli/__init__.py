@@ -1,5 +1,5 @@
 """The ``segfocal`` command: one subcommand per module (``train``, ``eval``, ``predict``, ``stats``,
-``export``, ``config-schema`` in ``config_schema.py``).
+``export``, ``calibrate``, ``config-schema`` in ``config_schema.py``).
 
 Each command module provides ``add_arguments(parser)``, ``run(args)`` and a standalone ``main``
 (what ``tools/<name>.py`` calls); :func:`main` here dispatches ``segfocal <command> ...``. Only the
@@ -19,6 +19,7 @@ COMMANDS = {
     "predict": "masks and overlays for new images",
     "stats": "class pixel counts of a split and the weights of every scheme",
     "export": "the model as ONNX, a torch.export program or an smp folder",
+    "calibrate": "fit a per-class decision calibration on a split and store it in the checkpoint",
     "config-schema": "the config's JSON Schema, for editors",
 }
 # what `pip install segfocal` leaves out and the "train" extra brings (import names)

@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -53,6 +54,23 @@ def checkpoint_and_config(args: argparse.Namespace) -> Tuple[Dict[str, Any], Con
     return contents, config_from_args(args, args.checkpoint, contents)
 
 
+def add_calibration_argument(parser: argparse.ArgumentParser) -> None:
+    """``--no-calibration``: decide on the raw logits, leaving out the checkpoint's calibration."""
+    parser.add_argument("--no-calibration", dest="calibration", action="store_false",
+                        help="ignore the calibration stored in the checkpoint (segfocal calibrate): raw argmax")
+
+
+def calibration_from_args(args: argparse.Namespace, contents: Dict[str, Any], cfg: Config) -> Any:
+    """The calibration the checkpoint carries, unless ``--no-calibration``; a line on stderr says it is applied."""
+    from ..engine.calibrate import stored_calibration
+
+    calibration = stored_calibration(contents, cfg.data.num_classes, args.checkpoint) if args.calibration else None
+    if calibration is not None:
+        print(f"note: applying the calibration stored in {args.checkpoint} (fitted for {calibration.metric} on "
+              f"split '{calibration.split}'; --no-calibration leaves it out)", file=sys.stderr)
+    return calibration
+
+
 def add_output_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
     """``--output`` (``--out`` is accepted too: the spelling eval used to have)."""
     parser.add_argument("--output", "--out", dest="output", help=help_text)
@@ -83,15 +101,23 @@ def check_output_folder(output: Path, inputs: Mapping[str, Path], subfolders: Se
 
 @contextlib.contextmanager
 def exit_on_user_error() -> Iterator[None]:
-    """Turn errors caused by the user's config, data or checkpoint into a one-line message and exit 2."""
+    """Turn errors caused by the user's config, data or checkpoint into a one-line message and exit 2;
+    warnings print as one line too (``warning: ...``), without the source line Python would add."""
     from ..data import DataError
     from ..engine.checkpoint import CheckpointError
 
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         yield
     except (ConfigError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _one_line_warning(message: Any, category: type, *args: Any, **kwargs: Any) -> str:
+    return f"warning: {message}\n"
 
 
 def command_main(command: ModuleType) -> Callable[[Optional[Sequence[str]]], object]:

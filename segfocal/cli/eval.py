@@ -2,14 +2,16 @@
 accuracy, confusion matrix.
 
     segfocal eval --checkpoint CKPT [--config CFG] [--split test] [--auroc] [--mode whole|slide] [--flip]
-                  [--output DIR]
+                  [--no-calibration] [--output DIR]
     segfocal eval --pred DIR --gt DIR (--num-classes N [--ignore-index I] | --config CFG) [--output DIR]
 
 Prints a per-class table and writes ``metrics.json`` and ``confusion_matrix.png`` to ``--output``
 (default: ``eval_<split>/`` beside the checkpoint, or ``eval_masks/`` beside ``--pred``). The
 checkpoint may be one the trainer wrote (its saved config is used unless ``--config`` is given)
 or a bare model state dict (``--config`` needed); a dataset without a test split is scored on its
-val split, with a note. With ``--pred``/``--gt``, two folders of masks are matched by file stem and
+val split, with a note. A checkpoint calibrated by ``segfocal calibrate`` is scored twice, raw and
+with its calibration (``metrics.json`` holds both, the latter under ``"calibrated"``), unless
+``--no-calibration``. With ``--pred``/``--gt``, two folders of masks are matched by file stem and
 scored with the same metrics (at most :data:`MAX_CLASSES` classes); pixels whose ground truth is the
 ignore index are not scored.
 
@@ -25,8 +27,9 @@ from pathlib import Path
 from ..config import ConfigError, class_names
 from ..evaluation import format_table, plot_confusion_matrix, write_json
 from ..text import counted
-from .common import (add_config_arguments, add_inference_arguments, add_output_argument, check_output_folder,
-                     checkpoint_and_config, command_main, config_from_args)
+from .common import (add_calibration_argument, add_config_arguments, add_inference_arguments, add_output_argument,
+                     calibration_from_args, check_output_folder, checkpoint_and_config, command_main,
+                     config_from_args)
 
 #: The most classes ``--pred``/``--gt`` scoring takes. Memory and time bound it, not the code (an int64 cell index
 #: would allow 3e9 classes): the C x C confusion matrix goes into metrics.json and its plot, which at 2048 classes
@@ -40,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", help="dataset split (default: data.test_split; data.val_split if the dataset "
                                         "has no test split)")
     add_inference_arguments(parser)
+    add_calibration_argument(parser)
     parser.add_argument("--auroc", action="store_true", help="also per-class one-vs-rest AUROC of the softmax scores")
     parser.add_argument("--pred", help="a folder of predicted masks to score instead of a checkpoint")
     parser.add_argument("--gt", help="the folder of ground-truth masks for --pred")
@@ -75,19 +79,28 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     dataset.validate(data.num_classes, data.ignore_index)
     loader = build_loader(dataset, cfg.eval.batch_size, shuffle=False, num_workers=data.num_workers, seed=cfg.seed,
                           drop_last=False)
+    calibration = calibration_from_args(args, contents, cfg)
     model = restore_model(cfg, args.checkpoint, device, contents)
     result = evaluate(model, loader, cfg.eval, data.num_classes, data.ignore_index, device,
-                      inference_precision(cfg.train.amp, device), metrics=("auroc",) if args.auroc else ())
+                      inference_precision(cfg.train.amp, device), metrics=("auroc",) if args.auroc else (),
+                      bias=None if calibration is None else calibration.tensor())
     names = class_names(data.class_names, data.num_classes)
     out.mkdir(parents=True, exist_ok=True)
     extra = {"checkpoint": str(args.checkpoint), "split": split, "num_images": len(dataset),
              "class_names": names, "confusion_matrix": result.confusion.tolist()}
     if result.auroc is not None:
         extra["auroc"] = result.auroc
+    if result.calibrated is not None:
+        extra["calibrated"] = {"metrics": result.calibrated.metrics,
+                               "confusion_matrix": result.calibrated.confusion.tolist(),
+                               "calibration": calibration.to_dict()}
     write_json(result.metrics, out / "metrics.json", extra=extra)
     plot_confusion_matrix(result.confusion, names, out / "confusion_matrix.png")
     print(f"{counted(len(dataset), 'image')} of split '{split}', checkpoint {args.checkpoint}")
-    print(format_table(result.metrics, names))
+    print(("raw decision (argmax of the logits):\n" if result.calibrated else "") + format_table(result.metrics, names))
+    if result.calibrated is not None:
+        print(f"\ncalibrated decision (fitted for {calibration.metric} on split '{calibration.split}'):")
+        print(format_table(result.calibrated.metrics, names))
     if result.auroc is not None:
         print("AUROC: " + ", ".join(f"{name} {value:.4f}" for name, value in zip(names, result.auroc)))
     print(f"wrote {out / 'metrics.json'} and {out / 'confusion_matrix.png'}")

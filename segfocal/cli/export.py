@@ -1,7 +1,7 @@
 """Export a trained model to run without segfocal: ONNX, a torch.export program, or an smp folder.
 
     segfocal export --checkpoint CKPT --format onnx|pt2|smp --output PATH [--config CFG] [--size H W]
-                    [--fixed-size]
+                    [--fixed-size] [--no-calibration]
 
 * ``onnx`` (needs ``pip install 'segfocal[export]'``): input ``image`` float32 ``[N, C, H, W]``,
   normalised as in training, ``(x * scale - mean) / std`` for a stored value ``x`` (``scale``,
@@ -10,6 +10,11 @@
 * ``pt2``: a ``torch.export`` program with dynamic batch and size; load it with plain torch,
   ``torch.export.load(PATH).module()``. (TorchScript is deprecated in PyTorch, so it is not offered.)
 * ``smp``: a ``save_pretrained`` folder that ``segmentation_models_pytorch.from_pretrained(PATH)`` loads.
+
+A checkpoint calibrated by ``segfocal calibrate`` is exported with its calibration folded into the
+segmentation head's last convolution bias: the exported logits are the calibrated ones, so their
+argmax is the calibrated decision in any runtime (ONNX metadata records the biases);
+``--no-calibration`` exports the raw model.
 
 Each artefact is loaded back with its own runtime and compared with the PyTorch model at two batch
 and input sizes before it is written; if they differ, nothing is written and the command exits 2.
@@ -28,7 +33,8 @@ import json
 import sys
 from pathlib import Path
 
-from .common import add_config_arguments, checkpoint_and_config, command_main
+from .common import add_calibration_argument, add_config_arguments, calibration_from_args, checkpoint_and_config, \
+    command_main
 
 FORMATS = ("onnx", "pt2", "smp")
 
@@ -42,12 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", nargs=2, type=int, default=[256, 256], metavar=("H", "W"),
                         help="the example input size traced and checked (default: 256 256)")
     parser.add_argument("--fixed-size", action="store_true", help="onnx: fix height and width to --size")
+    add_calibration_argument(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="smp: write into a folder that holds other files (they are kept)")
 
 
 def run(args: argparse.Namespace) -> list:
+    import torch
+
     from ..export import ExportError, check_output, export_onnx, export_pt2, export_smp, model_from_checkpoint
+    from ..models.heads import fold_logit_bias
 
     size = tuple(args.size)
     try:
@@ -55,12 +65,17 @@ def run(args: argparse.Namespace) -> list:
         check_output(args.format, args.output, args.overwrite)
         contents, cfg = checkpoint_and_config(args)
         model, cfg = model_from_checkpoint(args.checkpoint, config=cfg, contents=contents)
+        calibration = calibration_from_args(args, contents, cfg)
+        if calibration is not None:
+            fold_logit_bias(model, calibration.tensor(), torch.zeros(1, cfg.model.in_channels, *size))
         if args.format == "onnx":
             data = cfg.data
             metadata = {"class_names": json.dumps(data.class_names or []), "mean": json.dumps(data.mean),
                         "std": json.dumps(data.std), "ignore_index": str(data.ignore_index),
                         # stored values times scale, then (x - mean) / std; null: the type's range (1/255 for 8-bit)
-                        "scale": json.dumps(data.scale)}
+                        "scale": json.dumps(data.scale),
+                        # folded into the logits already: the biases, for the record
+                        "calibration": json.dumps(None if calibration is None else calibration.bias)}
             written = export_onnx(model, args.output, in_channels=cfg.model.in_channels, example_size=size,
                                   dynamic_size=not args.fixed_size, metadata=metadata)
         elif args.format == "pt2":

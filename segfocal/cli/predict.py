@@ -1,11 +1,12 @@
 """Predict masks for new images of any size.
 
     segfocal predict --checkpoint CKPT --input DIR_OR_FILE --output DIR [--config CFG]
-                     [--mode whole|slide] [--flip] [--max-pixels N] [--overlay-format png|jpg]
+                     [--mode whole|slide] [--flip] [--max-pixels N] [--overlay-format png|jpg] [--no-calibration]
 
 The config saved in a trainer checkpoint is used unless ``--config`` is given (a bare state-dict
 file needs it); ``--set`` overrides either. The masks are those of
-:class:`segfocal.segmenter.Segmenter` for the same checkpoint.
+:class:`segfocal.segmenter.Segmenter` for the same checkpoint: with the checkpoint's calibration
+(``segfocal calibrate``) applied, unless ``--no-calibration``.
 
 Images are read as training read them (any bit depth; ``model.in_channels`` channels, ``.npy``
 too). For each image writes ``<stem>.png`` (a palette PNG whose pixel values are class indices) and
@@ -36,8 +37,8 @@ from pathlib import Path
 from typing import Tuple
 
 from ..text import counted
-from .common import (add_config_arguments, add_inference_arguments, check_output_folder, checkpoint_and_config,
-                     command_main)
+from .common import (add_calibration_argument, add_config_arguments, add_inference_arguments, calibration_from_args,
+                     check_output_folder, checkpoint_and_config, command_main)
 
 MAX_PIXELS = 2048 * 2048
 OVERLAY_FORMATS = {"png": ("PNG", {}), "jpg": ("JPEG", {"quality": 90})}  # suffix: PIL format, save options
@@ -49,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="an image file or a directory of images")
     parser.add_argument("--output", required=True, help="directory for the masks and overlays (not inside --input)")
     add_inference_arguments(parser)
+    add_calibration_argument(parser)
     parser.add_argument("--max-pixels", type=pixel_limit, default=MAX_PIXELS, metavar="N",
                         help=f"in whole mode, predict images of more than N pixels with sliding windows "
                              f"(eval.crop_size, eval.stride) to bound memory; 0: no limit (default: {MAX_PIXELS})")
@@ -148,7 +150,9 @@ def run(args: argparse.Namespace) -> list:
     check_output_outside_input(source, output, images, args.overlay_format)
     contents, cfg = checkpoint_and_config(args)
     device = resolve_device(cfg.device)
-    segmenters = {cfg.eval.mode: Segmenter(restore_model(cfg, args.checkpoint, device, contents), cfg, device)}
+    calibration = calibration_from_args(args, contents, cfg)
+    segmenters = {cfg.eval.mode: Segmenter(restore_model(cfg, args.checkpoint, device, contents), cfg, device,
+                                           calibration=calibration)}
     del contents  # the optimiser state it may hold is not needed any more
     palette, names = palette_of(cfg.data), class_names(cfg.data.class_names, cfg.data.num_classes)
     overlay_format, save_options = OVERLAY_FORMATS[args.overlay_format]
@@ -156,7 +160,8 @@ def run(args: argparse.Namespace) -> list:
     for path in images:
         mode = inference_mode(path, cfg.eval.mode, args.max_pixels, cfg.eval.crop_size, cfg.model.in_channels)
         if mode not in segmenters:  # the same model, run in sliding windows
-            segmenters[mode] = Segmenter(segmenters[cfg.eval.mode].model, cfg, device, mode=mode)
+            segmenters[mode] = Segmenter(segmenters[cfg.eval.mode].model, cfg, device, mode=mode,
+                                         calibration=calibration)
         image = read_image(path, cfg.model.in_channels)  # DataError naming the file if unreadable or oversized
         mask = torch.from_numpy(segmenters[mode].predict(image))
         shown = display_images(torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0), cfg.data.scale)

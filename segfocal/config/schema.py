@@ -297,6 +297,8 @@ class TrainConfig(Section):
     ema: Optional[EmaConfig] = Field(None, description="null: validate the trained weights themselves")
     compile: bool = Field(False, description="torch.compile the model (checkpoints hold the plain module's weights)")
     max_bad_steps: NonNegativeInt = 10
+    calibrate: bool = Field(False, description="after training, fit a per-class decision calibration of best.pt "
+                                               "on the val split for checkpoint_metric, and store it in best.pt")
     find_unused_parameters: bool = False
 
 
@@ -341,17 +343,17 @@ class Config(Section):
             if isinstance(values, list) and len(values) != data.num_classes:
                 raise ValueError(f"{key} must be one finite value >= 0 per class (data.num_classes="
                                  f"{data.num_classes}), got {values!r}")
-        _check_checkpoint_metric(self.train.checkpoint_metric, class_names(data.class_names, data.num_classes))
+        check_metric_name(self.train.checkpoint_metric, class_names(data.class_names, data.num_classes))
         return self
 
 
-def _check_checkpoint_metric(metric: str, names: List[str]) -> None:
-    """``train.checkpoint_metric`` names a metric validation reports (a typo used to fail only at the
-    first validation)."""
+def check_metric_name(metric: str, names: Sequence[str], key: str = "train.checkpoint_metric") -> None:
+    """Raise ``ValueError`` naming ``key`` unless ``metric`` is one validation reports: a summary metric,
+    or one class's (in ``names``) per-class metric as ``"iou.<class name>"``."""
     kind, _, name = metric.partition(".")
     if metric in SUMMARY_METRICS or (kind in PER_CLASS_METRICS and name in names):
         return
     if kind in PER_CLASS_METRICS and name:
-        raise ValueError(f"train.checkpoint_metric={metric!r}: no class {name!r}; the classes are {', '.join(names)}")
-    raise ValueError(f"train.checkpoint_metric={metric!r} is not a metric; choose one of {', '.join(SUMMARY_METRICS)}"
-                     f", or one class's {'/'.join(PER_CLASS_METRICS)} as 'iou.<class name>'")
+        raise ValueError(f"{key}={metric!r}: no class {name!r}; the classes are {', '.join(names)}")
+    raise ValueError(f"{key}={metric!r} is not a metric; choose one of {', '.join(SUMMARY_METRICS)}, or one "
+                     f"class's {'/'.join(PER_CLASS_METRICS)} as 'iou.<class name>'")

@@ -21,6 +21,8 @@ import torch
 from ..config import Config, ConfigError, class_names, to_dict
 from ..data.seeding import reseed_transform
 from ..evaluation import format_table, metric_value
+from ..evaluation.report import format_calibration
+from .calibrate import calibrate_model, store_calibration
 from .checkpoint import load_checkpoint, model_state_from
 from .checkpointer import Checkpointer, NonFiniteLossError
 from .distributed import init_distributed
@@ -79,7 +81,10 @@ class Trainer:
                     if self.train_one_epoch(epoch) is None:  # training ended part-way through the epoch
                         break
                     self._after_step(epoch_end=True)
-            return self.final_evaluation()
+            result = self.final_evaluation()
+            if self.cfg.train.calibrate and self.dist.is_main:
+                self.calibrate_best()
+            return result
         finally:
             self.reporter.close()
             self.checkpointer.close()
@@ -191,6 +196,18 @@ class Trainer:
             print(f"\nBest checkpoint ({self.timeline.unit} {best_at}) on split '{data.val_split}':")
             print(format_table(result.metrics, self.class_names))
         return result
+
+    def calibrate_best(self) -> None:
+        """``train.calibrate``: fit ``best.pt``'s calibration on the val split (this process's share of it,
+        all of it without DDP) for ``train.checkpoint_metric``, store it in ``best.pt``, print its table."""
+        best = self.checkpointer.path("best.pt")
+        if not best.is_file():
+            return
+        data, train = self.cfg.data, self.cfg.train
+        calibration = calibrate_model(self.parts.evaluated_model, self.data.val_loader, self.cfg, data.val_split,
+                                      train.checkpoint_metric, 2, self.device, self.parts.precision)
+        store_calibration(best, load_checkpoint(best), calibration)
+        print(f"\n{format_calibration(calibration, self.class_names)}\nstored in {best}")
 
     def _seed_epoch(self, epoch: int) -> None:
         seed = self.cfg.seed + epoch

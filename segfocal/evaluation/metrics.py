@@ -35,36 +35,39 @@ def segmentation_metrics(matrix: Any) -> Dict[str, Any]:
     m = torch.as_tensor(matrix).detach().to("cpu", torch.float64)
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
         raise ValueError(f"matrix must be square [C, C], got shape {tuple(m.shape)}")
-    tp = m.diagonal()
-    support = m.sum(dim=1)
-    predicted = m.sum(dim=0)
-    fn = support - tp
-    fp = predicted - tp
-    present = support > 0
-    nan = torch.tensor(float("nan"), dtype=torch.float64)
-    iou = torch.where(present, tp / (tp + fp + fn), nan)
-    accuracy = torch.where(present, tp / support, nan)
-    dice = torch.where(present, 2 * tp / (2 * tp + fp + fn), nan)
-    total = m.sum()
-    frequency = support / total
-    fwiou = (frequency[present] * iou[present]).sum() if total > 0 else nan
+    values = metric_tensors(m)
     return {
-        "iou": iou.tolist(),
-        "accuracy": accuracy.tolist(),
-        "dice": dice.tolist(),
-        "support": [int(value) for value in support.tolist()],
-        "miou": iou.nanmean().item(),
-        "mean_accuracy": accuracy.nanmean().item(),
-        "mean_dice": dice.nanmean().item(),
-        "pixel_accuracy": (tp.sum() / total).item(),
-        "fwiou": float(fwiou),
-        "num_pixels": int(total.item()),
+        **{name: values[name].tolist() for name in ("iou", "accuracy", "dice")},
+        "support": [int(value) for value in values["support"].tolist()],
+        **{name: values[name].item() for name in ("miou", "mean_accuracy", "mean_dice", "pixel_accuracy", "fwiou")},
+        "num_pixels": int(m.sum().item()),
     }
 
 
-def metric_value(metrics: Dict[str, Any], name: str, class_names: Sequence[str]) -> float:
-    """The metric ``name`` of :func:`segmentation_metrics`' result: a summary (``"miou"``) or one
-    class's ``iou``/``accuracy``/``dice`` as ``"iou.<class name>"``; NaN where it is undefined."""
+def metric_tensors(matrix: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The metrics of :func:`segmentation_metrics` as float64 tensors, for a ``[..., C, C]`` stack of
+    matrices at once (per-class values ``[..., C]``, summaries ``[...]``)."""
+    m = matrix.double()
+    tp = m.diagonal(dim1=-2, dim2=-1)
+    support, predicted = m.sum(-1), m.sum(-2)
+    present = support > 0
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=m.device)
+    iou = torch.where(present, tp / (support + predicted - tp), nan)
+    accuracy = torch.where(present, tp / support, nan)
+    dice = torch.where(present, 2 * tp / (support + predicted), nan)
+    total = support.sum(-1)
+    fwiou = torch.where(total > 0, (support / total.unsqueeze(-1) * torch.where(present, iou, 0.0)).sum(-1), nan)
+    return {"iou": iou, "accuracy": accuracy, "dice": dice, "support": support, "miou": iou.nanmean(-1),
+            "mean_accuracy": accuracy.nanmean(-1), "mean_dice": dice.nanmean(-1), "pixel_accuracy": tp.sum(-1) / total,
+            "fwiou": fwiou}
+
+
+def metric_value(metrics: Dict[str, Any], name: str, class_names: Sequence[str]) -> Any:
+    """The metric ``name`` of :func:`segmentation_metrics`' result (a float, NaN where it is undefined),
+    or of :func:`metric_tensors`' (a tensor over its matrices): a summary (``"miou"``) or one class's
+    ``iou``/``accuracy``/``dice`` as ``"iou.<class name>"``."""
     kind, _, class_name = name.partition(".")
+    if isinstance(metrics[kind], torch.Tensor):
+        return metrics[kind][..., list(class_names).index(class_name)] if class_name else metrics[name]
     value = metrics[kind][list(class_names).index(class_name)] if class_name else metrics[name]
     return math.nan if value is None else float(value)

@@ -9,6 +9,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
+from .metrics import segmentation_metrics
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 _SUMMARY = (("mIoU", "miou"), ("Class-avg acc", "mean_accuracy"), ("Pixel acc", "pixel_accuracy"),
@@ -137,3 +139,24 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):  # torch / NumPy tensors and scalars
         return _jsonable(value.tolist())
     raise TypeError(f"cannot write a {type(value).__name__} to JSON")
+
+
+def format_calibration(calibration: Any, class_names: Sequence[str]) -> str:
+    """A :class:`~segfocal.evaluation.calibration.Calibration` as text: the bias per class, then per-class IoU,
+    mIoU and class-average accuracy (in %) of the raw decision, the calibrated one on the pixels it was
+    fitted on, and the cross-fitted one (each fold scored with the bias fitted on the others)."""
+    names = [str(name) for name in class_names]
+    rows = [("raw", calibration.confusion_before), ("calibrated (in-sample)", calibration.confusion_after)]
+    if calibration.confusion_cross_fitted is not None:
+        rows.append((f"calibrated ({calibration.folds}-fold cross-fitted)", calibration.confusion_cross_fitted))
+    width = max(len(label) for label, _ in rows)
+    columns = [max(6, len(name)) for name in names]
+    lines = [f"Calibration for {calibration.metric} on split '{calibration.split}' ({calibration.num_images} images)",
+             "bias: " + ", ".join(f"{name} {value:+.2f}" for name, value in zip(names, calibration.bias)),
+             f"{'IoU %':<{width}}  " + "  ".join(f"{name:>{size}}" for name, size in zip(names, columns))
+             + "    mIoU  class-acc"]
+    for label, matrix in rows:
+        metrics = segmentation_metrics(torch.tensor(matrix))
+        cells = "  ".join(f"{_percent(value):>{size}}" for value, size in zip(metrics["iou"], columns))
+        lines.append(f"{label:<{width}}  {cells}  {_percent(metrics['miou']):>6}  {_percent(metrics['mean_accuracy']):>9}")
+    return "\n".join(lines)

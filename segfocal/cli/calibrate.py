@@ -1,0 +1,79 @@
+"""Fit a per-class decision calibration on a labelled split and store it in the checkpoint.
+
+    segfocal calibrate --checkpoint CKPT [--config CFG] [--split val] [--metric miou] [--folds 2]
+                       [--mode whole|slide] [--flip]
+
+A bias per class, added to the logits before the argmax, is fitted on the split's images to
+maximise ``--metric`` (``miou``, ``mean_accuracy``, ``mean_dice``, ``pixel_accuracy``, ``fwiou``, or
+one class's ``iou.<class>``/``accuracy.<class>``/``dice.<class>``), with the same inference as
+``segfocal eval`` (``eval.mode``, ``--mode``, ``--flip``). It prints the biases and the per-class IoU
+of the raw decision, of the calibrated one on the pixels it was fitted on, and cross-fitted over
+``--folds`` folds of images (each fold scored with the bias fitted on the others: the figure to
+expect on new images).
+
+The calibration is written into the checkpoint itself (under ``"calibration"``), by an atomic
+rewrite that leaves the weights and every other entry as they were; ``eval``, ``predict``,
+``Segmenter`` and ``export`` then apply it. In a run directory (one ``segfocal train`` made) the run's
+lock is held meanwhile, so a training run cannot write the file at the same time.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .common import add_config_arguments, add_inference_arguments, checkpoint_and_config, command_main
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, required=False)
+    parser.add_argument("--checkpoint", required=True, help="trainer checkpoint (best.pt, last.pt) to calibrate")
+    parser.add_argument("--split", help="the labelled split to fit on (default: data.val_split)")
+    parser.add_argument("--metric", default="miou", help="the metric the biases maximise (default: miou)")
+    parser.add_argument("--folds", type=int, default=2, help="folds of images for the cross-fitted estimate "
+                                                             "(default: 2)")
+    add_inference_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from ..config import ConfigError, class_names
+    from ..data import build_loader
+    from ..data.splits import run_dataset
+    from ..engine.calibrate import calibrate_model, store_calibration
+    from ..engine.distributed import resolve_device
+    from ..engine.precision import inference_precision
+    from ..engine.restore import restore_model
+    from ..engine.work_dir_lock import LOCK_NAME, WorkDirLock
+    from ..evaluation.report import format_calibration
+
+    path = Path(args.checkpoint)
+    lock = WorkDirLock(path.resolve().parent)
+    if (path.resolve().parent / LOCK_NAME).exists():  # a run directory: no training run may write it meanwhile
+        lock.acquire()
+    try:
+        contents, cfg = checkpoint_and_config(args)
+        data = cfg.data
+        split = args.split or data.val_split
+        dataset = run_dataset(cfg, cfg.augment.val, split)
+        dataset.validate(data.num_classes, data.ignore_index)
+        loader = build_loader(dataset, cfg.eval.batch_size, shuffle=False, num_workers=data.num_workers,
+                              seed=cfg.seed, drop_last=False)
+        device = resolve_device(cfg.device)
+        model = restore_model(cfg, path, device, contents)
+        started = time.perf_counter()
+        try:
+            calibration = calibrate_model(model, loader, cfg, split, args.metric, args.folds, device,
+                                          inference_precision(cfg.train.amp, device), progress=sys.stderr.isatty())
+        except ValueError as error:  # a metric that does not exist, a split without pixels, folds < 2
+            raise ConfigError(str(error)) from None
+        seconds = time.perf_counter() - started
+        store_calibration(path, contents, calibration)
+    finally:
+        lock.release()
+    print(format_calibration(calibration, class_names(data.class_names, data.num_classes)))
+    print(f"fitted in {seconds:.0f} s; wrote the calibration into {path}")
+    return {"calibration": calibration}
+
+
+main = command_main(sys.modules[__name__])

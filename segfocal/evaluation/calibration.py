@@ -1,0 +1,218 @@
+"""Per-class decision calibration: a bias per class added to the logits before the argmax, fitted on a
+labelled split to maximise one metric, and its honest (cross-fitted) estimate.
+
+A class-balanced loss moves every decision towards the rare classes, and the common classes pay
+with false positives. Shifting class ``c``'s logit by ``b_c`` moves the decision back where the
+metric is best (logit adjustment, as in long-tailed classification: Menon et al., ICLR 2021).
+
+**The fit** is coordinate ascent over the classes (``b_0 = 0``: only differences matter), every step
+the exact optimum of the metric over one class's bias on a grid of :data:`GRID_STEP` logits in
+``[-GRID_LIMIT, GRID_LIMIT]``. A step is one pass over the pixels, no re-argmax per candidate: with
+the other biases fixed, pixel ``i`` is predicted ``c`` exactly when ``b_c > d_i``, its margin to its
+best other class ``o_i``, so one histogram of (grid cell of ``d_i``, true class, ``o_i``) gives the
+confusion matrix at every candidate by a cumulative sum. Sweeps repeat until one gains nothing.
+
+**The estimate**: fitting on the pixels it scores flatters the fit. The images are split into
+``folds`` (image ``i`` in fold ``i mod folds``); each fold is scored with the bias fitted on the
+others, and the held-out confusion matrices are summed: the cross-fitted metric.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..config.schema import check_metric_name
+from .metrics import metric_tensors, metric_value, segmentation_metrics
+
+GRID_STEP = 0.02  # logits between two candidate biases
+GRID_LIMIT = 8.0  # the largest |bias| tried: a prior ratio of e^8 ~ 3000 between two classes
+MAX_SWEEPS = 10
+MIN_PIXELS = 100  # a class with fewer pixels in the split is fitted to noise: warned
+
+
+@dataclass
+class PixelSet:
+    """The counted (not ignored) pixels of a split, image by image: ``[n, C]`` logits and ``[n]`` labels."""
+
+    images: List[Tuple[torch.Tensor, torch.Tensor]]
+    num_classes: int
+
+    @classmethod
+    def gather(cls, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], num_classes: int,
+               ignore_index: int) -> "PixelSet":
+        """From ``(logits [B, C, H, W], target [B, H, W])`` batches: each image's counted pixels,
+        on the CPU (the logits as they come, float32 or float64)."""
+        images = []
+        for logits, target in batches:
+            for scores, labels in zip(logits.detach().cpu(), target.cpu()):
+                counted = labels != ignore_index
+                images.append((scores.permute(1, 2, 0)[counted].contiguous(), labels[counted].long()))
+        return cls(images, num_classes)
+
+    def subset(self, indices: Sequence[int]) -> "PixelSet":
+        return PixelSet([self.images[index] for index in indices], self.num_classes)
+
+    def support(self) -> torch.Tensor:
+        return sum((torch.bincount(labels, minlength=self.num_classes) for _, labels in self.images),
+                   torch.zeros(self.num_classes, dtype=torch.long))
+
+    def confusion(self, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[C, C]`` counts (rows true, columns predicted) of the argmax of the logits plus ``bias``."""
+        num_classes, matrix = self.num_classes, torch.zeros(self.num_classes ** 2, dtype=torch.long)
+        for logits, labels in self.images:
+            scores = logits if bias is None else logits + bias.to(logits.dtype)
+            matrix += torch.bincount(labels * num_classes + scores.argmax(1), minlength=num_classes ** 2)
+        return matrix.view(num_classes, num_classes)
+
+
+@dataclass
+class Calibration:
+    """A fitted calibration: the bias per class, the metric it maximises, the split it was fitted on,
+    and that metric before (raw argmax), after (in-sample) and cross-fitted over ``folds`` folds of
+    images (``None`` when the split has fewer images than folds), with the three confusion matrices
+    (rows true, columns predicted) that every other metric of the split can be read from."""
+
+    bias: List[float]
+    metric: str
+    split: str
+    before: float
+    after: float
+    cross_fitted: Optional[float]
+    folds: int
+    num_images: int
+    confusion_before: List[List[int]]
+    confusion_after: List[List[int]]
+    confusion_cross_fitted: Optional[List[List[int]]]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: Any, num_classes: int, source: str) -> "Calibration":
+        """A stored calibration, checked against the model's class count; ``ValueError`` naming ``source``."""
+        try:
+            calibration = cls(**saved)
+            bias = [float(value) for value in calibration.bias]
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{source}: its calibration is not one segfocal wrote ({error}); calibrate again "
+                             f"or pass --no-calibration") from None
+        if len(bias) != num_classes or not all(math.isfinite(value) for value in bias):
+            raise ValueError(f"{source}: its calibration has {len(bias)} biases for a model of {num_classes} classes "
+                             f"(or a non-finite one); calibrate again or pass --no-calibration")
+        calibration.bias = bias
+        return calibration
+
+    def tensor(self, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.tensor(self.bias, device=device, dtype=dtype)
+
+
+def calibrate(pixels: PixelSet, metric: str, class_names: Sequence[str], split: str, folds: int = 2) -> Calibration:
+    """Fit the bias maximising ``metric`` on all of ``pixels``, and estimate it by cross-fitting.
+
+    ``metric`` is a name of :func:`~segfocal.evaluation.metrics.metric_value` (``miou``,
+    ``mean_accuracy``, ``iou.<class>``, ...). Warns, naming the class, for a class with fewer than
+    :data:`MIN_PIXELS` pixels in the split, and when the split has fewer images than ``folds``.
+    """
+    if folds < 2:
+        raise ValueError(f"folds must be at least 2 (each fold is scored with a bias fitted on the others), "
+                         f"got {folds}")
+    if not pixels.images or int(pixels.support().sum()) == 0:
+        raise ValueError(f"split '{split}' has no counted pixel to calibrate on")
+    check_metric_name(metric, class_names, "--metric")
+    support = pixels.support()
+    for name, count in zip(class_names, support.tolist()):
+        if count < MIN_PIXELS:
+            warnings.warn(f"calibration: class {name} has {count} pixels in split '{split}' (fewer than {MIN_PIXELS}): "
+                          f"its bias is fitted to little evidence", RuntimeWarning, stacklevel=2)
+    bias = fit_bias(pixels, metric, class_names)
+    held_out = None
+    if len(pixels.images) < folds:
+        warnings.warn(f"calibration: split '{split}' has {len(pixels.images)} image(s), fewer than the {folds} folds: "
+                      f"no cross-fitted estimate (the in-sample one flatters the fit)", RuntimeWarning, stacklevel=2)
+    else:
+        held_out = torch.zeros(pixels.num_classes, pixels.num_classes, dtype=torch.long)
+        for fold in range(folds):
+            scored = list(range(fold, len(pixels.images), folds))
+            fitted_on = [index for index in range(len(pixels.images)) if index % folds != fold]
+            held_out += pixels.subset(scored).confusion(fit_bias(pixels.subset(fitted_on), metric, class_names))
+    before, after = pixels.confusion(), pixels.confusion(bias)
+    return Calibration(bias=bias.tolist(), metric=metric, split=split, before=score(before, metric, class_names),
+                       after=score(after, metric, class_names),
+                       cross_fitted=None if held_out is None else score(held_out, metric, class_names),
+                       folds=folds, num_images=len(pixels.images), confusion_before=before.tolist(),
+                       confusion_after=after.tolist(),
+                       confusion_cross_fitted=None if held_out is None else held_out.tolist())
+
+
+def fit_bias(pixels: PixelSet, metric: str, class_names: Sequence[str]) -> torch.Tensor:
+    """The bias ``[C]`` (``b_0 = 0``) maximising ``metric`` on ``pixels``, by coordinate ascent over
+    :func:`grid`; each sweep never lowers the metric."""
+    dtype = pixels.images[0][0].dtype
+    bias = torch.zeros(pixels.num_classes, dtype=dtype)
+    best = score(pixels.confusion(bias), metric, class_names)
+    for _ in range(MAX_SWEEPS):
+        start = best
+        for klass in range(1, pixels.num_classes):
+            values, bias[klass] = best_step(pixels, bias, klass, metric, class_names)
+            best = values
+        if not best > start + 1e-12:
+            break
+    return bias
+
+
+def grid(dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The candidate biases of one step: ``-GRID_LIMIT, ..., 0, ..., GRID_LIMIT`` every :data:`GRID_STEP`."""
+    count = round(GRID_LIMIT / GRID_STEP)
+    return torch.arange(-count, count + 1, dtype=torch.float64).mul_(GRID_STEP).to(dtype)
+
+
+def best_step(pixels: PixelSet, bias: torch.Tensor, klass: int, metric: str,
+              class_names: Sequence[str]) -> Tuple[float, float]:
+    """The best value of ``metric`` over class ``klass``'s bias on :func:`grid` (the others fixed), and
+    that bias: the middle of the widest run of candidates that reach it."""
+    confusions = step_confusions(pixels, bias, klass)
+    values = metric_value(metric_tensors(confusions), metric, class_names)
+    best = values.max()
+    if torch.isnan(best):
+        return float("nan"), float(bias[klass])
+    reach = torch.cat([(values == best).to(torch.int8), torch.zeros(1, dtype=torch.int8)])
+    starts = torch.nonzero(torch.diff(torch.cat([torch.zeros(1, dtype=torch.int8), reach])) == 1).flatten()
+    ends = torch.nonzero(torch.diff(reach) == -1).flatten()  # inclusive
+    widest = int(torch.argmax(ends - starts))
+    return float(best), float(grid(bias.dtype)[(starts[widest] + ends[widest]) // 2])
+
+
+def step_confusions(pixels: PixelSet, bias: torch.Tensor, klass: int) -> torch.Tensor:
+    """``[G, C, C]``: the confusion matrix at each candidate bias of class ``klass`` on :func:`grid`.
+
+    With the other biases fixed, a pixel is predicted ``klass`` exactly when ``b > d`` (``d``: its
+    best other biased logit minus its ``klass`` logit), else its best other class ``o``. Its first
+    candidate with ``b > d`` is ``j = floor((d - low) / step) + 1``; a histogram over (``j``, true
+    class, ``o``) and a cumulative sum over ``j`` give every candidate's matrix in one pass.
+    """
+    num_classes, candidates = pixels.num_classes, grid(bias.dtype)
+    count, low = len(candidates), float(candidates[0])
+    moves = torch.zeros((count + 1) * num_classes ** 2, dtype=torch.long)
+    for logits, labels in pixels.images:
+        others = logits + bias.to(logits.dtype)
+        others[:, klass] = -math.inf
+        best_other, other_class = others.max(1)
+        margin = best_other - logits[:, klass]
+        first = torch.floor((margin - low) / GRID_STEP).add_(1).clamp_(0, count).long()
+        moves += torch.bincount((first * num_classes + labels) * num_classes + other_class,
+                                minlength=moves.numel())
+    moves = moves.view(count + 1, num_classes, num_classes)  # [first candidate, true, best other]
+    without = moves.sum(0)  # the matrix were klass never predicted: every pixel goes to its best other
+    moved = moves[:count].cumsum(0)  # [G, true, o]: pixels predicted klass at candidate j
+    confusions = without.unsqueeze(0) - moved
+    confusions[:, :, klass] += moved.sum(2)
+    return confusions
+
+
+def score(confusion: torch.Tensor, metric: str, class_names: Sequence[str]) -> float:
+    """``metric`` of one confusion matrix, through :func:`segmentation_metrics` (NaN where undefined)."""
+    return metric_value(segmentation_metrics(confusion), metric, class_names)
