@@ -66,8 +66,11 @@ def test_the_losses_the_variants_logged_relate_as_their_formulas_do(ablated):
 
 def test_the_table_reports_what_eval_wrote_on_the_test_split(ablated):
     _, out = ablated
-    rows = [line for line in (out / "ablation.md").read_text().splitlines() if line.startswith("| ")][1:]
+    main_table, per_class = (out / "ablation.md").read_text().split("IoU of every class:")
+    rows = [line for line in main_table.splitlines() if line.startswith("| ")][1:]
     assert [row.split(" | ")[0].lstrip("| ") for row in rows] == list(ABLATION.VARIANTS)
+    per_class_rows = [line for line in per_class.splitlines() if line.startswith("| ")][1:]
+    assert len(per_class_rows) == len(ABLATION.VARIANTS)
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         report = json.loads((out / cells[0] / "eval_test" / "metrics.json").read_text())
@@ -77,6 +80,8 @@ def test_the_table_reports_what_eval_wrote_on_the_test_split(ablated):
                    metrics["iou"][names.index("line")], metrics["iou"][names.index("square")]]
         assert cells[1:6] == ["-" if value is None else f"{100 * value:.1f}" for value in figures]
         assert cells[6].endswith(" min")
+        cells = [cell.strip() for cell in per_class_rows[rows.index(row)].strip("|").split("|")]
+        assert cells[1:] == ["-" if value is None else f"{100 * value:.1f}" for value in metrics["iou"]]
 
 
 def test_a_finished_variant_is_read_back_not_retrained(ablated, monkeypatch, capsys):
@@ -96,3 +101,19 @@ def test_an_unknown_rare_class_is_named(ablated, monkeypatch):
     config, out = ablated
     with pytest.raises(SystemExit, match="'Pole'"):
         ABLATION.main(["--config", str(config), "--out", str(out), "--only", "focal", "--rare", "Pole"])
+
+
+def test_calibrated_rows_report_the_test_split_with_the_calibration_fitted_on_val(ablated, monkeypatch):
+    config, out = ablated
+    monkeypatch.setattr(ABLATION, "_call", call_in_process)
+    monkeypatch.setitem(IN_PROCESS, "calibrate", load_tool("calibrate"))
+    ABLATION.main(["--config", str(config), "--out", str(out), "--only", "cb_focal", "--rare", "line", "--calibrate"])
+    rows = [line for line in (out / "ablation.md").read_text().split("IoU of every class:")[0].splitlines()
+            if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == ["cb_focal", "cb_focal + calibration"]
+    report = json.loads((out / "cb_focal" / "eval_test" / "metrics.json").read_text())
+    calibration = report["calibrated"]["calibration"]
+    assert calibration["split"] == "val" and report["split"] == "test"  # fitted on val, scored on test
+    cells = [cell.strip() for cell in rows[1].strip("|").split("|")]
+    assert cells[1] == f"{100 * report['calibrated']['metrics']['miou']:.1f}"
+    assert cells[-1] == f"{100 * calibration['cross_fitted']:.1f}"  # the fit's metric is mIoU
