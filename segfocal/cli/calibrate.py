@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..text import counted
 from .common import add_config_arguments, add_inference_arguments, checkpoint_and_config, command_main
 
 
@@ -40,7 +41,8 @@ def run(args: argparse.Namespace) -> dict:
     from ..config import ConfigError, class_names
     from ..data import build_loader
     from ..data.splits import run_dataset
-    from ..engine.calibrate import calibrate_model, store_calibration
+    from ..engine.calibrate import gather_pixels, store_calibration
+    from ..evaluation.calibration import calibrate
     from ..engine.distributed import resolve_device
     from ..engine.precision import inference_precision
     from ..engine.restore import restore_model
@@ -61,18 +63,22 @@ def run(args: argparse.Namespace) -> dict:
                               seed=cfg.seed, drop_last=False)
         device = resolve_device(cfg.device)
         model = restore_model(cfg, path, device, contents)
+        names = class_names(data.class_names, data.num_classes)
         started = time.perf_counter()
+        pixels = gather_pixels(model, loader, cfg, device, inference_precision(cfg.train.amp, device),
+                               progress=sys.stderr.isatty())
+        inferred = time.perf_counter()
         try:
-            calibration = calibrate_model(model, loader, cfg, split, args.metric, args.folds, device,
-                                          inference_precision(cfg.train.amp, device), progress=sys.stderr.isatty())
+            calibration = calibrate(pixels, args.metric, names, split, args.folds)
         except ValueError as error:  # a metric that does not exist, a split without pixels, folds < 2
             raise ConfigError(str(error)) from None
-        seconds = time.perf_counter() - started
+        fitted = time.perf_counter()
         store_calibration(path, contents, calibration)
     finally:
         lock.release()
-    print(format_calibration(calibration, class_names(data.class_names, data.num_classes)))
-    print(f"fitted in {seconds:.0f} s; wrote the calibration into {path}")
+    print(format_calibration(calibration, names))
+    print(f"logits of {counted(len(pixels.images), 'image')} in {inferred - started:.1f} s, fitted in "
+          f"{fitted - inferred:.1f} s; wrote the calibration into {path}")
     return {"calibration": calibration}
 
 
