@@ -1,5 +1,5 @@
 """The ``segfocal`` command: one subcommand per module (``train``, ``eval``, ``predict``, ``stats``,
-``export``, ``calibrate``, ``config-schema`` in ``config_schema.py``).
+``export``, ``calibrate``, ``check``, ``config-schema`` in ``config_schema.py``).
 
 Each command module provides ``add_arguments(parser)``, ``run(args)`` and a standalone ``main``
 (what ``tools/<name>.py`` calls); :func:`main` here dispatches ``segfocal <command> ...``. Only the
@@ -21,6 +21,7 @@ COMMANDS = {
     "export": "the model as ONNX, a torch.export program or an smp folder",
     "calibrate": "fit a per-class decision calibration on a split and store it in the checkpoint",
     "config-schema": "the config's JSON Schema, for editors",
+    "check": "prove the fused loss's kernels on this machine: values against float64, speed against the bound",
 }
 # what `pip install segfocal` leaves out and the "train" extra brings (import names)
 TRAIN_EXTRA = frozenset({"segmentation_models_pytorch", "albumentations", "tensorboard", "matplotlib", "yaml",

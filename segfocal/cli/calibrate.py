@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> dict:
     from ..data import build_loader
     from ..data.splits import run_dataset
     from ..engine.calibrate import gather_pixels, store_calibration
+    from ..engine.checkpoint import load_checkpoint
     from ..evaluation.calibration import calibrate
     from ..engine.distributed import resolve_device
     from ..engine.precision import inference_precision
@@ -59,10 +60,11 @@ def run(args: argparse.Namespace) -> dict:
         split = args.split or data.val_split
         dataset = run_dataset(cfg, cfg.augment.val, split)
         dataset.validate(data.num_classes, data.ignore_index)
-        loader = build_loader(dataset, cfg.eval.batch_size, shuffle=False, num_workers=data.num_workers,
-                              seed=cfg.seed, drop_last=False)
+        # one image at a time: the split's logits, not a batch's activations, are what calibrating holds
+        loader = build_loader(dataset, 1, shuffle=False, num_workers=data.num_workers, seed=cfg.seed, drop_last=False)
         device = resolve_device(cfg.device)
         model = restore_model(cfg, path, device, contents)
+        del contents  # read again, under the lock, when the calibration is written
         names = class_names(data.class_names, data.num_classes)
         started = time.perf_counter()
         pixels = gather_pixels(model, loader, cfg, device, inference_precision(cfg.train.amp, device),
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> dict:
         except ValueError as error:  # a metric that does not exist, a split without pixels, folds < 2
             raise ConfigError(str(error)) from None
         fitted = time.perf_counter()
-        store_calibration(path, contents, calibration)
+        store_calibration(path, load_checkpoint(path), calibration)
     finally:
         lock.release()
     print(format_calibration(calibration, names))

@@ -12,9 +12,11 @@ the other biases fixed, pixel ``i`` is predicted ``c`` exactly when ``b_c > d_i`
 best other class ``o_i``, so one histogram of (grid cell of ``d_i``, true class, ``o_i``) gives the
 confusion matrix at every candidate by a cumulative sum. Sweeps repeat until one gains nothing.
 
-**The estimate**: fitting on the pixels it scores flatters the fit. The images are split into
-``folds`` (image ``i`` in fold ``i mod folds``); each fold is scored with the bias fitted on the
-others, and the held-out confusion matrices are summed: the cross-fitted metric.
+**The estimate**: fitting on the pixels it scores flatters the fit. The images, in the split's
+order, are cut into ``folds`` contiguous blocks; each block is scored with the bias fitted on the
+others, and the held-out confusion matrices are summed: the cross-fitted metric. Blocks, not every
+other image: neighbouring images are often frames of one video or tiles of one slide, and an
+image's neighbour in the fitting set would flatter the estimate almost as much as itself.
 """
 from __future__ import annotations
 
@@ -135,9 +137,8 @@ def calibrate(pixels: PixelSet, metric: str, class_names: Sequence[str], split: 
                       f"no cross-fitted estimate (the in-sample one flatters the fit)", RuntimeWarning, stacklevel=2)
     else:
         held_out = torch.zeros(pixels.num_classes, pixels.num_classes, dtype=torch.long)
-        for fold in range(folds):
-            scored = list(range(fold, len(pixels.images), folds))
-            fitted_on = [index for index in range(len(pixels.images)) if index % folds != fold]
+        for scored in fold_blocks(len(pixels.images), folds):
+            fitted_on = [index for index in range(len(pixels.images)) if index not in scored]
             held_out += pixels.subset(scored).confusion(fit_bias(pixels.subset(fitted_on), metric, class_names))
     before, after = pixels.confusion(), pixels.confusion(bias)
     return Calibration(bias=bias.tolist(), metric=metric, split=split, before=score(before, metric, class_names),
@@ -146,6 +147,12 @@ def calibrate(pixels: PixelSet, metric: str, class_names: Sequence[str], split: 
                        folds=folds, num_images=len(pixels.images), confusion_before=before.tolist(),
                        confusion_after=after.tolist(),
                        confusion_cross_fitted=None if held_out is None else held_out.tolist())
+
+
+def fold_blocks(count: int, folds: int) -> List[List[int]]:
+    """The indices ``0 .. count - 1`` cut into ``folds`` contiguous blocks of (nearly) equal size."""
+    bounds = [round(count * fold / folds) for fold in range(folds + 1)]
+    return [list(range(bounds[fold], bounds[fold + 1])) for fold in range(folds)]
 
 
 def fit_bias(pixels: PixelSet, metric: str, class_names: Sequence[str]) -> torch.Tensor:
