@@ -2,13 +2,14 @@
 
     python benchmarks/benchmark_train.py [--arch Unet] [--encoder resnet18] [--batch 8] [--size 352 480]
                                     [--classes 12] [--amp auto|bf16|fp16|fp32] [--layout channels_last|nchw]
-                                    [--steps 10] [--rounds 5] [--device cpu|cuda]
+                                    [--steps 10] [--rounds 5] [--device cpu|cuda] [--compile]
 
 One model per loss, all with the same initial weights. A round runs ``--steps`` optimizer steps
 (autocast forward, loss, backward, AdamW step; a GradScaler under fp16) for every loss in turn,
 on one random batch held on the device: data loading is left out, and a drift in machine load
 hits every loss alike. After one warm-up round, prints the median images/s of each loss over the
-rounds and its ratio to segfocal's.
+rounds and its ratio to segfocal's. ``--compile`` runs every model under ``torch.compile`` (the
+warm-up round then includes Inductor's compilation).
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per loss and round")
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds (after one warm-up round)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (as train.compile does)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -74,7 +76,9 @@ def main(argv=None) -> None:
     runs = {}
     for name, criterion in losses().items():
         replica = copy.deepcopy(model)
-        runs[name] = (replica, criterion, torch.optim.AdamW(replica.parameters(), lr=1e-3), precision.grad_scaler())
+        optimizer = torch.optim.AdamW(replica.parameters(), lr=1e-3)
+        runs[name] = (torch.compile(replica) if args.compile else replica, criterion, optimizer,
+                      precision.grad_scaler())
     rates: Dict[str, list] = {name: [] for name in runs}
     last_loss: Dict[str, float] = {}
     for round_index in range(args.rounds + 1):
@@ -94,7 +98,8 @@ def main(argv=None) -> None:
             last_loss[name] = loss.item()
 
     print(f"{args.arch}/{args.encoder}, batch {args.batch} x {args.size[0]}x{args.size[1]}, {args.classes} classes, "
-          f"amp {precision.autocast_dtype or 'off'}, {args.layout}, on {_device_name(device)}; "
+          f"amp {precision.autocast_dtype or 'off'}, {args.layout}{', torch.compile' if args.compile else ''}, "
+          f"on {_device_name(device)}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
           f"median of {args.rounds} rounds of {args.steps} steps")
     reference = statistics.median(rates["segfocal FocalLoss (batch ENet)"])
