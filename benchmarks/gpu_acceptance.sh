@@ -68,7 +68,7 @@ else
     step tests 120 "$python" -m pytest -q -p no:cacheprovider tests/test_focal_kernels.py -k "cuda_path or guard"
     step loss_camvid_fp32 60 "$python" benchmarks/benchmark_loss.py --preset camvid --batch 1 --size 32 32 --dtype fp32 \
         --no-memory --warmup 1 --rounds 1 --only "segfocal fused" "F.cross_entropy weighted"
-    step train_throughput 90 "$python" benchmarks/benchmark_train.py --batch 1 --size 32 32 --amp fp32 --steps 1 \
+    step train_throughput 90 "$python" benchmarks/benchmark_train.py --batch 1 --size 64 64 --amp fp32 --steps 1 \
         --rounds 1 --device cpu
     echo "| train_throughput_compiled | skipped on the CPU: Inductor compiles the model for minutes | - | - |" >> "$steps"
     amps=(fp32 bf16)  # float16 autocast is for GPUs

@@ -42,3 +42,36 @@ def test_a_kernel_that_raises_fails_the_check_with_its_own_message(entry, monkey
     assert f"the back end was turned off: RuntimeError: ptxas fatal: {entry} injected" in out
     report = selfcheck.check("cpu", quick=True, timings=False)  # the chunked pass alone still agrees
     assert all(case.passed for case in report.cases if case.backend == "chunked")
+
+
+def test_the_gpu_acceptance_run_dry_runs_every_step_on_the_cpu(tmp_path):
+    """benchmarks/gpu_acceptance.sh --cpu: the same steps, tiny, so the script the first GPU runs cannot rot."""
+    import subprocess
+
+    from recipes import REPO
+
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_acceptance.sh"), str(tmp_path / "out"), "--cpu"],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert result.returncode == 0, report[-3000:]
+    rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| step")]
+    steps = {row.split(" | ")[0].lstrip("| "): row.split(" | ")[1] for row in rows}
+    assert set(steps) == {"check", "tests", "loss_camvid_fp32", "train_throughput", "train_throughput_compiled",
+                          "train_default_fp32", "train_default_bf16"}
+    assert all(verdict == "passed" for name, verdict in steps.items() if name != "train_throughput_compiled")
+    assert json.loads((tmp_path / "out" / "check.json").read_text())["passed"]
+    assert (tmp_path / "out" / "train_bf16" / "best.pt").is_file()
+
+
+def test_the_gpu_acceptance_run_reports_a_failing_step_and_exits_1(tmp_path):
+    import subprocess
+
+    from recipes import REPO
+
+    fake_python = tmp_path / "python"  # every step's interpreter fails
+    fake_python.write_text("#!/bin/sh\nexit 3\n")
+    fake_python.chmod(0o755)
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_acceptance.sh"), str(tmp_path / "out"), "--cpu"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": str(fake_python)})
+    assert result.returncode == 1
+    assert "| check | FAILED (exit 3) |" in (tmp_path / "out" / "report.md").read_text()
