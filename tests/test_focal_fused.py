@@ -120,10 +120,11 @@ def test_module_reports_the_weights_the_fused_pass_used():
     torch.testing.assert_close(module.last_class_weights, reference.last_class_weights)
 
 
-def test_fused_compiles_as_one_graph_and_matches_eager(monkeypatch):
-    """``torch.compile(fullgraph=True)`` fails on any graph break (e.g. a data-dependent shape)."""
+def test_the_chunked_pass_compiles_as_one_graph_and_matches_eager(monkeypatch):
+    """``torch.compile(fullgraph=True)`` fails on any graph break (e.g. a data-dependent shape). Float64
+    logits take the chunked pass, as CUDA logits do under ``torch.compile``."""
     monkeypatch.setattr(fused_module, "CHUNK_ELEMENTS", 90)  # 3 + 1 rows of 5 x 6 per image: strided chunks
-    logits, target = batch((2, 5, 4, 6), dtype=torch.float32)
+    logits, target = batch((2, 5, 4, 6), dtype=torch.float64)
     options = dict(weight="enet", alpha=0.25, poly_epsilon=1.0, validate=False)
     compiled = torch.compile(lambda x, t: focal_loss(x, t, implementation="fused", **options), fullgraph=True)
     x = logits.clone().requires_grad_(True)

@@ -54,7 +54,7 @@ def test_the_metadata_has_one_version_and_no_upper_bound_on_torch(wheel):
     assert fields["Version"] == segfocal.__version__
     requires = fields.get_all("Requires-Dist")
     core = [r for r in requires if "extra ==" not in r]
-    assert sorted(core) == ["numpy", "torch>=2.3"]  # the loss alone needs no more
+    assert sorted(core) == ["numpy", "torch>=2.4"]  # the loss alone needs no more
     assert not [r for r in requires if "<" in r.split(";")[0]], requires  # newer releases are never refused
     assert any(r.startswith("segmentation-models-pytorch") and 'extra == "train"' in r for r in requires)
     assert any(r.startswith("tifffile>=2024.4.24") and 'extra == "train"' in r for r in requires)  # multi-band TIFF

@@ -64,7 +64,13 @@ class _Problem(ctypes.Structure):
 
 def supports(logits: torch.Tensor) -> bool:
     """Whether the kernel takes these logits (CPU, float32 or bfloat16) and could be built."""
-    return logits.device.type == "cpu" and logits.dtype in DTYPES and library() is not None
+    return logits.device.type == "cpu" and logits.dtype in DTYPES and available()
+
+
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Whether the kernel could be built and loaded here (a constant to ``torch.compile``)."""
+    return library() is not None
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,11 +93,7 @@ def library() -> Optional[ctypes.CDLL]:
 
 def histogram(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
     """float64 pixel count of each class ``[C]`` (ignored and out-of-range labels are not counted)."""
-    counts = torch.zeros(num_classes, dtype=torch.float64)
-    problem, _labels = _labels_problem(target, num_classes, ignore_index)  # _labels: alive during the call
-    problem.counts, problem.grain = counts.data_ptr(), max(1, GRAIN // 4)  # a label costs less than C logits
-    _call("segfocal_histogram", problem)
-    return counts
+    return torch.ops.segfocal.cpu_histogram(target, num_classes, ignore_index)
 
 
 def forward(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor, poly_coefficient: torch.Tensor,
@@ -101,23 +103,60 @@ def forward(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tens
     logits' gradient for an upstream gradient of 1 (else ``None``). ``coefficients`` ``[C + 1]``:
     each class's factor ``w a / D`` and a zero for ignored pixels; ``poly_coefficient``: ``poly_epsilon / D``;
     ``options``: the loss's, for ``gamma`` and ``ignore_index``."""
-    return _run(logits, target, coefficients, poly_coefficient, 1.0, options.gamma, options.ignore_index, write_grad)
+    focal_sums, poly_sum, grad = torch.ops.segfocal.cpu_forward(
+        logits, target, coefficients, poly_coefficient, float(options.gamma), options.ignore_index, 1.0, write_grad)
+    return focal_sums, poly_sum, grad if write_grad else None
 
 
 def gradient(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor,
              poly_coefficient: torch.Tensor, grad_loss: torch.Tensor, options: FocalOptions) -> torch.Tensor:
     """The logits' gradient recomputed from the logits (their dtype and memory format), with the
     upstream gradient folded in; ``coefficients`` as for :func:`forward`."""
-    return _run(logits, target, coefficients, poly_coefficient, float(grad_loss), options.gamma, options.ignore_index,
-                True)[2]
+    return torch.ops.segfocal.cpu_forward(logits, target, coefficients, poly_coefficient, float(options.gamma),
+                                          options.ignore_index, float(grad_loss), True)[2]
 
 
 def scale_(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     """``grad *= grad_loss`` in place; nothing is read or written when ``grad_loss`` is 1 (a
-    host-side test: on the CPU it costs no synchronisation)."""
+    host-side test: on the CPU it costs no synchronisation). Under ``torch.compile``, which cannot
+    branch on a value, always the product."""
+    if torch.compiler.is_compiling():
+        return grad * grad_loss
     if float(grad_loss) != 1.0:
         grad.mul_(grad_loss)
     return grad
+
+
+# The kernel as custom operators, so that ``torch.compile`` keeps it in its graph as one opaque call
+# (their fake implementations say the outputs' shapes) instead of tracing, or breaking on, ctypes.
+@torch.library.custom_op("segfocal::cpu_histogram", mutates_args=(), device_types="cpu")
+def _histogram_op(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    problem, _labels = _labels_problem(target, num_classes, ignore_index)  # _labels: alive during the call
+    problem.counts, problem.grain = counts.data_ptr(), max(1, GRAIN // 4)  # a label costs less than C logits
+    _call("segfocal_histogram", problem)
+    return counts
+
+
+@_histogram_op.register_fake
+def _(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    return target.new_empty(num_classes, dtype=torch.float64)
+
+
+@torch.library.custom_op("segfocal::cpu_forward", mutates_args=(), device_types="cpu")
+def _forward_op(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor,
+                poly_coefficient: torch.Tensor, gamma: float, ignore_index: int, upstream: float,
+                write_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    focal_sums, poly_sum, grad = _run(logits, target, coefficients, poly_coefficient, upstream, gamma, ignore_index,
+                                      write_grad)
+    return focal_sums, poly_sum, grad if grad is not None else logits.new_empty(0)
+
+
+@_forward_op.register_fake
+def _(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor, poly_coefficient: torch.Tensor,
+      gamma: float, ignore_index: int, upstream: float, write_grad: bool):
+    sums = logits.new_empty(logits.shape[1], dtype=torch.float64), logits.new_empty((), dtype=torch.float64)
+    return (*sums, empty_gradient(logits)[0] if write_grad else logits.new_empty(0))
 
 
 def _run(logits, target, coefficients, poly_coefficient, upstream, gamma, ignore_index, write_grad):

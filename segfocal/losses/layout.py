@@ -12,10 +12,12 @@ def empty_gradient(logits: torch.Tensor):
     """A gradient buffer in the logits' memory format (contiguous where that would not flatten to
     ``[B, C, S]`` without a copy), its ``[B, C, S]`` view and that view's strides."""
     grad = torch.empty_like(logits)
+    if grad.ndim > 2:
+        try:
+            grad.view(grad.shape[0], grad.shape[1], -1)  # raises where the spatial dims do not merge
+        except RuntimeError:
+            grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     flat, strides = flat_logits(grad)
-    if flat.untyped_storage().data_ptr() != grad.untyped_storage().data_ptr():  # flattening copied
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        flat, strides = flat_logits(grad)
     return grad, flat, strides
 
 

@@ -148,7 +148,44 @@ def run_cases(device: torch.device, quick: bool) -> List[Case]:
                     for ignored in ("none", "some"):
                         cases.append(_case(name, module, device, classes, dtype, layout, ignored))
         cases.append(_case(name, module, device, 19, torch.float32, "nchw", "all"))
+        if module is not None and device.type == "cpu":
+            cases.append(_compiled_case(name, module, device))
     return cases
+
+
+def _compiled_case(name: str, module: Any, device: torch.device) -> Case:
+    """The loss under ``torch.compile(fullgraph=True)``: the kernel must stay in the traced graph (as a
+    custom operator) and give the reference's value."""
+    case = Case(name + " compiled", 19, "float32", "nchw", "some")
+    graphs: List[Any] = []
+
+    def recording(graph_module: Any, inputs: Any) -> Any:  # a backend that keeps the traced graph
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 19, 24, 20, generator=generator, dtype=torch.float64) * 3
+    target = torch.randint(0, 19, (2, 24, 20), generator=generator)
+    target[torch.rand(target.shape, generator=generator) < 0.2] = IGNORE
+    options = dict(gamma=2.0, weight="enet", poly_epsilon=0.5, ignore_index=IGNORE)
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda x, t: focal_loss(x, t, validate=False, **options), fullgraph=True,
+                                 backend=recording)
+        with pinned(module) as failures:
+            loss = float(compiled(logits.float().to(device), target.to(device)))
+        torch._dynamo.reset()
+        operators = {str(node.target) for graph in graphs for node in graph.graph.nodes}
+        reference = float(focal_loss(logits, target, implementation="reference", **options))
+        case.loss_error = abs(loss - reference) / abs(reference)
+        case.passed = not failures and case.loss_error <= TOLERANCE[torch.float32] and any(
+            "segfocal" in operator for operator in operators)
+        if not case.passed:
+            case.problem = ("the compiled graph does not call the kernel" if not failures else
+                            f"the back end was turned off: {'; '.join(failures.values())}")
+    except Exception as error:  # a graph break (fullgraph) or a compile error: reported as it is
+        case.problem = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:500]}"
+    return case
 
 
 def _case(name: str, module: Any, device: torch.device, classes: int, dtype: torch.dtype, layout: str,
