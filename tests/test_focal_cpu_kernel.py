@@ -267,25 +267,3 @@ def test_a_symlinked_cache_folder_is_refused(fresh_library, monkeypatch, tmp_pat
     with pytest.raises(RuntimeError, match="symbolic link"):
         cpu_kernels._build()
 
-
-@needs_compiler
-def test_under_torch_compile_the_loss_keeps_the_cpu_kernel_in_one_graph(monkeypatch):
-    """The kernel is a custom operator: ``torch.compile(fullgraph=True)`` keeps it (one histogram and one
-    forward call per step, counted), on channels-last bfloat16 logits too, with an upstream gradient."""
-    calls, call = [], cpu_kernels._call
-    monkeypatch.setattr(cpu_kernels, "_call", lambda name, problem: (calls.append(name), call(name, problem))[1])
-    options = dict(weight="enet", alpha=0.25, poly_epsilon=0.5, validate=False)
-    compiled = torch.compile(lambda x, t: 2.5 * focal_loss(x, t, **options), fullgraph=True)
-    logits, target = batch((2, 5, 6, 7))
-    for dtype, memory_format in ((torch.float32, torch.contiguous_format), (torch.bfloat16, torch.channels_last)):
-        calls.clear()
-        x = logits.to(dtype).contiguous(memory_format=memory_format).requires_grad_(True)
-        loss = compiled(x, target)
-        (grad,) = torch.autograd.grad(loss, x)
-        assert calls == ["segfocal_histogram", "segfocal_forward"]  # not the chunked pass
-        reference, reference_grad = value_and_grad(logits.to(dtype).double(), target, "reference", upstream=2.5,
-                                                   **options)
-        tolerance = 2e-5 if dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(loss.detach().double(), 2.5 * reference, rtol=tolerance, atol=0)
-        torch.testing.assert_close(grad.double(), reference_grad, rtol=tolerance,
-                                   atol=tolerance * float(reference_grad.abs().max()))

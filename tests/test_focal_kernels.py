@@ -249,3 +249,33 @@ def test_the_guard_fails_a_kernel_test_whose_kernel_raised(phase, monkeypatch):
     reference_loss, reference_grad = value_and_grad(logits, target, "reference", weight="enet")
     torch.testing.assert_close(loss.double(), reference_loss, rtol=1e-5, atol=0)  # the fallback's answer
     torch.testing.assert_close(grad.double(), reference_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, layout", [(torch.float32, torch.contiguous_format),
+                                           (torch.bfloat16, torch.channels_last)], ids=["float32", "bfloat16-nhwc"])
+def test_under_torch_compile_the_loss_keeps_the_kernels_in_one_graph(backend, monkeypatch, dtype, layout):
+    """Both back ends are custom operators: ``torch.compile(fullgraph=True)`` keeps them (their calls
+    counted), with an upstream gradient that the backward scales."""
+    calls = []
+    if backend.module.__name__.endswith("triton_kernels"):
+        launch = backend.module.Launch.__call__
+        monkeypatch.setattr(backend.module.Launch, "__call__",
+                            lambda self: (calls.append(self.kernel.__name__ if hasattr(self.kernel, "__name__")
+                                                       else str(self.kernel)), launch(self))[1])
+    else:
+        call = backend.module._call
+        monkeypatch.setattr(backend.module, "_call", lambda name, problem: (calls.append(name), call(name, problem))[1])
+    options = dict(weight="enet", alpha=0.25, poly_epsilon=0.5, validate=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, t: 1.5 * focal_loss(x, t, **options), fullgraph=True)
+    logits, target = focal_cases.batch((2, 5, 6, 7))
+    x = logits.to(dtype).to(backend.device).contiguous(memory_format=layout).requires_grad_(True)
+    loss = compiled(x, target.to(backend.device))
+    (grad,) = torch.autograd.grad(loss, x)
+    torch._dynamo.reset()
+    assert len(calls) == 2  # the histogram and the forward pass: the chunked pass calls neither
+    reference, reference_grad = value_and_grad(logits.to(dtype).double(), target, "reference", upstream=1.5, **options)
+    tolerance = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(loss.detach().double().cpu(), 1.5 * reference, rtol=tolerance, atol=0)
+    torch.testing.assert_close(grad.double().cpu(), reference_grad, rtol=tolerance,
+                               atol=tolerance * float(reference_grad.abs().max()))

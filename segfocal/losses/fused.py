@@ -15,7 +15,7 @@ grad_loss)``; ``options`` is the loss's one :class:`~.options.FocalOptions` valu
 A back end that raises (a kernel that does not compile or launch on this machine) is turned off
 for the process with one warning, and the chunked pass takes over, in the forward or the backward.
 
-Otherwise (float64, which stays exact for the tests; float16 on the CPU; CUDA under ``torch.compile``; no
+Otherwise (float64, which stays exact for the tests; float16 on the CPU; no
 compiler or Triton; a failed back end) the chunked PyTorch pass runs: the logits are read in place (any strides), chunk
 by chunk, accumulating the label histogram and the focal sums in the same pass; the weights are
 applied afterwards to the per-class sums. It saves the logits and labels (references), ``C + 2``
@@ -153,13 +153,11 @@ def _kernels(logits: torch.Tensor):
     * :mod:`.triton_kernels` for float16/bfloat16/float32 CUDA logits of at most ``MAX_CLASSES``
       classes when Triton is installed, unless ``SEGFOCAL_TRITON=0``;
     * :mod:`.cpu_kernels` for float32/bfloat16 CPU logits when its C++ kernel could be built;
-    * ``None`` for CUDA logits under ``torch.compile`` (the Triton kernels are not custom operators
-      yet; Inductor fuses the chunked ops into kernels of its own; the C++ kernel is one, so the
-      CPU keeps it), for float64 (kept exact: the implementations are tested against it), once a
-      back end has failed (:func:`_kernels_failed`), and otherwise.
+    * ``None`` for float64 (kept exact: the implementations are tested against it), once a back end
+      has failed (:func:`_kernels_failed`), and otherwise.
+
+    Both back ends are custom operators, so ``torch.compile`` keeps them in its graph too.
     """
-    if torch.compiler.is_compiling() and logits.is_cuda:
-        return None  # the Triton kernels are not custom operators (yet): Inductor fuses the chunked pass
     if logits.is_cuda:
         if logits.dtype == torch.float64 or os.environ.get("SEGFOCAL_TRITON", "1") == "0":
             return None

@@ -148,7 +148,7 @@ def run_cases(device: torch.device, quick: bool) -> List[Case]:
                     for ignored in ("none", "some"):
                         cases.append(_case(name, module, device, classes, dtype, layout, ignored))
         cases.append(_case(name, module, device, 19, torch.float32, "nchw", "all"))
-        if module is not None and device.type == "cpu":
+        if module is not None:
             cases.append(_compiled_case(name, module, device))
     return cases
 

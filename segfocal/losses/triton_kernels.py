@@ -195,10 +195,7 @@ class Launch:
 
 def histogram(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
     """float64 pixel count of each class ``[C]`` (ignored and out-of-range labels are not counted)."""
-    counts = torch.zeros(num_classes, dtype=torch.float64, device=target.device)
-    if target.numel() > 0:
-        histogram_launch(target, counts, ignore_index)()
-    return counts
+    return torch.ops.segfocal.triton_histogram(target, num_classes, ignore_index)
 
 
 def forward(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor, poly_coefficient: torch.Tensor,
@@ -210,32 +207,78 @@ def forward(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tens
     ``coefficients`` ``[C + 1]``: each class's factor ``w a / D`` and a zero for ignored pixels;
     ``poly_coefficient``: ``poly_epsilon / D``; ``options``: the loss's, for ``gamma`` and ``ignore_index``.
     """
-    focal_sums = torch.zeros(logits.shape[1], dtype=torch.float64, device=logits.device)
-    poly_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
-    grad = empty_gradient(logits)[0] if write_grad else None
-    if target.numel() > 0:
-        forward_launch(logits, target, grad, coefficients, poly_coefficient, focal_sums, poly_sum, options.gamma,
-                       options.ignore_index)()
-    return focal_sums, poly_sum, grad
+    focal_sums, poly_sum, grad = torch.ops.segfocal.triton_forward(
+        logits, target, coefficients, poly_coefficient, float(options.gamma), options.ignore_index, write_grad)
+    return focal_sums, poly_sum, grad if write_grad else None
 
 
 def gradient(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor,
              poly_coefficient: torch.Tensor, grad_loss: torch.Tensor, options: FocalOptions) -> torch.Tensor:
     """The logits' gradient recomputed from the logits (their dtype and memory format), with the
     upstream gradient folded in; ``coefficients`` as for :func:`forward`."""
-    grad = empty_gradient(logits)[0]
-    if target.numel() > 0:
-        gradient_launch(logits, target, grad, coefficients, poly_coefficient, grad_loss, options.gamma,
-                        options.ignore_index)()
-    return grad
+    return torch.ops.segfocal.triton_gradient(logits, target, coefficients, poly_coefficient, grad_loss,
+                                              float(options.gamma), options.ignore_index)
 
 
 def scale_(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     """``grad *= grad_loss`` in place (a gradient from :func:`forward`: dense); nothing is read or
-    written when ``grad_loss`` is 1."""
+    written when ``grad_loss`` is 1. Under ``torch.compile``, the product (Inductor fuses it)."""
+    if torch.compiler.is_compiling():
+        return grad * grad_loss
     if grad.numel() > 0:
         scale_launch(grad, grad_loss)()
     return grad
+
+
+# The launches as custom operators, so that torch.compile keeps them in its graph as opaque calls (their
+# fake implementations say the outputs' shapes) instead of breaking the graph on a Triton launch.
+@torch.library.custom_op("segfocal::triton_histogram", mutates_args=())
+def _histogram_op(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    counts = torch.zeros(num_classes, dtype=torch.float64, device=target.device)
+    if target.numel() > 0:
+        histogram_launch(target, counts, ignore_index)()
+    return counts
+
+
+@_histogram_op.register_fake
+def _(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    return target.new_empty(num_classes, dtype=torch.float64)
+
+
+@torch.library.custom_op("segfocal::triton_forward", mutates_args=())
+def _forward_op(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor,
+                poly_coefficient: torch.Tensor, gamma: float, ignore_index: int,
+                write_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    focal_sums = torch.zeros(logits.shape[1], dtype=torch.float64, device=logits.device)
+    poly_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
+    grad = empty_gradient(logits)[0] if write_grad else None
+    if target.numel() > 0:
+        forward_launch(logits, target, grad, coefficients, poly_coefficient, focal_sums, poly_sum, gamma,
+                       ignore_index)()
+    return focal_sums, poly_sum, grad if grad is not None else logits.new_empty(0)
+
+
+@_forward_op.register_fake
+def _(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor, poly_coefficient: torch.Tensor,
+      gamma: float, ignore_index: int, write_grad: bool):
+    sums = logits.new_empty(logits.shape[1], dtype=torch.float64), logits.new_empty((), dtype=torch.float64)
+    return (*sums, empty_gradient(logits)[0] if write_grad else logits.new_empty(0))
+
+
+@torch.library.custom_op("segfocal::triton_gradient", mutates_args=())
+def _gradient_op(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor,
+                 poly_coefficient: torch.Tensor, grad_loss: torch.Tensor, gamma: float,
+                 ignore_index: int) -> torch.Tensor:
+    grad = empty_gradient(logits)[0]
+    if target.numel() > 0:
+        gradient_launch(logits, target, grad, coefficients, poly_coefficient, grad_loss, gamma, ignore_index)()
+    return grad
+
+
+@_gradient_op.register_fake
+def _(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor, poly_coefficient: torch.Tensor,
+      grad_loss: torch.Tensor, gamma: float, ignore_index: int) -> torch.Tensor:
+    return empty_gradient(logits)[0]
 
 
 def histogram_launch(target: torch.Tensor, counts: torch.Tensor, ignore_index: int) -> Launch:
