@@ -21,7 +21,7 @@ import yaml
 
 from ..evaluation.report import class_names
 from .schema import (CHOICES, PER_CLASS_METRICS, SUMMARY_METRICS, TERM_NAMES, TERM_OPTIONS, WEIGHT_SCHEMES, Config,
-                     DataConfig, LossTermConfig)
+                     DataConfig, LossTermConfig, PatchesConfig)
 
 
 class ConfigError(ValueError):
@@ -164,11 +164,29 @@ def _check_data(config: Config, source: str) -> None:
     if data.val_fraction is not None and not (0 < data.val_fraction < 1 and data.val_split != data.train_split):
         raise ConfigError(f"{source}: data.val_fraction={data.val_fraction!r} must be in (0, 1), with data.val_split "
                           f"(the carved part, {data.val_split!r}) named apart from data.train_split")
+    if data.patches is not None:
+        _check_patches(data.patches, source)
     if data.layout != "folder":
         for key in ("image_dir", "mask_dir", "split_file"):
             if getattr(data, key) != getattr(default, key):
                 raise ConfigError(f"{source}: data.{key}={getattr(data, key)!r} is not used with data.layout="
                                   f"{data.layout!r}, which knows where its files are; remove data.{key}")
+
+
+def _check_patches(patches: PatchesConfig, source: str) -> None:
+    """``data.patches``: a crop size, counts and a fraction in range, a weight scheme the losses know."""
+    checks = [
+        ("size", patches.size, len(patches.size) == 2 and min(patches.size) >= 1, "[height, width] of positive ints"),
+        ("per_epoch", patches.per_epoch, patches.per_epoch >= 1, "at least 1"),
+        ("rare_fraction", patches.rare_fraction, 0 <= patches.rare_fraction <= 1, "in [0, 1]"),
+        ("class_weight", patches.class_weight, patches.class_weight in WEIGHT_SCHEMES,
+         f"one of {', '.join(WEIGHT_SCHEMES)}"),
+        ("index_points", patches.index_points, patches.index_points >= 1, "at least 1"),
+        ("max_pixels", patches.max_pixels, patches.max_pixels >= 1, "at least 1"),
+    ]
+    for key, value, valid, expected in checks:
+        if not valid:
+            raise ConfigError(f"{source}: data.patches.{key} must be {expected}, got {value!r}")
 
 
 def _check_ranges(config: Config, source: str) -> None:

@@ -24,6 +24,28 @@ class SyntheticConfig:
 
 
 @dataclass
+class PatchesConfig:
+    """``data.patches``: train on ``per_epoch`` crops of ``size`` [height, width] a pass, read from images of any
+    size without decoding the rest (tiled TIFF, Zarr, ``.npy``; see :mod:`segfocal.data.patches`).
+
+    Crop ``i`` of epoch ``e`` is drawn from ``(seed, e, i)`` alone. A ``rare_fraction`` of the crops is centred
+    on a pixel of a class drawn with probability proportional to the ``class_weight`` scheme (a loss weight
+    scheme) of the split's class frequencies, read from a class index of up to ``index_points`` pixel positions
+    per class and image, built once and cached in ``index_dir`` (null: ``$SEGFOCAL_CACHE/class_index``, by
+    default ``~/.cache/segfocal/class_index``). The val split is scored in tiles of ``size``. A header claiming
+    more than ``max_pixels`` pixels is refused.
+    """
+
+    size: List[int] = field(default_factory=lambda: [256, 256])
+    per_epoch: int = 1000
+    rare_fraction: float = 0.0
+    class_weight: str = "enet"
+    index_points: int = 10000
+    index_dir: Optional[str] = None
+    max_pixels: int = 2 ** 36
+
+
+@dataclass
 class DataConfig:
     """Paired image/mask folders, matched by file stem.
 
@@ -65,6 +87,7 @@ class DataConfig:
     label_map: Optional[Dict[int, int]] = None
     reduce_zero_label: bool = False
     val_fraction: Optional[float] = None
+    patches: Optional[PatchesConfig] = None  # null: whole images; else crops read lazily (PatchesConfig)
 
 
 @dataclass

@@ -43,7 +43,9 @@ def index_folder(folder: Path, suffixes: Sequence[str], kind: str) -> Dict[str, 
         raise DataError(f"{kind} folder not found: {folder}", folder)
     found: Dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() not in suffixes or not path.is_file():
+        if path.name.startswith(".") or path.suffix.lower() not in suffixes:
+            continue
+        if not (path.is_file() or (path.suffix.lower() == ".zarr" and path.is_dir())):  # a Zarr array is a folder
             continue
         if path.stem in found:
             raise DataError(f"two {kind} files share the stem '{path.stem}': {found[path.stem]} and {path}", path)
@@ -76,6 +78,9 @@ class SegmentationFolder(Dataset):
     :meth:`validate` first for a complete account. ``verify`` is how closely :meth:`validate`
     reads the images: ``"header"`` or ``"full"`` (decode every pixel).
     """
+
+    image_suffixes: Tuple[str, ...] = IMAGE_SUFFIXES
+    mask_suffixes: Tuple[str, ...] = MASK_SUFFIXES
 
     def __init__(
         self,
@@ -122,12 +127,12 @@ class SegmentationFolder(Dataset):
     def _find_samples(self) -> List[Sample]:
         if self.layout == "cityscapes":
             return cityscapes_samples(self.image_folder, self.mask_folder)
-        images = index_folder(self.image_folder, IMAGE_SUFFIXES, "image")
-        masks = index_folder(self.mask_folder, MASK_SUFFIXES, "mask")
+        images = index_folder(self.image_folder, self.image_suffixes, "image")
+        masks = index_folder(self.mask_folder, self.mask_suffixes, "mask")
         if self.split_file is not None:
             return self._samples_from_split_file(images, masks)
         if not images:
-            raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {self.image_folder}", self.image_folder)
+            raise DataError(f"no images ({', '.join(self.image_suffixes)}) found in {self.image_folder}", self.image_folder)
         unmatched = [stem for stem in images if stem not in masks]
         if unmatched:
             raise DataError(
