@@ -25,7 +25,7 @@ from .config import Config, load_config
 from .data import build_transform, pipeline_image, read_image
 from .data.images import check_channels, pil_array
 from .engine.distributed import resolve_device
-from .engine.precision import inference_precision
+from .engine.precision import Precision, inference_precision
 from .engine.restore import prepare_for_inference, restore_with_config
 from .evaluation import class_names, predict_logits
 
@@ -102,9 +102,7 @@ class Segmenter:
     def _logits(self, arrays: List[np.ndarray]) -> torch.Tensor:
         """Float32 logits [B, C, H, W] of same-size images, resized back if the val pipeline resized them."""
         ev = self.config.eval
-        scale = self.config.data.scale
-        batch = torch.stack([self._transform(image=pipeline_image(array, scale))["image"] for array in arrays])
-        batch = batch.to(self.device)
+        batch = torch.stack([self.preprocess(array) for array in arrays]).to(self.device)
         with torch.inference_mode():
             with self._precision.autocast():
                 logits = predict_logits(self.model, batch, self.num_classes, mode=self.mode,
@@ -113,6 +111,16 @@ class Segmenter:
             if logits.shape[-2:] != size:
                 logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
         return logits
+
+    def preprocess(self, array: np.ndarray) -> torch.Tensor:
+        """An (H, W, channels) array as the model takes it: float32 [channels, H', W'] after ``augment.val`` and
+        ``data.mean``/``std``, as validation prepared it."""
+        return self._transform(image=pipeline_image(array, self.config.data.scale))["image"]
+
+    @property
+    def precision(self) -> Precision:
+        """The run's inference precision (its ``autocast()`` context)."""
+        return self._precision
 
     def _as_array(self, image: ImageInput) -> np.ndarray:
         """``image`` as an (H, W, channels) array as training read it; ValueError/TypeError if it cannot be."""
