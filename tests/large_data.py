@@ -29,8 +29,9 @@ def write_array(path: Path, array: np.ndarray, tile: int = TILE) -> Path:
     """``array`` as ``path``: a TIFF in tiles of ``tile``, a Zarr array in chunks of ``tile``, or a .npy file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".tif":
+        bands = {"planarconfig": "contig"} if array.ndim == 3 else {}
         tifffile.imwrite(path, array, tile=(tile, tile), photometric="rgb" if array.ndim == 3 and array.shape[2] == 3
-                         else "minisblack")
+                         else "minisblack", **bands)
     elif path.suffix == ".zarr":
         import zarr
 

@@ -308,6 +308,14 @@ class SegmentationFolder(Dataset):
                 totals[value] = totals.get(value, 0) + count
         return dict(sorted(totals.items()))
 
+    def image_mean_std(self) -> Tuple[List[float], List[float]]:
+        """Per-channel mean and std of ``x * scale`` over every pixel of the split's images
+        (:func:`~segfocal.data.channel_stats.image_mean_std`; bad images skipped with ``bad_samples="skip"``)."""
+        from .channel_stats import image_mean_std
+
+        return image_mean_std((image for image, _ in self.samples), channels=self.channels, scale=self.scale,
+                              skip_bad=self.bad_samples == "skip")
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(split={self.split!r}, samples={len(self)}, images={self.image_folder}, "
                 f"masks={self.mask_folder})")

@@ -35,6 +35,9 @@ LAZY_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")
 # The most pixels a header may claim (2^36, 262144 x 262144); a corrupt or foreign header claiming more
 # would make every size-proportional step (the class index, a tiled prediction) allocate without bound.
 MAX_PIXELS = 2 ** 36
+# Files above this many pixels are scored (segfocal eval --pred) block by block rather than read whole:
+# what segfocal predict writes tile by tile by default (its --max-pixels).
+WHOLE_READ_PIXELS = 2048 * 2048
 # A crop that decodes more than this many times its own pixels (chunks much larger than the crop) warns.
 WASTE_WARNING = 16
 _INSTALL = 'pip install "segfocal[large]"'
@@ -263,6 +266,20 @@ class MaskRegion:
         if array.shape[2] == 1:
             return array[..., 0]
         return colour_mask_classes(array, self.color_map, self.path)
+
+
+def read_in_blocks(path: PathLike) -> bool:
+    """Whether a whole-image pass over ``path`` should go block by block: a Zarr or ``.npy`` file, or a TIFF of
+    more than :data:`WHOLE_READ_PIXELS` pixels (by its header)."""
+    from .images import check_image
+
+    suffix = Path(path).suffix.lower()
+    if suffix in (".zarr", ".npy"):
+        return True
+    if suffix not in (".tif", ".tiff"):
+        return False
+    height, width = check_image(path, channels=None)
+    return height * width > WHOLE_READ_PIXELS
 
 
 def blocks(region: Union[Region, ImageRegion, MaskRegion], pixels: int = 2 ** 22) -> Iterator[Box]:
