@@ -23,6 +23,7 @@ import numpy as np
 
 from ..files import replaced_atomically
 from .errors import DataError
+from .masks import class_histogram
 from .regions import blocks
 
 FORMAT = 1  # bump when the file's content changes meaning
@@ -59,10 +60,9 @@ def build_class_index(masks: Sequence[Any], num_classes: int, points: int) -> Cl
         found = [np.empty(0, dtype=np.int64)] * num_classes
         for y0, y1, x0, x1 in blocks(mask):
             labels = mask.read(y0, y1, x0, x1)
-            flat = labels.ravel()
-            valid = (flat >= 0) & (flat < num_classes)
-            counts[number] += np.bincount(flat[valid].astype(np.intp), minlength=num_classes)[:num_classes]
-            for cls in np.unique(flat[valid]).tolist():
+            histogram = class_histogram(labels, num_classes)
+            counts[number] += histogram
+            for cls in np.flatnonzero(histogram).tolist():
                 rows, cols = np.nonzero(labels == cls)
                 keys[cls] = np.concatenate([keys[cls], rng.random(len(rows))])
                 found[cls] = np.concatenate([found[cls], (rows + y0).astype(np.int64) * width + cols + x0])

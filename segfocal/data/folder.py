@@ -20,7 +20,7 @@ from .errors import DataError
 from .images import IMAGE_SUFFIXES, check_image, pipeline_image, read_image
 from .labels import LabelRemap
 from .layouts import cityscapes_samples
-from .masks import check_mask_values, read_mask
+from .masks import add_value_counts, check_mask_values, class_histogram, read_mask
 
 MASK_SUFFIXES = tuple(suffix for suffix in IMAGE_SUFFIXES if suffix != ".npy")
 _SHOWN = 5  # how many stems/files an error message lists
@@ -286,9 +286,7 @@ class SegmentationFolder(Dataset):
                     raise
                 self._skip(sample, error)
                 continue
-            values = mask.ravel()
-            values = values[(values >= 0) & (values < num_classes)].astype(np.intp)
-            counts += np.bincount(values, minlength=num_classes)[:num_classes]
+            counts += class_histogram(mask, num_classes)
         if self.ignore_index is not None and 0 <= self.ignore_index < num_classes:
             counts[self.ignore_index] = 0
         return torch.from_numpy(counts)
@@ -299,13 +297,10 @@ class SegmentationFolder(Dataset):
         totals: Dict[int, int] = {}
         for _, path in self.samples:
             try:
-                values, pixels = np.unique(read_mask(path, self.color_map), return_counts=True)
+                add_value_counts(totals, read_mask(path, self.color_map))
             except DataError:
                 if self.bad_samples == "error":
                     raise
-                continue
-            for value, count in zip(values.tolist(), pixels.tolist()):
-                totals[value] = totals.get(value, 0) + count
         return dict(sorted(totals.items()))
 
     def image_mean_std(self) -> Tuple[List[float], List[float]]:

@@ -91,6 +91,20 @@ def rgb_to_classes(rgb: np.ndarray, color_map: Sequence[Sequence[int]], path: Pa
     return order[position].astype(dtype)
 
 
+def class_histogram(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Pixels per class (int64 ``[num_classes]``) of ``labels``; values outside ``0..num_classes-1`` are not counted."""
+    values = labels.ravel()
+    values = values[(values >= 0) & (values < num_classes)].astype(np.intp)
+    return np.bincount(values, minlength=num_classes)[:num_classes].astype(np.int64)
+
+
+def add_value_counts(totals: dict, mask: np.ndarray) -> None:
+    """Add the pixels per value of ``mask`` to ``totals`` (value → pixels)."""
+    values, pixels = np.unique(mask, return_counts=True)
+    for value, count in zip(values.tolist(), pixels.tolist()):
+        totals[value] = totals.get(value, 0) + count
+
+
 def check_mask_values(mask: np.ndarray, path: PathLike, num_classes: int, ignore_index: int) -> None:
     """Raise :class:`DataError` naming ``path`` and the bad values unless every label is a class or ignore."""
     if mask.size == 0 or (int(mask.min()) >= 0 and int(mask.max()) < num_classes):

@@ -36,7 +36,7 @@ from .class_index import ClassIndex, build_class_index, cached_class_index
 from .errors import DataError
 from .folder import SegmentationFolder, _image_tensor, _mask_tensor
 from .images import IMAGE_SUFFIXES, pipeline_image, value_scale
-from .masks import check_mask_values
+from .masks import add_value_counts, check_mask_values, class_histogram
 from .regions import ImageRegion, MaskRegion, blocks, check_chunking
 
 LARGE_IMAGE_SUFFIXES = IMAGE_SUFFIXES + (".zarr",)
@@ -240,9 +240,7 @@ class PatchDataset(Dataset):
         for _, mask in self._opened():
             labels_of = _TrainIds(mask, self)
             for box in blocks(mask):
-                values = labels_of.read(*box).ravel()
-                values = values[(values >= 0) & (values < num_classes)].astype(np.intp)
-                counts += np.bincount(values, minlength=num_classes)[:num_classes]
+                counts += class_histogram(labels_of.read(*box), num_classes)
         if self.ignore_index is not None and 0 <= self.ignore_index < num_classes:
             counts[self.ignore_index] = 0
         return torch.from_numpy(counts)
@@ -252,9 +250,7 @@ class PatchDataset(Dataset):
         totals: Dict[int, int] = {}
         for _, mask in self._opened():
             for box in blocks(mask):
-                values, pixels = np.unique(mask.read(*box), return_counts=True)
-                for value, count in zip(values.tolist(), pixels.tolist()):
-                    totals[value] = totals.get(value, 0) + count
+                add_value_counts(totals, mask.read(*box))
         return dict(sorted(totals.items()))
 
     def image_mean_std(self) -> Tuple[List[float], List[float]]:
