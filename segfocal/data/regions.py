@@ -74,7 +74,14 @@ class Region:
         height, width = self.shape
         if not (0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width):
             raise ValueError(f"{self.path}: region rows {y0}:{y1}, columns {x0}:{x1} outside its {width}x{height} pixels")
-        array = np.asarray(self._read(self._opened(), y0, y1, x0, x1))
+        try:
+            array = np.asarray(self._read(self._opened(), y0, y1, x0, x1))
+        except DataError:
+            raise
+        except Exception as error:  # a truncated chunk, a codec tifffile lacks (its message names imagecodecs), ...
+            message = str(error).splitlines()[0] if str(error) else ""
+            raise DataError(f"cannot read rows {y0}:{y1}, columns {x0}:{x1} of {self.path}: {type(error).__name__}: "
+                            f"{message}", self.path) from None
         if array.ndim == 2:
             array = array[..., None]
         return array.astype(array.dtype.newbyteorder("="), copy=False)
