@@ -34,7 +34,7 @@ from ..losses.class_weights import WeightScheme
 from .channel_stats import Moments
 from .class_index import ClassIndex, build_class_index, cached_class_index
 from .errors import DataError
-from .folder import SegmentationFolder, _image_tensor, _mask_tensor
+from .folder import SegmentationFolder, _check_same_size, _image_tensor, _mask_tensor
 from .images import IMAGE_SUFFIXES, pipeline_image, value_scale
 from .masks import add_value_counts, check_mask_values, class_histogram
 from .regions import ImageRegion, MaskRegion, blocks, check_chunking
@@ -81,8 +81,8 @@ class PatchDataset(Dataset):
     (headers only), checks them and, for class-aware crops, loads or builds the class index.
     """
 
-    def __init__(self, folder: SegmentationFolder, patches: PatchesConfig, seed: int = 0, random_crops: bool = False,
-                 index_dir: Optional[Path] = None) -> None:
+    def __init__(self, folder: SegmentationFolder, patches: PatchesConfig, seed: int = 0,
+                 random_crops: bool = False) -> None:
         self.root, self.split, self.samples = folder.root, folder.split, folder.samples
         self.transform, self.channels, self.scale = folder.transform, folder.channels, folder.scale
         self.remap = folder.remap if folder.remap is not None and folder.remap.active else None
@@ -91,7 +91,7 @@ class PatchDataset(Dataset):
         self.size = (int(patches.size[0]), int(patches.size[1]))
         self.patches, self.seed, self.random_crops = patches, seed, random_crops
         self.scheme = WeightScheme(patches.class_weight)  # the scheme's default parameters
-        self.index_dir = index_dir or (Path(patches.index_dir) if patches.index_dir else default_index_dir())
+        self.index_dir = Path(patches.index_dir) if patches.index_dir else default_index_dir()
         self.epoch = 0
         self.skipped: List[Tuple[str, str]] = []
         self.pairs: Optional[List[Tuple[ImageRegion, MaskRegion]]] = None
@@ -119,9 +119,7 @@ class PatchDataset(Dataset):
             try:
                 image = ImageRegion(sample[0], self.channels, self.patches.max_pixels)
                 mask = MaskRegion(sample[1], self.color_map, self.patches.max_pixels)
-                if mask.shape != image.shape:
-                    raise DataError(f"{sample[1]}: mask size {mask.shape[1]}x{mask.shape[0]} differs from the size "
-                                    f"{image.shape[1]}x{image.shape[0]} of its image {sample[0]}", sample[1])
+                _check_same_size(sample[1], mask.shape, sample[0], image.shape)
             except DataError as error:
                 if self.bad_samples == "error":
                     raise
