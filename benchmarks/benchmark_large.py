@@ -3,7 +3,7 @@
     python benchmarks/benchmark_large.py make-data --out DIR [--images 8] [--size 16384] [--crops 2048]
     python benchmarks/benchmark_large.py train --data DIR [--source both|patches|png] [--workers 2] [--rounds 3]
     python benchmarks/benchmark_large.py predict --out DIR [--size 20000]
-    python benchmarks/benchmark_large.py rare-share [--rare-fraction 0.33] [--epochs 12]
+    python benchmarks/benchmark_large.py rare-share [--rare-fraction 0.33] [--size 48] [--schemes enet inverse]
 
 ``make-data`` writes ``--images`` synthetic ``--size``-square RGB uint8 tiled TIFFs (256x256 tiles, the
 synthetic set's shapes drawn tile by tile) with their masks, and the first ``--crops`` training crops of epoch 0
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -92,7 +93,7 @@ def _tiles(size: int, seed: int, masks: np.ndarray, channels: int = 3):
     for top in range(0, size, TILE):
         for left in range(0, size, TILE):
             image, mask = make_sample(rng, TILE, 6, 255)
-            masks[top:top + TILE, left:left + TILE] = mask[:size - top, :size - left]
+            masks[top:top + TILE, left:left + TILE] = mask  # masks is padded to whole tiles
             yield image if channels == 3 else np.ascontiguousarray(image[..., :1])
 
 
@@ -205,26 +206,27 @@ def predict(args: argparse.Namespace) -> None:
     image = out / "predict_input" / "big.tif"
     image.parent.mkdir(parents=True, exist_ok=True)
     if not image.exists():
-        write_tiled(image, args.size, 0, channels=1)
+        partial = image.with_name("partial.tif")  # renamed when whole: an interrupted run leaves no half image
+        write_tiled(partial, args.size, 0, channels=1)
+        partial.rename(image)
     config = {"_base_": "_base_/default.yaml", "data": {"num_classes": 6, "mean": [0.45], "std": [0.22]},
               "model": {"in_channels": 1, "kwargs": {"encoder_depth": 3, "decoder_channels": [32, 16, 8]}},
               "eval": {"mode": "slide", "crop_size": [512, 512], "stride": [512, 512]}}
     (out / "predict.yaml").write_text(yaml.safe_dump(config))
-    from segfocal.cli import predict as predict_command
     from segfocal.config import load_config
     from segfocal.models import build_model
 
     cfg = load_config(out / "predict.yaml")
     torch.manual_seed(0)
     torch.save(build_model(cfg.model, cfg.data.num_classes).state_dict(), out / "weights.pt")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     started = time.perf_counter()
-    predict_command.main(["--checkpoint", str(out / "weights.pt"), "--config", str(out / "predict.yaml"),
-                          "--input", str(image), "--output", str(out / "predict_output")])
+    command = [sys.executable, "-m", "segfocal", "predict", "--checkpoint", str(out / "weights.pt"), "--config",
+               str(out / "predict.yaml"), "--input", str(image), "--output", str(out / "predict_output")]
+    subprocess.run(command, check=True)  # its own process: the peak is the command's alone
     elapsed = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    print(f"{args.size}x{args.size} single-channel tiled TIFF predicted in {elapsed:.0f} s; peak RSS {peak:.2f} GiB "
-          f"(before predicting: {before:.2f} GiB); torch {torch.__version__}, {torch.get_num_threads()} threads")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
+    print(f"{args.size}x{args.size} single-channel tiled TIFF predicted in {elapsed:.0f} s by `segfocal predict`; its "
+          f"peak RSS {peak:.2f} GiB; torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
 # -- class-aware sampling ----------------------------------------------------------------------
@@ -233,11 +235,15 @@ def rare_share(args: argparse.Namespace) -> None:
     from segfocal.data.splits import run_dataset
 
     names = ["background", "slab", "ellipse", "triangle", "line", "square"]
-    print(f"{'training pixels, %':<40}" + "".join(f"{name:>11}" for name in names))
-    for label, patches in (("whole images (the default)", None),
-                           ("crops, rare_fraction 0", {"size": [96, 96], "per_epoch": 192}),
-                           (f"crops, rare_fraction {args.rare_fraction}",
-                            {"size": [96, 96], "per_epoch": 192, "rare_fraction": args.rare_fraction})):
+    print(f"{'training pixels, %':<48}" + "".join(f"{name:>11}" for name in names))
+    per_epoch = 192 * (96 // args.size) ** 2  # the pixels of the 192 training images
+    runs = [("whole images (the default)", None)]
+    for fraction in (0.0, args.rare_fraction):
+        for scheme in (("enet",) if fraction == 0 else args.schemes):
+            runs.append((f"{args.size}x{args.size} crops, rare_fraction {fraction}" + f", {scheme}" * bool(fraction),
+                         {"size": [args.size] * 2, "per_epoch": per_epoch, "rare_fraction": fraction,
+                          "class_weight": scheme}))
+    for label, patches in runs:
         overrides = [] if patches is None else [f"data.patches={patches}"]
         cfg = load_config("synthetic_unet_focal", overrides)
         dataset = run_dataset(cfg, [], cfg.data.train_split, random_crops=True)
@@ -249,7 +255,7 @@ def rare_share(args: argparse.Namespace) -> None:
             for index in range(len(dataset)):
                 mask = dataset[index][1].numpy().ravel()
                 counts += np.bincount(mask[mask < 6], minlength=6)
-        print(f"{label:<40}" + "".join(f"{100 * share:>11.2f}" for share in counts / counts.sum()))
+        print(f"{label:<48}" + "".join(f"{100 * share:>11.2f}" for share in counts / counts.sum()), flush=True)
 
 
 def main(argv=None) -> None:
@@ -274,6 +280,8 @@ def main(argv=None) -> None:
     share = commands.add_parser("rare-share")
     share.add_argument("--rare-fraction", type=float, default=0.33)
     share.add_argument("--epochs", type=int, default=12)
+    share.add_argument("--size", type=int, default=48, help="crop side (the synthetic images have 96)")
+    share.add_argument("--schemes", nargs="+", default=["enet", "inverse"], help="class_weight schemes to compare")
     args = parser.parse_args(argv)
     {"make-data": make_data, "train": train, "predict": predict, "rare-share": rare_share}[args.command](args)
 
