@@ -41,18 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "above --max-pixels): <stem>.tif, a tiled palette TIFF, or <stem>.zarr (default: tiff)")
 
 
-def is_tiled(path: Path, max_pixels: int, channels: int) -> bool:
+def is_tiled(path: Path, max_pixels: int) -> bool:
     """Whether ``path`` is predicted tile by tile: a Zarr image always, a TIFF or ``.npy`` above ``max_pixels``
     (0: no limit; read from the header). Other formats above the limit go to slide mode whole, as before."""
-    from .data.images import check_image
+    from .data.regions import header_pixels
 
     suffix = path.suffix.lower()
     if suffix in ALWAYS_TILED:
         return True
-    if suffix not in TILED_ABOVE_LIMIT or not max_pixels:
-        return False
-    height, width = check_image(path, channels=channels)
-    return height * width > max_pixels
+    return suffix in TILED_ABOVE_LIMIT and bool(max_pixels) and header_pixels(path) > max_pixels
 
 
 def mask_name(image: Path, fmt: str) -> str:

@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> list:
     (output / OVERLAY_FOLDER).mkdir(parents=True, exist_ok=True)
     written = []
     for path in images:
-        if tiled.is_tiled(path, args.max_pixels, cfg.model.in_channels):  # read and written tile by tile, no overlay
+        if tiled.is_tiled(path, args.max_pixels):  # read and written tile by tile, no overlay
             written.append(tiled.predict_tiled(segmenters[cfg.eval.mode], path, output, args.format, palette=palette))
             continue
         mode = inference_mode(path, cfg.eval.mode, args.max_pixels, cfg.eval.crop_size, cfg.model.in_channels)

@@ -275,18 +275,29 @@ class MaskRegion:
         return colour_mask_classes(array, self.color_map, self.path)
 
 
+def header_pixels(path: PathLike) -> int:
+    """Height x width of a TIFF (its first series, by tifffile) or ``.npy`` file, from the header alone (PIL would
+    refuse to open an image of more than 179 million pixels as a decompression bomb)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".npy":
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+            return int(np.prod(shape[:2]))
+        tifffile = _require("tifffile", path)
+        with tifffile.TiffFile(path) as tiff:
+            series = tiff.series[0]
+            return int(np.prod([length for axis, length in zip(series.axes, series.shape) if axis in "YX"]))
+    except (OSError, ValueError, IndexError) as error:
+        raise DataError(f"cannot read image {path}: {error}", path) from None
+
+
 def read_in_blocks(path: PathLike) -> bool:
     """Whether a whole-image pass over ``path`` should go block by block: a Zarr or ``.npy`` file, or a TIFF of
     more than :data:`WHOLE_READ_PIXELS` pixels (by its header)."""
-    from .images import check_image
-
     suffix = Path(path).suffix.lower()
     if suffix in (".zarr", ".npy"):
         return True
-    if suffix not in (".tif", ".tiff"):
-        return False
-    height, width = check_image(path, channels=None)
-    return height * width > WHOLE_READ_PIXELS
+    return suffix in (".tif", ".tiff") and header_pixels(path) > WHOLE_READ_PIXELS
 
 
 def blocks(region: Union[Region, ImageRegion, MaskRegion], pixels: int = 2 ** 22) -> Iterator[Box]:
