@@ -32,7 +32,7 @@ from .data.images import check_channels, pil_array
 from .engine.calibrate import stored_calibration
 from .engine.checkpoint import load_checkpoint
 from .engine.distributed import resolve_device
-from .engine.precision import inference_precision
+from .engine.precision import Precision, inference_precision
 from .engine.restore import prepare_for_inference, restore_with_config
 from .evaluation import predict_logits
 from .evaluation.calibration import Calibration
@@ -104,7 +104,7 @@ class Segmenter:
         ``PIL.Image.fromarray`` writes as a PNG, like ``tools/predict.py``), else int64.
         """
         dtype = torch.uint8 if self.num_classes <= 256 else torch.int64
-        return self._run(image, lambda logits: self._decided(logits).argmax(dim=1).to(dtype))
+        return self._run(image, lambda logits: self.decided(logits).argmax(dim=1).to(dtype))
 
     def predict_proba(self, image: Union[ImageInput, Sequence[ImageInput]]) -> Union[np.ndarray, List[np.ndarray]]:
         """Float32 softmax probabilities (C, H, W) of ``image`` at its own size; a list for a list of images.
@@ -112,14 +112,15 @@ class Segmenter:
         When :attr:`calibrated`, they are those of the calibrated logits (the bias shifts each class's
         prior), so their argmax is :meth:`predict`'s decision; ``softmax(logits(image))`` gives the raw ones.
         """
-        return self._run(image, lambda logits: self._decided(logits).softmax(dim=1))
+        return self._run(image, lambda logits: self.decided(logits).softmax(dim=1))
 
     def logits(self, image: Union[ImageInput, Sequence[ImageInput]]) -> Union[np.ndarray, List[np.ndarray]]:
         """Float32 raw logits (C, H, W) of ``image`` at its own size, without any calibration; a list for a list."""
         return self._run(image, lambda logits: logits)
 
-    def _decided(self, logits: torch.Tensor) -> torch.Tensor:
-        """The logits the decisions are taken on: plus the calibration's bias, when there is one."""
+    def decided(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits [B, C, H, W] the decisions are taken on: plus the calibration's bias, when there is one
+        (public for callers that compute logits themselves, as tiled prediction does)."""
         return logits if self._bias is None else logits.float() + self._bias
 
     def _run(self, images: Union[ImageInput, Sequence[ImageInput]],
@@ -137,9 +138,7 @@ class Segmenter:
     def _logits(self, arrays: List[np.ndarray]) -> torch.Tensor:
         """Float32 logits [B, C, H, W] of same-size images, resized back if the val pipeline resized them."""
         ev = self.config.eval
-        scale = self.config.data.scale
-        batch = torch.stack([self._transform(image=pipeline_image(array, scale))["image"] for array in arrays])
-        batch = batch.to(self.device)
+        batch = torch.stack([self.preprocess(array) for array in arrays]).to(self.device)
         with torch.inference_mode():
             with self._precision.autocast():
                 logits = predict_logits(self.model, batch, self.num_classes, mode=self.mode,
@@ -148,6 +147,16 @@ class Segmenter:
             if logits.shape[-2:] != size:
                 logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
         return logits
+
+    def preprocess(self, array: np.ndarray) -> torch.Tensor:
+        """An (H, W, channels) array as the model takes it: float32 [channels, H', W'] after ``augment.val`` and
+        ``data.mean``/``std``, as validation prepared it."""
+        return self._transform(image=pipeline_image(array, self.config.data.scale))["image"]
+
+    @property
+    def precision(self) -> Precision:
+        """The run's inference precision (its ``autocast()`` context)."""
+        return self._precision
 
     def _as_array(self, image: ImageInput) -> np.ndarray:
         """``image`` as an (H, W, channels) array as training read it; ValueError/TypeError if it cannot be."""

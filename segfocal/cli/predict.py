@@ -36,6 +36,7 @@ import sys
 from pathlib import Path
 from typing import Tuple
 
+from .. import tiled
 from ..text import counted
 from .common import (add_calibration_argument, add_config_arguments, add_inference_arguments, calibration_from_args,
                      check_output_folder, checkpoint_and_config, command_main)
@@ -56,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(eval.crop_size, eval.stride) to bound memory; 0: no limit (default: {MAX_PIXELS})")
     parser.add_argument("--overlay-format", choices=list(OVERLAY_FORMATS), default="png",
                         help="overlays/<stem>.png (lossless) or .jpg (smaller, blurred edges) (default: png)")
+    tiled.add_arguments(parser)
 
 
 def pixel_limit(text: str) -> int:
@@ -67,9 +69,10 @@ def pixel_limit(text: str) -> int:
 
 
 def list_images(path: Path) -> list:
-    from ..data import IMAGE_SUFFIXES, DataError
+    from ..data import DataError
+    from ..data.patches import LARGE_IMAGE_SUFFIXES as IMAGE_SUFFIXES  # Zarr folders too
 
-    if path.is_file():
+    if path.is_file() or (path.suffix.lower() == ".zarr" and path.is_dir()):
         return [path]
     if not path.is_dir():
         raise DataError(f"--input: no such file or directory: {path}")
@@ -148,6 +151,7 @@ def run(args: argparse.Namespace) -> list:
     images = list_images(source)
     # before the checkpoint is read or anything is written
     check_output_outside_input(source, output, images, args.overlay_format)
+    tiled.check_targets(images, output, args.format)
     contents, cfg = checkpoint_and_config(args)
     device = resolve_device(cfg.device)
     calibration = calibration_from_args(args, contents, cfg)
@@ -158,6 +162,9 @@ def run(args: argparse.Namespace) -> list:
     overlay_format, save_options = OVERLAY_FORMATS[args.overlay_format]
     written = []
     for path in images:
+        if tiled.is_tiled(path, args.max_pixels):  # read and written tile by tile, no overlay
+            written.append(tiled.predict_tiled(segmenters[cfg.eval.mode], path, output, args.format, palette=palette))
+            continue
         mode = inference_mode(path, cfg.eval.mode, args.max_pixels, cfg.eval.crop_size, cfg.model.in_channels)
         if mode not in segmenters:  # the same model, run in sliding windows
             segmenters[mode] = Segmenter(segmenters[cfg.eval.mode].model, cfg, device, mode=mode,

@@ -64,8 +64,7 @@ def run(args: argparse.Namespace) -> dict:
     shown = ", ".join(f"{value}: {pixels}" for value, pixels in list(stored.items())[:_SHOWN_VALUES])
     more = f" and {len(stored) - _SHOWN_VALUES} more" if len(stored) > _SHOWN_VALUES else ""
     print(f"mask values as stored (value: pixels), before data.label_map/reduce_zero_label: {shown}{more}")
-    mean, std = image_mean_std((image for image, _ in dataset.samples), channels=len(data.mean), scale=data.scale,
-                               skip_bad=data.bad_samples == "skip")
+    mean, std = dataset.image_mean_std()  # with data.patches, block by block
     print("per-channel image mean/std (stored values x data.scale, as data.mean/data.std take them):")
     print(f"data: {{mean: {_flow(mean)}, std: {_flow(std)}}}")
     if args.output:

@@ -12,6 +12,7 @@ from .schema import (
     LossTermConfig,
     ModelConfig,
     OptimConfig,
+    PatchesConfig,
     ScheduleConfig,
     SyntheticConfig,
     TrainConfig,
@@ -20,6 +21,6 @@ from .schema import (
 
 __all__ = [
     "Config", "DataConfig", "EmaConfig", "SyntheticConfig", "AugmentConfig", "ModelConfig", "LossConfig", "LossTermConfig",
-    "OptimConfig", "ScheduleConfig", "TrainConfig", "EvalConfig",
+    "OptimConfig", "PatchesConfig", "ScheduleConfig", "TrainConfig", "EvalConfig",
     "ConfigError", "load_config", "config_from_tree", "save_config", "apply_override", "to_dict", "class_names",
 ]

@@ -91,6 +91,27 @@ class SyntheticConfig(Section):
     seed: int = 0
 
 
+class PatchesConfig(Section):
+    """``data.patches``: train on ``per_epoch`` crops of ``size`` [height, width] a pass, read from images of any
+    size without decoding the rest (tiled TIFF, Zarr, ``.npy``; see :mod:`segfocal.data.patches`).
+
+    Crop ``i`` of epoch ``e`` is drawn from ``(seed, e, i)`` alone. A ``rare_fraction`` of the crops is centred
+    on a pixel of a class drawn with probability proportional to the ``class_weight`` scheme (a loss weight
+    scheme) of the split's class frequencies, read from a class index of up to ``index_points`` pixel positions
+    per class and image, built once and cached in ``index_dir`` (null: ``$SEGFOCAL_CACHE/class_index``, by
+    default ``~/.cache/segfocal/class_index``). The val split is scored in tiles of ``size``. A header claiming
+    more than ``max_pixels`` pixels is refused.
+    """
+
+    size: HeightWidth = Field(default_factory=lambda: [256, 256])
+    per_epoch: PositiveInt = 1000
+    rare_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    class_weight: Literal[WEIGHT_SCHEMES] = "enet"  # type: ignore[valid-type]
+    index_points: PositiveInt = 10000
+    index_dir: Optional[str] = None
+    max_pixels: PositiveInt = 2 ** 36
+
+
 class DataConfig(Section):
     """Paired image/mask folders, matched by file stem.
 
@@ -133,6 +154,7 @@ class DataConfig(Section):
     label_map: Optional[Dict[NonNegativeInt, int]] = Field(None, description="stored mask value -> train id")
     reduce_zero_label: bool = False
     val_fraction: Optional[Annotated[float, Field(gt=0, lt=1)]] = None
+    patches: Optional[PatchesConfig] = Field(None, description="null: whole images; else crops read lazily")
 
     @model_validator(mode="after")
     def _consistent(self) -> "DataConfig":

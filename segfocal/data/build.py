@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -17,15 +17,18 @@ from ..config import DataConfig
 from .folder import SegmentationFolder
 from .labels import LabelRemap
 from .layouts import layout_folders
+from .patches import LargeImageFolder, PatchDataset
 from .seeding import reseed_transform, seed_augmentation_worker
 from .synthetic import ensure_synthetic_dataset
 from .transforms import build_transform
 
 
-def build_dataset(data: DataConfig, augment_items: List[Dict[str, Any]], split: str) -> SegmentationFolder:
+def build_dataset(data: DataConfig, augment_items: List[Dict[str, Any]], split: str, seed: int = 0,
+                  random_crops: bool = False) -> Union[SegmentationFolder, PatchDataset]:
     """The ``split`` (a folder split name such as ``data.train_split``) of ``data``, with
     ``augment_items`` + normalisation as its transform; the synthetic set is generated first
-    when ``data.synthetic`` is set and ``data.root`` does not hold it yet.
+    when ``data.synthetic`` is set and ``data.root`` does not hold it yet. With ``data.patches``, a
+    :class:`PatchDataset` of the split: ``random_crops`` drawn from ``seed`` (training), else its tiles.
 
     Loaded masks are remapped by ``data.label_map``/``data.reduce_zero_label`` and checked against
     ``data.num_classes``/``data.ignore_index``; ``data.verify`` sets how closely the dataset's
@@ -36,13 +39,14 @@ def build_dataset(data: DataConfig, augment_items: List[Dict[str, Any]], split: 
         ensure_synthetic_dataset(Path(data.root), data.synthetic, data.num_classes, data.ignore_index)
     transform = build_transform(augment_items, data.mean, data.std, ignore_index=data.ignore_index, scale=data.scale)
     image_dir, mask_dir, split_file = layout_folders(data.layout, data.image_dir, data.mask_dir, data.split_file)
-    return SegmentationFolder(
+    folder = (SegmentationFolder if data.patches is None else LargeImageFolder)(
         data.root, split, image_dir=image_dir, mask_dir=mask_dir, split_file=split_file,
         color_map=data.color_map, transform=transform, bad_samples=data.bad_samples,
         num_classes=data.num_classes, ignore_index=data.ignore_index, verify=data.verify,
         channels=len(data.mean), scale=data.scale, layout=data.layout,
         remap=LabelRemap(data.label_map, data.reduce_zero_label, data.ignore_index),
     )
+    return folder if data.patches is None else PatchDataset(folder, data.patches, seed, random_crops)
 
 
 def init_worker(worker_id: int) -> None:

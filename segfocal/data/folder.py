@@ -21,7 +21,7 @@ from .errors import DataError
 from .images import IMAGE_SUFFIXES, check_image, pipeline_image, read_image
 from .labels import LabelRemap
 from .layouts import cityscapes_samples
-from .masks import check_mask_values, read_mask
+from .masks import add_value_counts, check_mask_values, class_histogram, read_mask
 
 MASK_SUFFIXES = tuple(suffix for suffix in IMAGE_SUFFIXES if suffix != ".npy")
 _SHOWN = 5  # how many stems/files an error message lists
@@ -44,7 +44,9 @@ def index_folder(folder: Path, suffixes: Sequence[str], kind: str) -> Dict[str, 
         raise DataError(f"{kind} folder not found: {folder}", folder)
     found: Dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() not in suffixes or not path.is_file():
+        if path.name.startswith(".") or path.suffix.lower() not in suffixes:
+            continue
+        if not (path.is_file() or (path.suffix.lower() == ".zarr" and path.is_dir())):  # a Zarr array is a folder
             continue
         if path.stem in found:
             raise DataError(f"two {kind} files share the stem '{path.stem}': {found[path.stem]} and {path}", path)
@@ -78,6 +80,9 @@ class SegmentationFolder(Dataset):
     :meth:`validate` first for a complete account. ``verify`` is how closely :meth:`validate`
     reads the images: ``"header"`` or ``"full"`` (decode every pixel).
     """
+
+    image_suffixes: Tuple[str, ...] = IMAGE_SUFFIXES
+    mask_suffixes: Tuple[str, ...] = MASK_SUFFIXES
 
     def __init__(
         self,
@@ -124,12 +129,12 @@ class SegmentationFolder(Dataset):
     def _find_samples(self) -> List[Sample]:
         if self.layout == "cityscapes":
             return cityscapes_samples(self.image_folder, self.mask_folder)
-        images = index_folder(self.image_folder, IMAGE_SUFFIXES, "image")
-        masks = index_folder(self.mask_folder, MASK_SUFFIXES, "mask")
+        images = index_folder(self.image_folder, self.image_suffixes, "image")
+        masks = index_folder(self.mask_folder, self.mask_suffixes, "mask")
         if self.split_file is not None:
             return self._samples_from_split_file(images, masks)
         if not images:
-            raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {self.image_folder}", self.image_folder)
+            raise DataError(f"no images ({', '.join(self.image_suffixes)}) found in {self.image_folder}", self.image_folder)
         unmatched = [stem for stem in images if stem not in masks]
         if unmatched:
             raise DataError(
@@ -283,9 +288,7 @@ class SegmentationFolder(Dataset):
                     raise
                 self._skip(sample, error)
                 continue
-            values = mask.ravel()
-            values = values[(values >= 0) & (values < num_classes)].astype(np.intp)
-            counts += np.bincount(values, minlength=num_classes)[:num_classes]
+            counts += class_histogram(mask, num_classes)
         if self.ignore_index is not None and 0 <= self.ignore_index < num_classes:
             counts[self.ignore_index] = 0
         return torch.from_numpy(counts)
@@ -296,14 +299,19 @@ class SegmentationFolder(Dataset):
         totals: Dict[int, int] = {}
         for _, path in self.samples:
             try:
-                values, pixels = np.unique(read_mask(path, self.color_map), return_counts=True)
+                add_value_counts(totals, read_mask(path, self.color_map))
             except DataError:
                 if self.bad_samples == "error":
                     raise
-                continue
-            for value, count in zip(values.tolist(), pixels.tolist()):
-                totals[value] = totals.get(value, 0) + count
         return dict(sorted(totals.items()))
+
+    def image_mean_std(self) -> Tuple[List[float], List[float]]:
+        """Per-channel mean and std of ``x * scale`` over every pixel of the split's images
+        (:func:`~segfocal.data.channel_stats.image_mean_std`; bad images skipped with ``bad_samples="skip"``)."""
+        from .channel_stats import image_mean_std
+
+        return image_mean_std((image for image, _ in self.samples), channels=self.channels, scale=self.scale,
+                              skip_bad=self.bad_samples == "skip")
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(split={self.split!r}, samples={len(self)}, images={self.image_folder}, "

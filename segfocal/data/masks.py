@@ -54,13 +54,19 @@ def read_mask(path: PathLike, color_map: Optional[Sequence[Sequence[int]]] = Non
     if mode in ("LA", "PA"):
         return array[..., 0]
     if mode in ("RGB", "RGBA"):
-        rgb = array[..., :3]
-        if color_map is not None:
-            return rgb_to_classes(rgb, color_map, path)
-        if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
-            return np.ascontiguousarray(rgb[..., 0])
-        raise DataError(f"{path}: RGB mask with coloured pixels; set data.color_map to map colours to classes", path)
+        return colour_mask_classes(array, color_map, path)
     raise DataError(f"{path}: unsupported mask image mode {mode!r}; expected grey, palette or RGB", path)
+
+
+def colour_mask_classes(array: np.ndarray, color_map: Optional[Sequence[Sequence[int]]], path: PathLike) -> np.ndarray:
+    """(H, W) classes of an (H, W, 3 or 4) RGB(A) mask: by ``color_map``, else its grey value if its three
+    channels are equal; coloured pixels without a ``color_map`` raise DataError naming ``path``."""
+    rgb = array[..., :3]
+    if color_map is not None:
+        return rgb_to_classes(rgb, color_map, path)
+    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+        return np.ascontiguousarray(rgb[..., 0])
+    raise DataError(f"{path}: RGB mask with coloured pixels; set data.color_map to map colours to classes", path)
 
 
 def rgb_to_classes(rgb: np.ndarray, color_map: Sequence[Sequence[int]], path: PathLike) -> np.ndarray:
@@ -85,6 +91,20 @@ def rgb_to_classes(rgb: np.ndarray, color_map: Sequence[Sequence[int]], path: Pa
                         f"{shown}{more}", path)
     dtype = np.uint8 if len(keys) <= 256 else np.int32
     return order[position].astype(dtype)
+
+
+def class_histogram(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Pixels per class (int64 ``[num_classes]``) of ``labels``; values outside ``0..num_classes-1`` are not counted."""
+    values = labels.ravel()
+    values = values[(values >= 0) & (values < num_classes)].astype(np.intp)
+    return np.bincount(values, minlength=num_classes)[:num_classes].astype(np.int64)
+
+
+def add_value_counts(totals: dict, mask: np.ndarray) -> None:
+    """Add the pixels per value of ``mask`` to ``totals`` (value → pixels)."""
+    values, pixels = np.unique(mask, return_counts=True)
+    for value, count in zip(values.tolist(), pixels.tolist()):
+        totals[value] = totals.get(value, 0) + count
 
 
 def check_mask_values(mask: np.ndarray, path: PathLike, num_classes: int, ignore_index: int) -> None:

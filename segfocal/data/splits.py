@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Set
+from typing import Any, Dict, List, Set, Union
 
 import numpy as np
 
@@ -21,19 +21,21 @@ from .build import build_dataset
 from .errors import DataError
 from .folder import SegmentationFolder
 from .layouts import layout_folders
+from .patches import PatchDataset
 
 RECORD = "val_split.json"
 
 
-def run_dataset(cfg: Config, augment_items: List[Dict[str, Any]], split: str,
-                record: bool = False) -> SegmentationFolder:
+def run_dataset(cfg: Config, augment_items: List[Dict[str, Any]], split: str, record: bool = False,
+                random_crops: bool = False) -> Union[SegmentationFolder, PatchDataset]:
     """:func:`build_dataset` of ``split`` for the run ``cfg``: with ``data.val_fraction``, the train and
     val splits are the two parts of ``data.train_split``. ``record``: write the val part to the run
-    directory if it is not there yet (the trainer's main process does)."""
+    directory if it is not there yet (the trainer's main process does). ``random_crops``: with
+    ``data.patches``, the training crops drawn from ``cfg.seed`` (else the split's tiles)."""
     data = cfg.data
     if data.val_fraction is None or split not in (data.train_split, data.val_split):
-        return build_dataset(data, augment_items, split)
-    dataset = build_dataset(data, augment_items, data.train_split)
+        return build_dataset(data, augment_items, split, cfg.seed, random_crops)
+    dataset = build_dataset(data, augment_items, data.train_split, cfg.seed, random_crops)
     val = held_out(dataset, data.val_fraction, cfg.seed, Path(cfg.work_dir) / RECORD, record)
     dataset.samples = [sample for sample in dataset.samples if (sample[0] in val) == (split == data.val_split)]
     dataset.split = split

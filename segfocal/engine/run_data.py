@@ -28,7 +28,7 @@ def build_run_data(cfg: Config, dist: DistContext) -> RunData:
     sees the same augmentations as one never stopped.
     """
     data = cfg.data
-    train_set = run_dataset(cfg, cfg.augment.train, data.train_split, record=dist.is_main)
+    train_set = run_dataset(cfg, cfg.augment.train, data.train_split, record=dist.is_main, random_crops=True)
     val_set = run_dataset(cfg, cfg.augment.val, data.val_split)
     for dataset in (train_set, val_set):
         dataset.validate(data.num_classes, data.ignore_index)
@@ -39,6 +39,6 @@ def build_run_data(cfg: Config, dist: DistContext) -> RunData:
     val_loader = build_loader(val_shard, cfg.eval.batch_size, shuffle=False, num_workers=data.num_workers,
                               seed=cfg.seed, drop_last=False)
     if len(train_loader) == 0:
-        raise ConfigError(f"data.batch_size={data.batch_size} exceeds the {len(train_set)} training images "
-                          f"(per rank); lower it")
+        unit = "training images" if data.patches is None else "crops of data.patches.per_epoch"
+        raise ConfigError(f"data.batch_size={data.batch_size} exceeds the {len(train_set)} {unit} (per rank); lower it")
     return RunData(train_set, val_set, train_loader, val_loader, sampler)

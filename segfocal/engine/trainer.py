@@ -214,6 +214,8 @@ class Trainer:
         seed_everything(seed)
         self.data.train_loader.generator.manual_seed(seed)
         reseed_transform(self.data.train_set, seed)
+        if hasattr(self.data.train_set, "set_epoch"):  # data.patches: epoch e's crops come from (seed, e, index)
+            self.data.train_set.set_epoch(epoch)
         if self.data.train_sampler is not None:
             self.data.train_sampler.set_epoch(epoch)
 

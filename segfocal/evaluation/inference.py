@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.regions import sliding_windows
+
 Size2 = Union[int, Sequence[int]]
 
 
@@ -96,14 +98,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def sliding_windows(size: int, crop: int, stride: int) -> List[int]:
-    """Start offsets of windows of length ``crop`` every ``stride`` covering ``[0, size)``, the last at the end."""
-    if size <= crop:
-        return [0]
-    count = -(-(size - crop) // stride) + 1  # ceil
-    return [min(index * stride, size - crop) for index in range(count)]
-
-
 def _pair(value: Size2, name: str) -> Tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
@@ -130,15 +124,36 @@ def _forward(model: nn.Module, images: torch.Tensor, num_classes: int, divisor: 
     return output[..., :height, :width]
 
 
+def window_rows(height: int, width: int, crop: Size2, stride: Size2) -> List[List[Tuple[int, int, int, int]]]:
+    """The sliding windows over a ``height`` x ``width`` image as boxes ``(top, bottom, left, right)``, one list
+    per row of windows, in the order slide mode adds their logits (so another caller adding them in this
+    order gets the same float sums)."""
+    crop, stride = _pair(crop, "crop_size"), _pair(stride, "stride")
+    return [[(top, min(top + crop[0], height), left, min(left + crop[1], width))
+             for left in sliding_windows(width, crop[1], stride[1])]
+            for top in sliding_windows(height, crop[0], stride[0])]
+
+
+def window_logits(model: nn.Module, window: torch.Tensor, num_classes: int, crop: Size2,
+                  size_divisor: Optional[int] = None, flip: bool = False) -> torch.Tensor:
+    """Float32 logits of one sliding ``window`` [B, C, h, w] as slide mode computes them: zero-padded to
+    ``crop`` and to the model's size divisor; ``flip``: averaged with its mirror's (the window's own)."""
+    divisor = model_size_divisor(model) if size_divisor is None else int(size_divisor)
+    crop = _pair(crop, "crop_size")
+    logits = _forward(model, window, num_classes, divisor, min_size=crop)
+    if flip:
+        logits = (logits + _forward(model, window.flip(-1), num_classes, divisor, min_size=crop).flip(-1)).mul_(0.5)
+    return logits
+
+
 def _slide(model: nn.Module, images: torch.Tensor, num_classes: int, crop: Tuple[int, int],
            stride: Tuple[int, int], divisor: int) -> torch.Tensor:
     batch, _, height, width = images.shape
     logits = images.new_zeros((batch, num_classes, height, width), dtype=torch.float32)
     count = images.new_zeros((1, 1, height, width), dtype=torch.float32)
-    for top in sliding_windows(height, crop[0], stride[0]):
-        for left in sliding_windows(width, crop[1], stride[1]):
-            bottom, right = min(top + crop[0], height), min(left + crop[1], width)
+    for row in window_rows(height, width, crop, stride):
+        for top, bottom, left, right in row:
             tile = images[:, :, top:bottom, left:right]
-            logits[:, :, top:bottom, left:right] += _forward(model, tile, num_classes, divisor, min_size=crop)
+            logits[:, :, top:bottom, left:right] += window_logits(model, tile, num_classes, crop, divisor)
             count[:, :, top:bottom, left:right] += 1
     return logits.div_(count)

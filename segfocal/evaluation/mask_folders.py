@@ -16,22 +16,26 @@ Rules:
 * Ground-truth values must be classes or ``ignore_index`` (:func:`~segfocal.data.check_mask_values`).
 
 Masks are read one pair at a time with :func:`~segfocal.data.read_mask` (8/16-bit grey, palette
-PNGs as their indices, RGB through a colour map); nothing is kept but the ``[C, C]`` counts.
+PNGs as their indices, RGB through a colour map); large ones (Zarr, ``.npy``, TIFFs above 2048 x 2048,
+as ``segfocal predict`` writes them tile by tile) block by block through :mod:`segfocal.data.regions`;
+nothing is kept but the ``[C, C]`` counts.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from ..config import class_names as default_names
 from ..data.errors import DataError
-from ..data.folder import MASK_SUFFIXES, index_folder, listed
+from ..data.folder import index_folder, listed
 from ..data.masks import check_mask_values, read_mask
+from ..data.patches import LARGE_IMAGE_SUFFIXES as MASK_SUFFIXES  # .npy and Zarr masks too
+from ..data.regions import MaskRegion, blocks, read_in_blocks
 from ..text import counted
 from .confusion import ConfusionMatrix
 from .counts import check_positive_int
@@ -100,16 +104,12 @@ def score_mask_folders(
                                 device="cpu")
     for stem, gt_path in gts.items():
         pred_path = preds[stem]
-        gt = read_mask(gt_path, color_map)
-        gt = (gt if gt_remap is None else gt_remap(gt)).astype(np.int64, copy=False)
-        pred = read_mask(pred_path, pred_color_map).astype(np.int64, copy=False)
-        if pred.shape != gt.shape:
-            raise DataError(
-                f"{pred_path}: prediction size {pred.shape[1]}x{pred.shape[0]} (WxH) differs from the size "
-                f"{gt.shape[1]}x{gt.shape[0]} of its ground truth {gt_path}", pred_path)
-        _check_ground_truth(gt, gt_path, num_classes, ignore_index)
-        _check_prediction(pred, gt, pred_path, gt_path, num_classes, ignore_index)
-        confusion.update(torch.from_numpy(pred), torch.from_numpy(gt))
+        for pred, gt in _blocks(pred_path, gt_path, pred_color_map, color_map):
+            gt = (gt if gt_remap is None else gt_remap(gt)).astype(np.int64, copy=False)
+            pred = pred.astype(np.int64, copy=False)
+            _check_ground_truth(gt, gt_path, num_classes, ignore_index)
+            _check_prediction(pred, gt, pred_path, gt_path, num_classes, ignore_index)
+            confusion.update(torch.from_numpy(pred), torch.from_numpy(gt))
 
     if int(confusion.num_invalid) != 0:  # the checks above exclude it; a bug if it ever happens
         raise RuntimeError(f"{int(confusion.num_invalid)} pixels were excluded as invalid after the checks")
@@ -143,6 +143,24 @@ def write_mask_folder_report(result: MaskFolderResult, out: PathLike,
     json_path = write_json(result.metrics, out / "metrics.json", extra=extra)
     png_path = plot_confusion_matrix(result.confusion, names, out / "confusion_matrix.png")
     return json_path, png_path
+
+
+def _blocks(pred_path: Path, gt_path: Path, pred_color_map: ColorMap,
+            gt_color_map: ColorMap) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """(prediction, stored ground truth) of one pair, of one size: whole, or block by block when either file
+    is large (:func:`~segfocal.data.regions.read_in_blocks`: Zarr, ``.npy``, a TIFF of more than 2048 x 2048)."""
+    if read_in_blocks(pred_path) or read_in_blocks(gt_path):
+        pred, gt = MaskRegion(pred_path, pred_color_map), MaskRegion(gt_path, gt_color_map)
+        pairs = ((pred.read(*box), gt.read(*box)) for box in blocks(gt)) if pred.shape == gt.shape else None
+        shapes = pred.shape, gt.shape
+    else:
+        pair = read_mask(pred_path, pred_color_map), read_mask(gt_path, gt_color_map)
+        pairs, shapes = [pair], (pair[0].shape, pair[1].shape)
+    if shapes[0] != shapes[1]:
+        raise DataError(
+            f"{pred_path}: prediction size {shapes[0][1]}x{shapes[0][0]} (WxH) differs from the size "
+            f"{shapes[1][1]}x{shapes[1][0]} of its ground truth {gt_path}", pred_path)
+    yield from pairs
 
 
 # -- checks -------------------------------------------------------------------------------------

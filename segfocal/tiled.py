@@ -1,0 +1,189 @@
+"""Prediction of images of any size, tile by tile: windows read lazily, the mask written as it goes.
+
+``segfocal predict`` sends here every Zarr image and every TIFF or ``.npy`` image above ``--max-pixels``.
+The image is predicted with the sliding windows of slide mode (``eval.crop_size`` every ``eval.stride``
+pixels, the last at the border, overlaps averaged: :func:`~segfocal.evaluation.inference.window_rows` and
+:func:`~segfocal.evaluation.inference.window_logits`, in the order slide mode adds them, so the mask equals
+whole-image slide inference bit for bit), one row of windows at a time: each window is read from the file
+alone (:mod:`segfocal.data.regions`), and once a row of windows is done, the rows of pixels no later window
+covers are final and written. Memory is bounded by one band of ``eval.crop_size`` rows across the image
+(the classes' float32 logits of its pixels), never the image: 245 MB for 6 classes, 512-row windows and a
+20,000-pixel width. ``eval.flip`` averages each window with its own mirror.
+
+The mask goes to ``<stem>.tif``, a tiled (256 x 256), Deflate-compressed palette TIFF whose values are the
+class indices (colours: the run's palette), or with ``--format zarr`` to ``<stem>.zarr``, a Zarr array in
+256 x 256 chunks; either is written beside its final name and renamed onto it when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator, List, Sequence, Tuple
+
+# Only the standard library at import: the command line imports this module to build its parser.
+
+FORMATS = {"tiff": ".tif", "zarr": ".zarr"}
+ALWAYS_TILED = (".zarr",)  # formats that are never read whole
+TILED_ABOVE_LIMIT = (".tif", ".tiff", ".npy")  # formats read lazily when above --max-pixels
+TILE = 256  # the output's tiles (TIFF) or chunks (Zarr)
+
+Rows = Iterator[Tuple[int, "np.ndarray"]]  # (first row, mask rows [n, width])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--format``: the file a tiled prediction writes."""
+    parser.add_argument("--format", choices=list(FORMATS), default="tiff",
+                        help="mask file of an image predicted tile by tile (a Zarr image, or a TIFF or .npy image "
+                             "above --max-pixels): <stem>.tif, a tiled palette TIFF, or <stem>.zarr (default: tiff)")
+
+
+def is_tiled(path: Path, max_pixels: int) -> bool:
+    """Whether ``path`` is predicted tile by tile: a Zarr image always, a TIFF or ``.npy`` above ``max_pixels``
+    (0: no limit; read from the header). Other formats above the limit go to slide mode whole, as before."""
+    from .data.regions import header_pixels
+
+    suffix = path.suffix.lower()
+    if suffix in ALWAYS_TILED:
+        return True
+    return suffix in TILED_ABOVE_LIMIT and bool(max_pixels) and header_pixels(path) > max_pixels
+
+
+def mask_name(image: Path, fmt: str) -> str:
+    return f"{image.stem}{FORMATS[fmt]}"
+
+
+def check_targets(images: Sequence[Path], output: Path, fmt: str) -> None:
+    """Raise DataError if a tiled mask would be written over one of ``images`` (paths compared resolved)."""
+    from .data.errors import DataError
+
+    inputs = {image.resolve() for image in images} | {image.parent.resolve() / image.name for image in images}
+    for image in images:
+        target = output / mask_name(image, fmt)
+        if target.parent.resolve() / target.name in inputs:
+            raise DataError(f"--output {output} would overwrite the --input image {target} with a tiled mask; "
+                            f"choose another output folder", target)
+
+
+def predict_tiled(segmenter, path: Path, output: Path, fmt: str = "tiff", palette: Sequence[Sequence[int]] = ()) -> Path:
+    """Predict ``path`` tile by tile with ``segmenter`` (a :class:`~segfocal.segmenter.Segmenter`); returns the
+    mask's path. The image's header may claim up to ``data.patches.max_pixels`` pixels (else 2^36)."""
+    import numpy as np
+
+    from .data.regions import MAX_PIXELS, ImageRegion
+
+    patches = segmenter.config.data.patches
+    region = ImageRegion(path, segmenter.config.model.in_channels, patches.max_pixels if patches else MAX_PIXELS)
+    height, width = region.shape
+    output.mkdir(parents=True, exist_ok=True)
+    target = output / mask_name(path, fmt)
+    print(f"{path}: {width}x{height} pixels, predicting it tile by tile into {target}", file=sys.stderr)
+    dtype = np.uint8 if segmenter.num_classes <= 256 else np.uint16
+    rows = _tile_rows(mask_rows(segmenter, region), height, TILE)
+    if fmt == "zarr":
+        _write_zarr(target, rows, (height, width), dtype)
+    else:
+        _write_tiff(target, rows, (height, width), dtype, palette)
+    return target
+
+
+def mask_rows(segmenter, region: ImageRegion) -> Rows:
+    """The class-index mask of ``region``, a band of final rows at a time (see the module docstring)."""
+    import torch
+
+    from .data.errors import DataError
+    from .evaluation.inference import window_logits, window_rows
+
+    ev, model, device = segmenter.config.eval, segmenter.model, segmenter.device
+    crop, classes = tuple(ev.crop_size), segmenter.num_classes
+    height, width = region.shape
+    rows = window_rows(height, width, crop, tuple(ev.stride))
+    band_top = 0
+    logits = torch.zeros((classes, 0, width), dtype=torch.float32, device=device)
+    count = torch.zeros((0, width), dtype=torch.float32, device=device)
+    for number, row in enumerate(rows):
+        bottom = row[0][1]
+        grow = bottom - band_top - count.shape[0]
+        if grow > 0:
+            logits = torch.cat([logits, logits.new_zeros((classes, grow, width))], dim=1)
+            count = torch.cat([count, count.new_zeros((grow, width))], dim=0)
+        for top, bottom, left, right in row:
+            window = segmenter.preprocess(region.read(top, bottom, left, right))
+            if window.shape[-2:] != (bottom - top, right - left):
+                raise DataError(f"{region.path}: augment.val changes a window's size ({bottom - top}x{right - left} to "
+                                f"{tuple(window.shape[-2:])}); tiled prediction needs a size-preserving augment.val",
+                                region.path)
+            with torch.inference_mode(), segmenter.precision.autocast():
+                out = window_logits(model, window.unsqueeze(0).to(device), classes, crop, flip=segmenter.flip)
+            logits[:, top - band_top:bottom - band_top, left:right] += out[0]
+            count[top - band_top:bottom - band_top, left:right] += 1
+        final = rows[number + 1][0][0] if number + 1 < len(rows) else height
+        done = final - band_top
+        if done > 0:
+            yield band_top, segmenter.decided((logits[:, :done] / count[:done])[None])[0].argmax(dim=0).cpu().numpy()
+            logits, count, band_top = logits[:, done:], count[done:], final
+
+
+def _tile_rows(rows: Rows, height: int, tile: int) -> Iterator["np.ndarray"]:
+    """``rows`` regrouped into bands of ``tile`` rows (the last one shorter), for tile-aligned writes."""
+    import numpy as np
+
+    pending: List[np.ndarray] = []
+    held = 0
+    for _, band in rows:
+        pending.append(band)
+        held += len(band)
+        while held >= tile:
+            joined = np.concatenate(pending)
+            yield joined[:tile]
+            pending, held = [joined[tile:]], held - tile
+    if held:
+        yield np.concatenate(pending)
+
+
+def _write_tiff(target: Path, bands: Iterator["np.ndarray"], shape: Tuple[int, int], dtype: type,
+                palette: Sequence[Sequence[int]]) -> None:
+    import numpy as np
+    import tifffile
+
+    from .files import replaced_atomically
+
+    def tiles() -> Iterator[np.ndarray]:
+        for band in bands:
+            padded = np.zeros((TILE, -(-shape[1] // TILE) * TILE), dtype=dtype)
+            padded[:len(band), :shape[1]] = band
+            for left in range(0, shape[1], TILE):
+                yield padded[:, left:left + TILE]
+
+    options = {"photometric": "minisblack"}
+    if dtype == np.uint8 and len(palette):
+        colours = np.zeros((3, 256), dtype=np.uint16)
+        colours[:, :len(palette)] = np.asarray(palette, dtype=np.uint16)[:256].T * 257
+        options = {"photometric": "palette", "colormap": colours}
+    with replaced_atomically(target) as handle:  # tifffile takes the open file with a name (its own is the fd)
+        tifffile.imwrite(tifffile.FileHandle(handle, mode="wb", name=target.name), tiles(), shape=shape, dtype=dtype, tile=(TILE, TILE), compression="zlib",
+                         bigtiff=shape[0] * shape[1] * np.dtype(dtype).itemsize > 2 ** 31, **options)
+
+
+def _write_zarr(target: Path, bands: Iterator["np.ndarray"], shape: Tuple[int, int], dtype: type) -> None:
+    """A Zarr array written into a hidden folder beside ``target``, then swapped onto it (a file, folder or link
+    there is replaced, never followed)."""
+    from .data.regions import _require
+
+    zarr = _require("zarr", target)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        array = zarr.create_array(store=str(staging / "array.zarr"), shape=shape, chunks=(TILE, TILE), dtype=dtype,
+                                  fill_value=0)
+        top = 0
+        for band in bands:
+            array[top:top + len(band)] = band
+            top += len(band)
+        if target.is_symlink() or target.exists():
+            os.replace(target, staging / "replaced")
+        os.replace(staging / "array.zarr", target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
