@@ -17,6 +17,7 @@ class indices (colours: the run's palette), or with ``--format zarr`` to ``<stem
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import sys
@@ -78,11 +79,13 @@ def predict_tiled(segmenter, path: Path, output: Path, fmt: str = "tiff", palett
     patches = segmenter.config.data.patches
     region = ImageRegion(path, segmenter.config.model.in_channels, patches.max_pixels if patches else MAX_PIXELS)
     height, width = region.shape
-    output.mkdir(parents=True, exist_ok=True)
     target = output / mask_name(path, fmt)
     print(f"{path}: {width}x{height} pixels, predicting it tile by tile into {target}", file=sys.stderr)
     dtype = np.uint8 if segmenter.num_classes <= 256 else np.uint16
-    rows = _tile_rows(mask_rows(segmenter, region), height, TILE)
+    bands = _tile_rows(mask_rows(segmenter, region), height, TILE)
+    first = next(bands)  # predicted before anything is created: an image that cannot be read leaves no trace
+    output.mkdir(parents=True, exist_ok=True)
+    rows = itertools.chain([first], bands)
     if fmt == "zarr":
         _write_zarr(target, rows, (height, width), dtype)
     else:

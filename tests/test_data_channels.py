@@ -420,11 +420,17 @@ def test_predict_train_and_stats_refuse_the_bomb_in_one_line(tmp_path, capsys):
                 "train": ["--config", config], "stats": ["--config", config]}
     for command, argv in commands.items():
         with pytest.raises(SystemExit) as exited:
-            main([command, *map(str, argv)])
+            main([command, *map(str, argv), *(["--max-pixels", "0"] if command == "predict" else [])])
         assert exited.value.code == 2, command
         error = capsys.readouterr().err.strip().splitlines()[-1]
         assert error.startswith("error: ")
         assert_refused_from_the_header(bomb, error.removeprefix("error: "))
+    # above --max-pixels a TIFF is read window by window (memory bounded by a window): its one strip fails
+    with pytest.raises(SystemExit) as exited:
+        main(["predict", *map(str, commands["predict"])])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: cannot read rows 0:512, columns 0:512 of ") and str(bomb) in error
     assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "out").exists()  # nor an empty overlays/
 
 
