@@ -14,7 +14,8 @@ the loaders alone, and the peak PSS (proportional set size: shared pages counted
 workers together, sampled every 0.1 s. ``predict`` writes a ``--size``-square single-channel tiled TIFF and
 predicts it tile by tile with a small random-weight UNet on the CPU (``segfocal predict``'s tiled path),
 reporting the peak resident set. ``rare-share`` counts the labels of one epoch's crops of the default synthetic
-recipe with and without class-aware sampling (the rarest class's share of training pixels).
+recipe with and without class-aware sampling (each class's share of training pixels, and the share of samples
+that hold at least one of its pixels).
 """
 from __future__ import annotations
 
@@ -235,7 +236,7 @@ def rare_share(args: argparse.Namespace) -> None:
     from segfocal.data.splits import run_dataset
 
     names = ["background", "slab", "ellipse", "triangle", "line", "square"]
-    print(f"{'training pixels, %':<48}" + "".join(f"{name:>11}" for name in names))
+    print(f"{'training pixels, % / samples holding the class, %':<48}" + "".join(f"{name:>11}" for name in names))
     per_epoch = 192 * (96 // args.size) ** 2  # the pixels of the 192 training images
     runs = [("whole images (the default)", None)]
     for fraction in (0.0, args.rare_fraction):
@@ -248,14 +249,16 @@ def rare_share(args: argparse.Namespace) -> None:
         cfg = load_config("synthetic_unet_focal", overrides)
         dataset = run_dataset(cfg, [], cfg.data.train_split, random_crops=True)
         dataset.validate(6, 255)
-        counts = np.zeros(6, np.int64)
+        counts, holding, samples = np.zeros(6, np.int64), np.zeros(6, np.int64), 0
         for epoch in range(args.epochs):
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(epoch)
             for index in range(len(dataset)):
                 mask = dataset[index][1].numpy().ravel()
-                counts += np.bincount(mask[mask < 6], minlength=6)
-        print(f"{label:<48}" + "".join(f"{100 * share:>11.2f}" for share in counts / counts.sum()), flush=True)
+                sample_counts = np.bincount(mask[mask < 6], minlength=6)
+                counts, holding, samples = counts + sample_counts, holding + (sample_counts > 0), samples + 1
+        print(f"{label:<48}" + "".join(f"{100 * share:>11.2f}" for share in counts / counts.sum()))
+        print(f"{'':<48}" + "".join(f"{100 * share:>11.1f}" for share in holding / samples), flush=True)
 
 
 def main(argv=None) -> None:

@@ -2,13 +2,14 @@
 
 ``segfocal predict`` sends here every Zarr image and every TIFF or ``.npy`` image above ``--max-pixels``.
 The image is predicted with the sliding windows of slide mode (``eval.crop_size`` every ``eval.stride``
-pixels, the last at the border, overlaps averaged: :func:`~segfocal.evaluation.inference.window_rows` and
+pixels, the last at the border, overlaps averaged: :func:`~segfocal.data.regions.sliding_windows` and
 :func:`~segfocal.evaluation.inference.window_logits`, in the order slide mode adds them, so the mask equals
-whole-image slide inference bit for bit), one row of windows at a time: each window is read from the file
-alone (:mod:`segfocal.data.regions`), and once a row of windows is done, the rows of pixels no later window
-covers are final and written. Memory is bounded by one band of ``eval.crop_size`` rows across the image
-(the classes' float32 logits of its pixels), never the image: 245 MB for 6 classes, 512-row windows and a
-20,000-pixel width. ``eval.flip`` averages each window with its own mirror.
+whole-image slide inference bit for bit), in square blocks of the mask: each block adds the logits of
+every window touching it, each window read from the file alone (:mod:`segfocal.data.regions`), and a window
+that straddles two blocks is computed for each (the blocks are aligned to the strides where they fit, so
+with windows that do not overlap none does). Memory is bounded by one block's float32 logits
+(``LOGITS_BYTES``, 256 MiB, or one window's if larger) and one band of the uint8 mask (the block's rows
+across the image, 1 byte a pixel), never the image. ``eval.flip`` averages each window with its own mirror.
 
 The mask goes to ``<stem>.tif``, a tiled (256 x 256), Deflate-compressed palette TIFF whose values are the
 class indices (colours: the run's palette), or with ``--format zarr`` to ``<stem>.zarr``, a Zarr array in
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import shutil
 import sys
@@ -31,6 +33,7 @@ FORMATS = {"tiff": ".tif", "zarr": ".zarr"}
 ALWAYS_TILED = (".zarr",)  # formats that are never read whole
 TILED_ABOVE_LIMIT = (".tif", ".tiff", ".npy")  # formats read lazily when above --max-pixels
 TILE = 256  # the output's tiles (TIFF) or chunks (Zarr)
+LOGITS_BYTES = 2 ** 28  # the float32 logits of one block of the mask (256 MiB); a larger window takes more
 
 Rows = Iterator[Tuple[int, "np.ndarray"]]  # (first row, mask rows [n, width])
 
@@ -72,8 +75,6 @@ def check_targets(images: Sequence[Path], output: Path, fmt: str) -> None:
 def predict_tiled(segmenter, path: Path, output: Path, fmt: str = "tiff", palette: Sequence[Sequence[int]] = ()) -> Path:
     """Predict ``path`` tile by tile with ``segmenter`` (a :class:`~segfocal.segmenter.Segmenter`); returns the
     mask's path. The image's header may claim up to ``data.patches.max_pixels`` pixels (else 2^36)."""
-    import numpy as np
-
     from .data.regions import MAX_PIXELS, ImageRegion
 
     patches = segmenter.config.data.patches
@@ -81,7 +82,7 @@ def predict_tiled(segmenter, path: Path, output: Path, fmt: str = "tiff", palett
     height, width = region.shape
     target = output / mask_name(path, fmt)
     print(f"{path}: {width}x{height} pixels, predicting it tile by tile into {target}", file=sys.stderr)
-    dtype = np.uint8 if segmenter.num_classes <= 256 else np.uint16
+    dtype = mask_dtype(segmenter.num_classes)
     bands = _tile_rows(mask_rows(segmenter, region), height, TILE)
     first = next(bands)  # predicted before anything is created: an image that cannot be read leaves no trace
     output.mkdir(parents=True, exist_ok=True)
@@ -93,41 +94,82 @@ def predict_tiled(segmenter, path: Path, output: Path, fmt: str = "tiff", palett
     return target
 
 
+def mask_dtype(num_classes: int) -> type:
+    import numpy as np
+
+    return np.uint8 if num_classes <= 256 else np.uint16
+
+
+def block_side(num_classes: int, crop: Sequence[int], stride: Sequence[int]) -> int:
+    """The side of the square blocks the mask is computed in: as large as ``LOGITS_BYTES`` of float32 logits
+    allow, a multiple of the output's tiles (and of the strides when that fits, so that windows do not straddle
+    blocks), and at least one window: memory follows the classes and the window, never the image."""
+    fits = int(math.sqrt(LOGITS_BYTES / (4 * num_classes)))
+    unit = math.lcm(TILE, *stride)
+    unit = unit if unit <= fits else TILE
+    return max(fits // unit * unit, -(-max(crop) // TILE) * TILE, TILE)
+
+
 def mask_rows(segmenter, region: ImageRegion) -> Rows:
-    """The class-index mask of ``region``, a band of final rows at a time (see the module docstring)."""
+    """The class-index mask of ``region``, one band of blocks at a time (see the module docstring)."""
+    import numpy as np
+
+    from .data.regions import sliding_windows
+
+    ev = segmenter.config.eval
+    crop, stride = tuple(ev.crop_size), tuple(ev.stride)
+    height, width = region.shape
+    tops, lefts = sliding_windows(height, crop[0], stride[0]), sliding_windows(width, crop[1], stride[1])
+    side = block_side(segmenter.num_classes, crop, stride)
+    dtype = mask_dtype(segmenter.num_classes)
+    for top in range(0, height, side):
+        bottom = min(top + side, height)
+        band = np.empty((bottom - top, width), dtype=dtype)
+        for left in range(0, width, side):
+            right = min(left + side, width)
+            rows, columns = _touching(tops, crop[0], top, bottom), _touching(lefts, crop[1], left, right)
+            band[:, left:right] = _block_mask(segmenter, region, (top, bottom, left, right), rows, columns)
+        yield top, band
+
+
+def _touching(starts: List[int], crop: int, first: int, end: int) -> List[int]:
+    """The window starts whose windows overlap ``[first, end)``, in order."""
+    return [start for start in starts if start < end and start + crop > first]
+
+
+def _block_mask(segmenter, region: ImageRegion, block: Tuple[int, int, int, int], tops: List[int],
+                lefts: List[int]) -> "np.ndarray":
+    """The mask of ``block`` (top, bottom, left, right): every window touching it, in slide mode's order, its
+    logits added where they fall inside the block; then averaged, calibrated, argmax."""
     import torch
 
     from .data.errors import DataError
-    from .evaluation.inference import window_logits, window_rows
+    from .evaluation.inference import window_logits
 
-    ev, model, device = segmenter.config.eval, segmenter.model, segmenter.device
-    crop, classes = tuple(ev.crop_size), segmenter.num_classes
+    ev, device, classes = segmenter.config.eval, segmenter.device, segmenter.num_classes
+    crop = tuple(ev.crop_size)
     height, width = region.shape
-    rows = window_rows(height, width, crop, tuple(ev.stride))
-    band_top = 0
-    logits = torch.zeros((classes, 0, width), dtype=torch.float32, device=device)
-    count = torch.zeros((0, width), dtype=torch.float32, device=device)
-    for number, row in enumerate(rows):
-        bottom = row[0][1]
-        grow = bottom - band_top - count.shape[0]
-        if grow > 0:
-            logits = torch.cat([logits, logits.new_zeros((classes, grow, width))], dim=1)
-            count = torch.cat([count, count.new_zeros((grow, width))], dim=0)
-        for top, bottom, left, right in row:
+    y0, y1, x0, x1 = block
+    logits = torch.zeros((classes, y1 - y0, x1 - x0), dtype=torch.float32, device=device)
+    count = torch.zeros((y1 - y0, x1 - x0), dtype=torch.float32, device=device)
+    for top in tops:
+        for left in lefts:
+            bottom, right = min(top + crop[0], height), min(left + crop[1], width)
             window = segmenter.preprocess(region.read(top, bottom, left, right))
             if window.shape[-2:] != (bottom - top, right - left):
                 raise DataError(f"{region.path}: augment.val changes a window's size ({bottom - top}x{right - left} to "
                                 f"{tuple(window.shape[-2:])}); tiled prediction needs a size-preserving augment.val",
                                 region.path)
             with torch.inference_mode(), segmenter.precision.autocast():
-                out = window_logits(model, window.unsqueeze(0).to(device), classes, crop, flip=segmenter.flip)
-            logits[:, top - band_top:bottom - band_top, left:right] += out[0]
-            count[top - band_top:bottom - band_top, left:right] += 1
-        final = rows[number + 1][0][0] if number + 1 < len(rows) else height
-        done = final - band_top
-        if done > 0:
-            yield band_top, segmenter.decided((logits[:, :done] / count[:done])[None])[0].argmax(dim=0).cpu().numpy()
-            logits, count, band_top = logits[:, done:], count[done:], final
+                out = window_logits(segmenter.model, window.unsqueeze(0).to(device), classes, crop,
+                                    flip=segmenter.flip)[0]
+            inside = (slice(max(top, y0), min(bottom, y1)), slice(max(left, x0), min(right, x1)))
+            here = (slice(inside[0].start - y0, inside[0].stop - y0), slice(inside[1].start - x0, inside[1].stop - x0))
+            there = (slice(inside[0].start - top, inside[0].stop - top),
+                     slice(inside[1].start - left, inside[1].stop - left))
+            logits[(slice(None),) + here] += out[(slice(None),) + there]
+            count[here] += 1
+    return segmenter.decided((logits / count)[None])[0].argmax(dim=0).cpu().numpy()
 
 
 def _tile_rows(rows: Rows, height: int, tile: int) -> Iterator["np.ndarray"]:

@@ -51,9 +51,10 @@ def test_a_large_image_is_predicted_tile_by_tile_as_whole_image_slide_inference_
     original = regions.Region.read
     monkeypatch.setattr(regions.Region, "read", lambda self, *box: reads.append(box) or original(self, *box))
     limit = [] if suffix == ".zarr" else ["--max-pixels", 300 * 300 - 1]  # a Zarr image goes tile by tile always
-    code, _, stderr = predict(capsys, model, source.parent, tmp_path / "out", "--format", fmt, *limit)
+    code, stdout, stderr = predict(capsys, model, source.parent, tmp_path / "out", "--format", fmt, *limit)
     assert code == 0, stderr
     assert "predicting it tile by tile" in stderr
+    assert "wrote 1 mask to" in stdout and "and 0 overlays to" in stdout and "predicted tile by tile)" in stdout
     target = tmp_path / "out" / f"big{'.tif' if fmt == 'tiff' else '.zarr'}"
     mask = tifffile.imread(target) if fmt == "tiff" else zarr.open(str(target), mode="r")[...]
     np.testing.assert_array_equal(mask, model.slide)
@@ -138,3 +139,32 @@ def test_a_calibrated_segmenter_predicts_tile_by_tile_as_it_predicts_whole(model
     assert (whole != model.slide).mean() > 0.05  # the bias changes decisions
     target = predict_tiled(segmenter, write_array(tmp_path / "big.npy", model.image), tmp_path / "out")
     np.testing.assert_array_equal(tifffile.imread(target), whole)
+
+
+def test_blocks_of_the_mask_give_whole_image_slide_inference_across_their_borders(model, tmp_path, monkeypatch):
+    """With 256-pixel blocks the 300x300 image is four blocks, and windows (64 every 40) straddle their
+    borders: each block adds every window touching it, so the mask still equals slide mode's."""
+    from segfocal import tiled
+
+    monkeypatch.setattr(tiled, "LOGITS_BYTES", 1)  # the smallest blocks: one output tile
+    blocks = []
+    original = tiled._block_mask
+    monkeypatch.setattr(tiled, "_block_mask", lambda segmenter, region, block, *rest:
+                        blocks.append(block) or original(segmenter, region, block, *rest))
+    segmenter = Segmenter.from_checkpoint(model.weights, config=model.config, mode="slide")
+    target = tiled.predict_tiled(segmenter, write_array(tmp_path / "big.npy", model.image), tmp_path / "out")
+    assert blocks == [(0, 256, 0, 256), (0, 256, 256, 300), (256, 300, 0, 256), (256, 300, 256, 300)]
+    np.testing.assert_array_equal(tifffile.imread(target), model.slide)
+
+
+def test_block_side_follows_the_classes_and_the_window_never_the_image():
+    from segfocal.tiled import LOGITS_BYTES, block_side
+
+    assert block_side(6, [512, 512], [512, 512]) == 3072  # sqrt(2^28 / 24) = 3344, aligned to the 512 stride
+    assert block_side(6, [512, 512], [384, 384]) == 3072  # lcm(256, 384) = 768
+    assert block_side(19, [512, 512], [341, 341]) == 1792  # lcm(256, 341) too large: whole tiles
+    assert block_side(150, [512, 512], [256, 256]) == 512
+    assert block_side(150, [2048, 2048], [1024, 1024]) == 2048  # at least one window
+    for classes in (2, 19, 150, 1000):
+        side = block_side(classes, [256, 256], [256, 256])
+        assert side % 256 == 0 and (4 * classes * side ** 2 <= LOGITS_BYTES or side == 256)

@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> list:
     del contents  # the optimiser state it may hold is not needed any more
     palette, names = palette_of(cfg.data), class_names(cfg.data.class_names, cfg.data.num_classes)
     overlay_format, save_options = OVERLAY_FORMATS[args.overlay_format]
-    written = []
+    written, overlays = [], 0
     for path in images:
         if tiled.is_tiled(path, args.max_pixels):  # read and written tile by tile, no overlay
             written.append(tiled.predict_tiled(segmenters[cfg.eval.mode], path, output, args.format, palette=palette))
@@ -181,7 +181,9 @@ def run(args: argparse.Namespace) -> list:
         with replaced_atomically(output / overlay_name) as handle:
             Image.fromarray(overlay).save(handle, format=overlay_format, **save_options)
         written.append(output / mask_name)
-    print(f"wrote {counted(len(written), 'mask')} to {output} and as many overlays to {output / OVERLAY_FOLDER}")
+        overlays += 1
+    print(f"wrote {counted(len(written), 'mask')} to {output} and {counted(overlays, 'overlay')} to "
+          f"{output / OVERLAY_FOLDER}" + (" (none of an image predicted tile by tile)" if overlays < len(written) else ""))
     return written
 
 
