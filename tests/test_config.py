@@ -98,6 +98,18 @@ def test_inconsistent_values_name_the_key(override, message):
         load_config(REPO / "configs" / "synthetic_unet_focal.yaml", [override])
 
 
+def test_a_bad_value_set_on_the_command_line_is_blamed_on_its_override_not_the_file(tmp_path):
+    path = write(tmp_path / "c.yaml", {"optim": {"lr": 0.01}})
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["data.patches={size: [64, 64], rare_fraction: 1.5}", "optim.lr=0.02"])
+    assert str(info.value) == ("--set data.patches={size: [64, 64], rare_fraction: 1.5}: "
+                               "data.patches.rare_fraction must be in [0, 1], got 1.5")
+    bad_file = write(tmp_path / "bad.yaml", {"data": {"batch_size": 0}})
+    with pytest.raises(ConfigError) as info:  # the file's own bad value still names the file
+        load_config(bad_file, ["optim.lr=0.02"])
+    assert str(info.value).startswith(f"{bad_file}: data.batch_size must be at least 1")
+
+
 def test_missing_file_and_bad_yaml_and_cycles(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

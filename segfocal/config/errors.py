@@ -8,7 +8,7 @@ bounds and descriptions), so a new field's errors read like the others with noth
 from __future__ import annotations
 
 import difflib
-from typing import Any, List, Literal, Optional, Tuple, Union, get_args, get_origin
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 from typing_extensions import Annotated
@@ -18,12 +18,18 @@ class ConfigError(ValueError):
     """A config file, key or value is invalid; the message names it."""
 
 
-def config_error(error: ValidationError, model: type, source: str) -> ConfigError:
-    """The first of ``error``'s problems with a ``model`` built from the file ``source``, as one line."""
+def config_error(error: ValidationError, model: type, source: str,
+                 set_keys: Optional[Dict[str, str]] = None) -> ConfigError:
+    """The first of ``error``'s problems with a ``model`` built from the file ``source``, as one line. A key
+    that a ``--set`` override set (or lies under one), ``set_keys`` (dotted key -> the override's words), is
+    blamed on that override, not on the file."""
     problems = error.errors(include_url=False)
     first = _Place.of(model, problems[0]["loc"])
     # a value of a union type fails once per member: read it as the member its value's kind chooses
     members = [problem for problem in problems if _Place.of(model, problem["loc"]).key == first.key]
+    for key, words in (set_keys or {}).items():
+        if first.key == key or first.key.startswith((f"{key}.", f"{key}[")):
+            source = words
     return ConfigError(f"{source}: {_sentence(model, _chosen(model, members))}")
 
 

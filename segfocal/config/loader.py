@@ -37,12 +37,14 @@ def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> Config
 def config_from_tree(raw: Dict[str, Any], overrides: Iterable[str] = (), source: str = "config") -> Config:
     """A validated Config from a nested dict (a YAML tree, or one saved in a checkpoint) and overrides."""
     raw = copy.deepcopy(raw)
+    overrides = list(overrides)
     for override in overrides:
         apply_override(raw, override)
     try:
         return Config.model_validate(raw)
     except ValidationError as error:
-        raise config_error(error, Config, source) from None
+        set_keys = {override.partition("=")[0].strip(): f"--set {override}" for override in overrides}
+        raise config_error(error, Config, source, set_keys) from None
 
 
 def config_path(name: Union[str, Path]) -> Path:
