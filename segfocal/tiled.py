@@ -216,9 +216,9 @@ def _write_tiff(target: Path, bands: Iterator["np.ndarray"], shape: Tuple[int, i
 def _write_zarr(target: Path, bands: Iterator["np.ndarray"], shape: Tuple[int, int], dtype: type) -> None:
     """A Zarr array written into a hidden folder beside ``target``, then swapped onto it (a file, folder or link
     there is replaced, never followed)."""
-    from .data.regions import _require
+    from .data.regions import require_module
 
-    zarr = _require("zarr", target)
+    zarr = require_module("zarr", target)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
         array = zarr.create_array(store=str(staging / "array.zarr"), shape=shape, chunks=(TILE, TILE), dtype=dtype,

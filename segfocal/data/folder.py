@@ -29,7 +29,7 @@ _SHOWN = 5  # how many stems/files an error message lists
 Sample = Tuple[Path, Path]
 
 
-def _check_same_size(mask_path: Path, mask_size: Sequence[int], image_path: Path, image_size: Sequence[int]) -> None:
+def check_same_size(mask_path: Path, mask_size: Sequence[int], image_path: Path, image_size: Sequence[int]) -> None:
     """Raise DataError naming the mask unless its (height, width) equals its image's."""
     if tuple(mask_size) != tuple(image_size):
         raise DataError(
@@ -203,13 +203,13 @@ class SegmentationFolder(Dataset):
         image_path, mask_path = sample
         image = read_image(image_path, self.channels)
         mask = self.read_mask(mask_path)
-        _check_same_size(mask_path, mask.shape, image_path, image.shape[:2])
+        check_same_size(mask_path, mask.shape, image_path, image.shape[:2])
         if self.num_classes is not None:
             check_mask_values(mask, mask_path, self.num_classes, _ignore(self.ignore_index))
         if self.transform is not None:
             out = self.transform(image=pipeline_image(image, self.scale, image_path), mask=mask)
             image, mask = out["image"], out["mask"]
-        return _image_tensor(image), _mask_tensor(mask)
+        return image_tensor(image), mask_tensor(mask)
 
     def read_mask(self, path: Path) -> np.ndarray:
         """The mask at ``path`` in train ids: decoded with ``color_map``, then remapped."""
@@ -242,7 +242,7 @@ class SegmentationFolder(Dataset):
                 mask = self.read_mask(sample[1])
                 check_mask_values(mask, sample[1], num_classes, ignore_index)
                 size = check_image(sample[0], decode=self.verify == "full", channels=self.channels)
-                _check_same_size(sample[1], mask.shape, sample[0], size)
+                check_same_size(sample[1], mask.shape, sample[0], size)
                 good.append(sample)
                 pixels[sample] = size[0] * size[1]
             except DataError as error:
@@ -322,7 +322,7 @@ def _ignore(ignore_index: Optional[int]) -> int:
     return -1 if ignore_index is None else ignore_index
 
 
-def _image_tensor(image: Any) -> torch.Tensor:
+def image_tensor(image: Any) -> torch.Tensor:
     """A float32 [C, H, W] tensor from a transform's output (tensor or HWC array; uint8 → [0, 1])."""
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
@@ -331,7 +331,7 @@ def _image_tensor(image: Any) -> torch.Tensor:
     return image.float()
 
 
-def _mask_tensor(mask: Any) -> torch.Tensor:
+def mask_tensor(mask: Any) -> torch.Tensor:
     """An int64 [H, W] tensor from a transform's output mask (tensor or array)."""
     if isinstance(mask, np.ndarray):
         mask = torch.from_numpy(np.ascontiguousarray(mask))

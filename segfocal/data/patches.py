@@ -33,7 +33,7 @@ from ..losses.class_weights import WeightScheme
 from .channel_stats import Moments
 from .class_index import ClassIndex, build_class_index, cached_class_index
 from .errors import DataError
-from .folder import SegmentationFolder, _check_same_size, _image_tensor, _mask_tensor
+from .folder import SegmentationFolder, check_same_size, image_tensor, mask_tensor
 from .images import IMAGE_SUFFIXES, pipeline_image, value_scale
 from .masks import add_value_counts, check_mask_values, class_histogram
 from .regions import ImageRegion, MaskRegion, blocks, check_chunking, sliding_windows
@@ -118,7 +118,7 @@ class PatchDataset(Dataset):
             try:
                 image = ImageRegion(sample[0], self.channels, self.patches.max_pixels)
                 mask = MaskRegion(sample[1], self.color_map, self.patches.max_pixels)
-                _check_same_size(sample[1], mask.shape, sample[0], image.shape)
+                check_same_size(sample[1], mask.shape, sample[0], image.shape)
             except DataError as error:
                 if self.bad_samples == "error":
                     raise
@@ -196,7 +196,7 @@ class PatchDataset(Dataset):
             self.transform.set_random_seed(int(rng.integers(2 ** 32)))
             out = self.transform(image=pipeline_image(image, self.scale, path), mask=mask)
             image, mask = out["image"], out["mask"]
-        return _image_tensor(image), _mask_tensor(mask)
+        return image_tensor(image), mask_tensor(mask)
 
     def _draw(self, rng: np.random.Generator) -> Tuple[int, int, int]:
         """(image, top, left) of a random crop: class-aware with probability ``rare_fraction``, else uniform."""

@@ -143,7 +143,7 @@ class TiffRegion(_AxesRegion):
     """A TIFF's first series (pyramid level 0) through tifffile's Zarr store."""
 
     def _open(self) -> None:
-        tifffile, zarr = _require("tifffile", self.path), _require("zarr", self.path)
+        tifffile, zarr = require_module("tifffile", self.path), require_module("zarr", self.path)
         try:
             tiff = tifffile.TiffFile(self.path)
         except (OSError, ValueError) as error:  # TiffFileError is a ValueError since tifffile 2025.9.20
@@ -165,7 +165,7 @@ class ZarrRegion(_AxesRegion):
     """A Zarr array, or the first level of an OME-Zarr image."""
 
     def _open(self) -> None:
-        zarr = _require("zarr", self.path)
+        zarr = require_module("zarr", self.path)
         try:
             node = zarr.open(str(self.path), mode="r")
         except Exception as error:  # zarr raises several types for a folder that is not a store
@@ -291,7 +291,7 @@ def header_pixels(path: PathLike) -> int:
         if path.suffix.lower() == ".npy":
             shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
             return int(np.prod(shape[:2]))
-        tifffile = _require("tifffile", path)
+        tifffile = require_module("tifffile", path)
         with tifffile.TiffFile(path) as tiff:
             series = tiff.series[0]
             return int(np.prod([length for axis, length in zip(series.axes, series.shape) if axis in "YX"]))
@@ -338,7 +338,7 @@ def check_chunking(region: Union[Region, ImageRegion, MaskRegion], crop: Sequenc
 
 # -- helpers ---------------------------------------------------------------------------------
 
-def _require(module: str, path: Path) -> Any:
+def require_module(module: str, path: Path) -> Any:
     """``import module``, or a DataError naming ``path`` and the install command."""
     try:
         return __import__(module)
