@@ -33,10 +33,8 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     import yaml
 
-    from ..config import ConfigError
+    from ..config import ConfigError, class_names
     from ..data import build_dataset
-    from ..data.channel_stats import image_mean_std
-    from ..config import class_names
     from ..losses import WEIGHT_SCHEMES, weights_from_histogram
 
     if args.scheme not in WEIGHT_SCHEMES:

@@ -31,7 +31,6 @@ import numpy as np
 
 from .errors import DataError
 
-LAZY_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")
 # The most pixels a header may claim (2^36, 262144 x 262144); a corrupt or foreign header claiming more
 # would make every size-proportional step (the class index, a tiled prediction) allocate without bound.
 MAX_PIXELS = 2 ** 36
