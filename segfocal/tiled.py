@@ -35,7 +35,7 @@ TILED_ABOVE_LIMIT = (".tif", ".tiff", ".npy")  # formats read lazily when above 
 TILE = 256  # the output's tiles (TIFF) or chunks (Zarr)
 LOGITS_BYTES = 2 ** 28  # the float32 logits of one block of the mask (256 MiB); a larger window takes more
 
-Rows = Iterator[Tuple[int, "np.ndarray"]]  # (first row, mask rows [n, width])
+Bands = Iterator["np.ndarray"]  # the mask's rows, a band [n, width] at a time, top to bottom
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,18 +60,6 @@ def mask_name(image: Path, fmt: str) -> str:
     return f"{image.stem}{FORMATS[fmt]}"
 
 
-def check_targets(images: Sequence[Path], output: Path, fmt: str) -> None:
-    """Raise DataError if a tiled mask would be written over one of ``images`` (paths compared resolved)."""
-    from .data.errors import DataError
-
-    inputs = {image.resolve() for image in images} | {image.parent.resolve() / image.name for image in images}
-    for image in images:
-        target = output / mask_name(image, fmt)
-        if target.parent.resolve() / target.name in inputs:
-            raise DataError(f"--output {output} would overwrite the --input image {target} with a tiled mask; "
-                            f"choose another output folder", target)
-
-
 def predict_tiled(segmenter, path: Path, output: Path, fmt: str = "tiff", palette: Sequence[Sequence[int]] = ()) -> Path:
     """Predict ``path`` tile by tile with ``segmenter`` (a :class:`~segfocal.segmenter.Segmenter`); returns the
     mask's path. The image's header may claim up to ``data.patches.max_pixels`` pixels (else 2^36)."""
@@ -83,14 +71,14 @@ def predict_tiled(segmenter, path: Path, output: Path, fmt: str = "tiff", palett
     target = output / mask_name(path, fmt)
     print(f"{path}: {width}x{height} pixels, predicting it tile by tile into {target}", file=sys.stderr)
     dtype = mask_dtype(segmenter.num_classes)
-    bands = _tile_rows(mask_rows(segmenter, region), height, TILE)
+    bands = mask_bands(segmenter, region)
     first = next(bands)  # predicted before anything is created: an image that cannot be read leaves no trace
     output.mkdir(parents=True, exist_ok=True)
-    rows = itertools.chain([first], bands)
+    bands = itertools.chain([first], bands)
     if fmt == "zarr":
-        _write_zarr(target, rows, (height, width), dtype)
+        _write_zarr(target, bands, (height, width), dtype)
     else:
-        _write_tiff(target, rows, (height, width), dtype, palette)
+        _write_tiff(target, bands, (height, width), dtype, palette)
     return target
 
 
@@ -110,8 +98,9 @@ def block_side(num_classes: int, crop: Sequence[int], stride: Sequence[int]) -> 
     return max(fits // unit * unit, -(-max(crop) // TILE) * TILE, TILE)
 
 
-def mask_rows(segmenter, region: ImageRegion) -> Rows:
-    """The class-index mask of ``region``, one band of blocks at a time (see the module docstring)."""
+def mask_bands(segmenter, region: ImageRegion) -> Bands:
+    """The class-index mask of ``region``, one band of blocks at a time (see the module docstring); every band
+    but the last is a whole number of output tiles high (the block side is)."""
     import numpy as np
 
     from .data.regions import sliding_windows
@@ -129,7 +118,7 @@ def mask_rows(segmenter, region: ImageRegion) -> Rows:
             right = min(left + side, width)
             rows, columns = _touching(tops, crop[0], top, bottom), _touching(lefts, crop[1], left, right)
             band[:, left:right] = _block_mask(segmenter, region, (top, bottom, left, right), rows, columns)
-        yield top, band
+        yield band
 
 
 def _touching(starts: List[int], crop: int, first: int, end: int) -> List[int]:
@@ -163,45 +152,27 @@ def _block_mask(segmenter, region: ImageRegion, block: Tuple[int, int, int, int]
             with torch.inference_mode(), segmenter.precision.autocast():
                 out = window_logits(segmenter.model, window.unsqueeze(0).to(device), classes, crop,
                                     flip=segmenter.flip)[0]
-            inside = (slice(max(top, y0), min(bottom, y1)), slice(max(left, x0), min(right, x1)))
-            here = (slice(inside[0].start - y0, inside[0].stop - y0), slice(inside[1].start - x0, inside[1].stop - x0))
-            there = (slice(inside[0].start - top, inside[0].stop - top),
-                     slice(inside[1].start - left, inside[1].stop - left))
-            logits[(slice(None),) + here] += out[(slice(None),) + there]
-            count[here] += 1
+            first_row, end_row, first_col, end_col = max(top, y0), min(bottom, y1), max(left, x0), min(right, x1)
+            logits[:, first_row - y0:end_row - y0, first_col - x0:end_col - x0] += \
+                out[:, first_row - top:end_row - top, first_col - left:end_col - left]
+            count[first_row - y0:end_row - y0, first_col - x0:end_col - x0] += 1
     return segmenter.decided((logits / count)[None])[0].argmax(dim=0).cpu().numpy()
 
 
-def _tile_rows(rows: Rows, height: int, tile: int) -> Iterator["np.ndarray"]:
-    """``rows`` regrouped into bands of ``tile`` rows (the last one shorter), for tile-aligned writes."""
-    import numpy as np
-
-    pending: List[np.ndarray] = []
-    held = 0
-    for _, band in rows:
-        pending.append(band)
-        held += len(band)
-        while held >= tile:
-            joined = np.concatenate(pending)
-            yield joined[:tile]
-            pending, held = [joined[tile:]], held - tile
-    if held:
-        yield np.concatenate(pending)
-
-
-def _write_tiff(target: Path, bands: Iterator["np.ndarray"], shape: Tuple[int, int], dtype: type,
+def _write_tiff(target: Path, bands: Bands, shape: Tuple[int, int], dtype: type,
                 palette: Sequence[Sequence[int]]) -> None:
     import numpy as np
     import tifffile
 
     from .files import replaced_atomically
 
-    def tiles() -> Iterator[np.ndarray]:
+    def tiles() -> Iterator[np.ndarray]:  # row-major, each padded to TILE x TILE
         for band in bands:
-            padded = np.zeros((TILE, -(-shape[1] // TILE) * TILE), dtype=dtype)
-            padded[:len(band), :shape[1]] = band
-            for left in range(0, shape[1], TILE):
-                yield padded[:, left:left + TILE]
+            for top in range(0, len(band), TILE):
+                padded = np.zeros((TILE, -(-shape[1] // TILE) * TILE), dtype=dtype)
+                padded[:min(TILE, len(band) - top), :shape[1]] = band[top:top + TILE]
+                for left in range(0, shape[1], TILE):
+                    yield padded[:, left:left + TILE]
 
     options = {"photometric": "minisblack"}
     if dtype == np.uint8 and len(palette):
@@ -213,7 +184,7 @@ def _write_tiff(target: Path, bands: Iterator["np.ndarray"], shape: Tuple[int, i
                          bigtiff=shape[0] * shape[1] * np.dtype(dtype).itemsize > 2 ** 31, **options)
 
 
-def _write_zarr(target: Path, bands: Iterator["np.ndarray"], shape: Tuple[int, int], dtype: type) -> None:
+def _write_zarr(target: Path, bands: Bands, shape: Tuple[int, int], dtype: type) -> None:
     """A Zarr array written into a hidden folder beside ``target``, then swapped onto it (a file, folder or link
     there is replaced, never followed)."""
     from .data.regions import require_module

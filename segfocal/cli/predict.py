@@ -96,9 +96,9 @@ def output_names(image: Path, overlay_format: str) -> Tuple[str, str]:
     return f"{image.stem}.png", f"{OVERLAY_FOLDER}/{image.stem}.{overlay_format}"
 
 
-def check_output_outside_input(source: Path, output: Path, images: list, overlay_format: str) -> None:
+def check_output_outside_input(source: Path, output: Path, images: list, overlay_format: str, fmt: str) -> None:
     """Raise DataError if ``output`` (with its overlays' folder) cannot be a folder or writing there could
-    overwrite an input image.
+    overwrite an input image: with its mask, its overlay or, predicted tile by tile, its ``fmt`` mask.
 
     Paths are compared resolved, so a relative or symlinked spelling of the same folder (the overlays'
     folder included) is caught. An output file's own name is not resolved: a symlink there is
@@ -110,7 +110,7 @@ def check_output_outside_input(source: Path, output: Path, images: list, overlay
     check_output_folder(output, {"the --input folder": source}, subfolders=[OVERLAY_FOLDER])
     for image in images:
         spellings = names_of(image)
-        for name in output_names(image, overlay_format):
+        for name in (*output_names(image, overlay_format), tiled.mask_name(image, fmt)):
             if entry_name(output / name) in spellings:
                 raise DataError(f"--output {output} would overwrite the --input image {image} with {name}; "
                                 f"choose another output folder")
@@ -150,8 +150,7 @@ def run(args: argparse.Namespace) -> list:
     source, output = Path(args.input), Path(args.output)
     images = list_images(source)
     # before the checkpoint is read or anything is written
-    check_output_outside_input(source, output, images, args.overlay_format)
-    tiled.check_targets(images, output, args.format)
+    check_output_outside_input(source, output, images, args.overlay_format, args.format)
     contents, cfg = checkpoint_and_config(args)
     device = resolve_device(cfg.device)
     calibration = calibration_from_args(args, contents, cfg)
