@@ -3,7 +3,8 @@
 Readers see the old file or the new one, never half of one; a symlink at the target is replaced
 itself, never written through; a failure deletes the temporary and leaves the target as it was.
 A command that must not write over its inputs compares the :func:`entry_name` of each file it
-would write with the :func:`names_of` each input.
+would write with the :func:`names_of` each input. :func:`cache_folder` is where segfocal keeps what it
+builds once (the compiled CPU kernel, class indexes).
 """
 from __future__ import annotations
 
@@ -72,3 +73,11 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def cache_folder() -> Path:
+    """segfocal's cache: ``$SEGFOCAL_CACHE``, else ``segfocal`` in ``$XDG_CACHE_HOME`` (default ``~/.cache``);
+    absolute, since a library loaded from it must not be named by a bare file name (dlopen would search the
+    system's path for it)."""
+    base = os.environ.get("SEGFOCAL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segfocal"
+    return Path(base).expanduser().absolute()

@@ -19,7 +19,6 @@ Masks are remapped (``label_map``) and checked as they are read; the augmentatio
 """
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -29,6 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config.schema import PatchesConfig
+from ..files import cache_folder
 from ..losses.class_weights import WeightScheme
 from .channel_stats import Moments
 from .class_index import ClassIndex, build_class_index, cached_class_index
@@ -42,10 +42,9 @@ LARGE_IMAGE_SUFFIXES = IMAGE_SUFFIXES + (".zarr",)
 
 
 def default_index_dir() -> Path:
-    """Where class indexes are cached unless ``data.patches.index_dir`` says: ``$SEGFOCAL_CACHE/class_index``,
-    else the user cache (``~/.cache/segfocal/class_index``), the kernel cache's folder; never the data's."""
-    base = os.environ.get("SEGFOCAL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segfocal"
-    return Path(base).expanduser().absolute() / "class_index"
+    """Where class indexes are cached unless ``data.patches.index_dir`` says: ``class_index`` in segfocal's cache
+    (:func:`~segfocal.files.cache_folder`, by default ``~/.cache/segfocal``); never the data's folder."""
+    return cache_folder() / "class_index"
 
 
 class LargeImageFolder(SegmentationFolder):

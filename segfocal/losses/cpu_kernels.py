@@ -34,6 +34,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..files import cache_folder
 from .labels import ignore_index_fits
 from .layout import empty_gradient, flat_labels, flat_logits
 from .options import FocalOptions
@@ -214,9 +215,7 @@ def _build() -> Path:
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
     source = SOURCE.read_bytes()
-    # absolute: dlopen reads a bare file name as a library to look up on the system's path
-    cache = Path(os.environ.get("SEGFOCAL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                 / "segfocal").expanduser().absolute()
+    cache = cache_folder()
     cache.mkdir(parents=True, exist_ok=True, mode=0o755)
     _check_private(cache)
     _sweep_abandoned_builds(cache)

@@ -25,6 +25,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..files import cache_folder
 from . import fused
 from .class_weights import class_weights
 from .focal import focal_loss
@@ -95,8 +96,7 @@ def environment(device: torch.device) -> Dict[str, Any]:
             "cuda": torch.version.cuda, "python": platform.python_version(), "device": str(device),
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "compiler": shutil.which(compiler) or f"{compiler} (not found)",
-            "kernel_cache": os.environ.get("SEGFOCAL_CACHE") or os.path.join(
-                os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "segfocal")}
+            "kernel_cache": str(cache_folder())}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["capability"] = "sm_{}{}".format(*torch.cuda.get_device_capability(device))
