@@ -36,7 +36,7 @@ import torch
 
 from ..files import cache_folder
 from .labels import ignore_index_fits
-from .layout import empty_gradient, flat_labels, flat_logits
+from .layout import empty_gradient, flat_labels, flat_logits, forward_outputs
 from .options import FocalOptions
 
 SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
@@ -119,10 +119,7 @@ def gradient(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Ten
 
 def scale_(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     """``grad *= grad_loss`` in place; nothing is read or written when ``grad_loss`` is 1 (a
-    host-side test: on the CPU it costs no synchronisation). Under ``torch.compile``, which cannot
-    branch on a value, always the product."""
-    if torch.compiler.is_compiling():
-        return grad * grad_loss
+    host-side test: on the CPU it costs no synchronisation)."""
     if float(grad_loss) != 1.0:
         grad.mul_(grad_loss)
     return grad
@@ -156,8 +153,7 @@ def _forward_op(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.
 @_forward_op.register_fake
 def _(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor, poly_coefficient: torch.Tensor,
       gamma: float, ignore_index: int, upstream: float, write_grad: bool):
-    sums = logits.new_empty(logits.shape[1], dtype=torch.float64), logits.new_empty((), dtype=torch.float64)
-    return (*sums, empty_gradient(logits)[0] if write_grad else logits.new_empty(0))
+    return forward_outputs(logits, write_grad)
 
 
 def _run(logits, target, coefficients, poly_coefficient, upstream, gamma, ignore_index, write_grad):
@@ -204,6 +200,11 @@ def _call(name: str, problem: _Problem) -> None:
         raise RuntimeError(f"segfocal CPU kernel {name} rejected its input (status {status})")
 
 
+def compiler_name() -> str:
+    """The C++ compiler the kernel is built with: ``$CXX``, else ``c++``."""
+    return os.environ.get("CXX") or "c++"
+
+
 def _build() -> Path:
     """The shared library's path, compiling it into the cache folder unless a verified build is there.
 
@@ -211,7 +212,7 @@ def _build() -> Path:
     write them, and its bytes match the SHA-256 written beside it at build time; a file that fails
     the digest (truncated, corrupt, another library under its name) is rebuilt.
     """
-    compiler = os.environ.get("CXX") or "c++"
+    compiler = compiler_name()
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
     source = SOURCE.read_bytes()

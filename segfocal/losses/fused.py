@@ -110,6 +110,8 @@ class _FusedFocal(torch.autograd.Function):
         kernels = None if ctx.kernels is None else _usable(ctx.kernels)
         try:
             if kernels is not None and grad is not None:
+                if torch.compiler.is_compiling():  # a traced graph cannot branch on grad_loss's value: the product
+                    return (grad * grad_loss,) + _NO_GRADS
                 return (kernels.scale_(grad, grad_loss),) + _NO_GRADS
             if kernels is not None:
                 return (kernels.gradient(logits, target, coefficients, poly_coefficient, grad_loss, ctx.options),

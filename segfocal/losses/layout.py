@@ -21,6 +21,14 @@ def empty_gradient(logits: torch.Tensor):
     return grad, flat, strides
 
 
+def forward_outputs(logits: torch.Tensor, write_grad: bool):
+    """The outputs a forward kernel returns for ``logits``, allocated and unfilled: the float64 focal sum per
+    class, the float64 Poly-1 sum and the gradient (an empty tensor without ``write_grad``); the custom
+    operators' fake implementations, which only say their shapes."""
+    sums = logits.new_empty(logits.shape[1], dtype=torch.float64), logits.new_empty((), dtype=torch.float64)
+    return (*sums, empty_gradient(logits)[0] if write_grad else logits.new_empty(0))
+
+
 def flat_logits(tensor: torch.Tensor):
     """``tensor`` as ``[B, C, S]`` (``[N, C]`` as ``B = 1``; a view when its spatial dims merge,
     else a copy) and the strides of B, C and S."""

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .labels import ignore_index_fits
-from .layout import empty_gradient, flat_labels, flat_logits
+from .layout import empty_gradient, flat_labels, flat_logits, forward_outputs
 from .options import FocalOptions
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the logits' dtypes it takes
@@ -222,9 +222,7 @@ def gradient(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Ten
 
 def scale_(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     """``grad *= grad_loss`` in place (a gradient from :func:`forward`: dense); nothing is read or
-    written when ``grad_loss`` is 1. Under ``torch.compile``, the product (Inductor fuses it)."""
-    if torch.compiler.is_compiling():
-        return grad * grad_loss
+    written when ``grad_loss`` is 1."""
     if grad.numel() > 0:
         scale_launch(grad, grad_loss)()
     return grad
@@ -261,8 +259,7 @@ def _forward_op(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.
 @_forward_op.register_fake
 def _(logits: torch.Tensor, target: torch.Tensor, coefficients: torch.Tensor, poly_coefficient: torch.Tensor,
       gamma: float, ignore_index: int, write_grad: bool):
-    sums = logits.new_empty(logits.shape[1], dtype=torch.float64), logits.new_empty((), dtype=torch.float64)
-    return (*sums, empty_gradient(logits)[0] if write_grad else logits.new_empty(0))
+    return forward_outputs(logits, write_grad)
 
 
 @torch.library.custom_op("segfocal::triton_gradient", mutates_args=())
