@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import importlib.metadata
 import json
-import os
 import platform
 import shutil
 import statistics
@@ -36,6 +35,7 @@ PRESETS = {  # (batch, classes, height, width): the training batches of the thre
     "ade": (16, 150, 512, 512),
 }
 IGNORE = 255
+OPTIONS = dict(gamma=2.0, weight="enet", poly_epsilon=0.5, ignore_index=IGNORE)  # the loss every case computes
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}  # relative, of loss and gradient
 
 
@@ -91,7 +91,9 @@ def environment(device: torch.device) -> Dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    compiler = os.environ.get("CXX") or "c++"
+    from .cpu_kernels import compiler_name
+
+    compiler = compiler_name()
     info = {"segfocal": version("segfocal"), "torch": torch.__version__, "triton": version("triton"),
             "cuda": torch.version.cuda, "python": platform.python_version(), "device": str(device),
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -163,20 +165,16 @@ def _compiled_case(name: str, module: Any, device: torch.device) -> Case:
         graphs.append(graph_module)
         return graph_module.forward
 
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 19, 24, 20, generator=generator, dtype=torch.float64) * 3
-    target = torch.randint(0, 19, (2, 24, 20), generator=generator)
-    target[torch.rand(target.shape, generator=generator) < 0.2] = IGNORE
-    options = dict(gamma=2.0, weight="enet", poly_epsilon=0.5, ignore_index=IGNORE)
+    logits, target = _inputs(19, 0, "some")
     try:
         torch._dynamo.reset()
-        compiled = torch.compile(lambda x, t: focal_loss(x, t, validate=False, **options), fullgraph=True,
+        compiled = torch.compile(lambda x, t: focal_loss(x, t, validate=False, **OPTIONS), fullgraph=True,
                                  backend=recording)
         with pinned(module) as failures:
             loss = float(compiled(logits.float().to(device), target.to(device)))
         torch._dynamo.reset()
         operators = {str(node.target) for graph in graphs for node in graph.graph.nodes}
-        reference = float(focal_loss(logits, target, implementation="reference", **options))
+        reference = float(focal_loss(logits, target, implementation="reference", **OPTIONS))
         case.loss_error = abs(loss - reference) / abs(reference)
         case.passed = not failures and case.loss_error <= TOLERANCE[torch.float32] and any(
             "segfocal" in operator for operator in operators)
@@ -188,25 +186,31 @@ def _compiled_case(name: str, module: Any, device: torch.device) -> Case:
     return case
 
 
-def _case(name: str, module: Any, device: torch.device, classes: int, dtype: torch.dtype, layout: str,
-          ignored: str) -> Case:
-    case = Case(name, classes, str(dtype).removeprefix("torch."), layout, ignored)
-    generator = torch.Generator().manual_seed(classes)
-    logits = (torch.randn(2, classes, 24, 20, generator=generator, dtype=torch.float64) * 3).to(dtype)
+def _inputs(classes: int, seed: int, ignored: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float64 logits [2, classes, 24, 20] and their labels, ``ignored`` ("none", "some": a fifth, "all")."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, classes, 24, 20, generator=generator, dtype=torch.float64) * 3
     target = torch.randint(0, classes, (2, 24, 20), generator=generator)
     if ignored != "none":
         target[torch.rand(target.shape, generator=generator) < (1.0 if ignored == "all" else 0.2)] = IGNORE
+    return logits, target
+
+
+def _case(name: str, module: Any, device: torch.device, classes: int, dtype: torch.dtype, layout: str,
+          ignored: str) -> Case:
+    case = Case(name, classes, str(dtype).removeprefix("torch."), layout, ignored)
+    logits, target = _inputs(classes, classes, ignored)
+    logits = logits.to(dtype)
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = logits.to(device).contiguous(memory_format=memory_format).requires_grad_(True)
-    options = dict(gamma=2.0, weight="enet", poly_epsilon=0.5, ignore_index=IGNORE)
     try:
         with pinned(module) as failures:
-            loss = focal_loss(x, target.to(device), implementation="fused", **options)
+            loss = focal_loss(x, target.to(device), implementation="fused", **OPTIONS)
             (grad,) = torch.autograd.grad(loss, x)
         if failures:
             raise RuntimeError(f"the back end was turned off: {'; '.join(failures.values())}")
         exact = logits.double().requires_grad_(True)  # the same rounded inputs, in float64
-        reference = focal_loss(exact, target, implementation="reference", **options)
+        reference = focal_loss(exact, target, implementation="reference", **OPTIONS)
         (reference_grad,) = torch.autograd.grad(reference, exact)
         scale = float(reference_grad.abs().max()) or 1.0
         loss, reference = float(loss.detach()), float(reference.detach())
@@ -289,7 +293,8 @@ def check(device: Optional[str] = None, quick: bool = False, timings: bool = Tru
     report = Report(environment(target), run_cases(target, quick))
     if timings:
         report.bandwidth_gbs = copy_bandwidth(target) / 1e9
-        with pinned(backends(target).get("triton", backends(target).get("cpu kernel"))) as failures:
+        usable = backends(target)
+        with pinned(usable.get("triton", usable.get("cpu kernel"))) as failures:
             report.timings = time_presets(target, quick, report.bandwidth_gbs * 1e9)
         if failures:
             report.cases.append(Case("timing", 0, "", "", "", problem=f"the back end was turned off while timing: "
