@@ -58,6 +58,7 @@ def evaluate(
     auroc = BinnedAUROC(num_classes, ignore_index=ignore_index, device=device) if "auroc" in metrics else None
     examples: List[tuple] = []
     calibrated = None if bias is None else ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
+    bias = None if bias is None else bias.to(device).view(1, -1, 1, 1)  # copied once, not per batch
     for images, targets in tqdm(loader, desc="eval", leave=False, disable=not progress):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -69,7 +70,7 @@ def evaluate(
         predictions = logits.argmax(dim=1)
         confusion.update(predictions, targets)
         if calibrated is not None:
-            calibrated.update((logits.float() + bias.to(device).view(1, -1, 1, 1)).argmax(dim=1), targets)
+            calibrated.update((logits.float() + bias).argmax(dim=1), targets)
         if auroc is not None:
             auroc.update(logits.float().softmax(dim=1), targets)
         for index in range(min(len(images), num_examples - len(examples))):

@@ -122,10 +122,10 @@ def calibrate(pixels: PixelSet, metric: str, class_names: Sequence[str], split: 
     if folds < 2:
         raise ValueError(f"folds must be at least 2 (each fold is scored with a bias fitted on the others), "
                          f"got {folds}")
-    if not pixels.images or int(pixels.support().sum()) == 0:
+    support = pixels.support() if pixels.images else None
+    if support is None or int(support.sum()) == 0:
         raise ValueError(f"split '{split}' has no counted pixel to calibrate on")
     check_metric_name(metric, class_names, "--metric")
-    support = pixels.support()
     for name, count in zip(class_names, support.tolist()):
         if count < MIN_PIXELS:
             warnings.warn(f"calibration: class {name} has {count} pixels in split '{split}' (fewer than {MIN_PIXELS}): "
