@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> dict:
     from ..config import ConfigError, class_names
     from ..data import build_loader
     from ..data.splits import run_dataset
-    from ..engine.calibrate import gather_pixels, store_calibration
+    from ..engine.calibrate import check_storable, gather_pixels, store_calibration
     from ..engine.checkpoint import load_checkpoint
     from ..evaluation.calibration import calibrate
     from ..engine.distributed import resolve_device
@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> dict:
         lock.acquire()
     try:
         contents, cfg = checkpoint_and_config(args)
+        check_storable(path, contents)
         data = cfg.data
         split = args.split or data.val_split
         dataset = run_dataset(cfg, cfg.augment.val, split)
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> dict:
         loader = build_loader(dataset, 1, shuffle=False, num_workers=data.num_workers, seed=cfg.seed, drop_last=False)
         device = resolve_device(cfg.device)
         model = restore_model(cfg, path, device, contents)
-        del contents  # read again, under the lock, when the calibration is written
+        del contents  # its optimiser state is not held through the inference (peak memory): read again to write
         names = class_names(data.class_names, data.num_classes)
         started = time.perf_counter()
         pixels = gather_pixels(model, loader, cfg, device, inference_precision(cfg.train.amp, device),

@@ -59,10 +59,16 @@ def stored_calibration(contents: Dict[str, Any], num_classes: int, source: Any) 
         raise CheckpointError(str(error)) from None
 
 
-def store_calibration(path: Path, contents: Dict[str, Any], calibration: Calibration) -> None:
-    """Rewrite the trainer checkpoint ``path`` (read as ``contents``) with ``calibration``, atomically;
-    every other entry, the weights included, is written back as it was read."""
+def check_storable(path: Path, contents: Dict[str, Any]) -> None:
+    """Raise CheckpointError unless ``path`` (read as ``contents``) is a trainer checkpoint, where a calibration
+    is stored (checked before calibrating, so that a bare state dict fails before the work)."""
     if not isinstance(contents.get("model"), dict):
         raise CheckpointError(f"{path} is a bare state dict: a calibration is stored in a trainer checkpoint "
                               f"(last.pt, best.pt)")
+
+
+def store_calibration(path: Path, contents: Dict[str, Any], calibration: Calibration) -> None:
+    """Rewrite the trainer checkpoint ``path`` (read as ``contents``) with ``calibration``, atomically;
+    every other entry, the weights included, is written back as it was read."""
+    check_storable(path, contents)
     save_checkpoint({**contents, "calibration": calibration.to_dict()}, path)
