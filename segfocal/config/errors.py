@@ -46,7 +46,7 @@ class _Place:
         for index, part in enumerate(loc):
             annotation, more = _unwrapped(annotation)
             bounds += more
-            if _is_model(annotation) and part in annotation.model_fields:
+            if is_model(annotation) and part in annotation.model_fields:
                 info = annotation.model_fields[part]
                 key, description = f"{key}.{part}" if key else str(part), info.description
                 annotation, bounds = info.annotation, list(info.metadata)
@@ -101,7 +101,7 @@ def _sentence(model: type, problem: dict) -> str:
         return _unknown_key(model, problem["loc"])
     place = _Place.of(model, problem["loc"])
     if place.rest:  # a value of a union type: within the member its kind chose, or the whole union
-        member = _member_of_tag(_members(place.annotation), str(place.rest[0]))
+        member = _member_of_tag(union_members(place.annotation), str(place.rest[0]))
         if member is None or len(place.rest) == 1:
             return f"{place.key} must be {_kind(place.annotation, place.bounds)}, got {problem['input']!r}"
         place = _Place.of(member, place.rest[1:], place.key, place.description)
@@ -110,7 +110,7 @@ def _sentence(model: type, problem: dict) -> str:
         return f"{key} must be {_kind(place.annotation, place.bounds)}, but it is missing"
     if kind == "value_error":
         message = problem["msg"].removeprefix("Value error, ")
-        return message if _is_model(place.annotation) or not key else f"{key} {message}, got {value!r}"
+        return message if is_model(place.annotation) or not key else f"{key} {message}, got {value!r}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number",
                 "too_short", "too_long"):
         return f"{key} must be {_kind(place.annotation, place.bounds)}, got {value!r}"
@@ -129,7 +129,7 @@ def _sentence(model: type, problem: dict) -> str:
 def _unknown_key(model: type, loc: tuple) -> str:
     parent = _Place.of(model, loc[:-1])
     prefix = f"{parent.key}." if parent.key else ""
-    fields = list(parent.annotation.model_fields) if _is_model(parent.annotation) else []
+    fields = list(parent.annotation.model_fields) if is_model(parent.annotation) else []
     close = difflib.get_close_matches(str(loc[-1]), fields, n=1)
     hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
     return f"unknown key '{prefix}{loc[-1]}'{hint}"
@@ -140,7 +140,7 @@ def _kind(annotation: Any, bounds: list) -> str:
     ``at least 1``, ``one of a, b, a list or null``."""
     annotation, more = _unwrapped(annotation)
     bounds = bounds + more
-    members = _members(annotation)
+    members = union_members(annotation)
     if len(members) > 1:
         words = [_kind(member, []) for member in members if member is not type(None)]
         words += ["null"] if type(None) in members else []
@@ -179,16 +179,18 @@ def _unwrapped(annotation: Any) -> Tuple[Any, list]:
             for item in extra:
                 bounds += list(getattr(item, "metadata", [item]))
             continue
-        members = [m for m in _members(annotation) if m is not type(None)]
+        members = [m for m in union_members(annotation) if m is not type(None)]
         if get_origin(annotation) is Union and len(members) == 1:
             annotation = members[0]
             continue
         return annotation, bounds
 
 
-def _members(annotation: Any) -> tuple:
+def union_members(annotation: Any) -> tuple:
+    """The members of a ``Union`` (``Optional``) type, or the type alone."""
     return get_args(annotation) if get_origin(annotation) is Union else (annotation,)
 
 
-def _is_model(annotation: Any) -> bool:
+def is_model(annotation: Any) -> bool:
+    """Whether ``annotation`` is a pydantic model: a config section."""
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)

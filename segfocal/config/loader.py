@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, Iterable, Tuple, Union, get_args, get_origin
+from typing import Any, Dict, FrozenSet, Iterable, Tuple, Union
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from .errors import ConfigError, config_error
+from .errors import ConfigError, config_error, is_model, union_members
 from .schema import Config
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # the recipes of configs/, shipped in the wheel
@@ -180,9 +180,7 @@ def _is_section(key: str) -> bool:
         field = model.model_fields.get(part)
         if field is None:
             return False
-        annotation = field.annotation
-        candidates = get_args(annotation) if get_origin(annotation) is Union else (annotation,)
-        model = next((arg for arg in candidates if isinstance(arg, type) and issubclass(arg, BaseModel)), None)
+        model = next((member for member in union_members(field.annotation) if is_model(member)), None)
         if model is None:
             return False
     return True
