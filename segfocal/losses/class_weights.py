@@ -150,13 +150,18 @@ def class_weights(
     )
 
 
+def weight_of(weight, enet_c: float = 1.10, effective_beta: float = 0.9999):
+    """The ``weight`` keyword as a loss holds it: a scheme name with its parameters becomes one
+    :class:`WeightScheme`; fixed weights, a scheme and ``None`` stay as they are."""
+    return WeightScheme(weight, enet_c=enet_c, effective_beta=effective_beta) if isinstance(weight, str) else weight
+
+
 def keep_class_weight(module: torch.nn.Module, weight, enet_c: float = 1.10,
                       effective_beta: float = 0.9999) -> Optional[WeightScheme]:
     """Store a loss module's ``weight`` argument: a scheme (a name or a :class:`WeightScheme`) as
     ``module.scheme`` with its name as ``module.weight_scheme``, fixed values as the float32 buffer
     ``module.weight`` (so they follow ``.to()`` and the state dict). Returns the scheme or ``None``."""
-    if isinstance(weight, str):
-        weight = WeightScheme(weight, enet_c=enet_c, effective_beta=effective_beta)
+    weight = weight_of(weight, enet_c, effective_beta)
     module.scheme = weight if isinstance(weight, WeightScheme) else None
     module.weight_scheme = None if module.scheme is None else module.scheme.name
     fixed = None if weight is None or module.scheme is not None else torch.as_tensor(weight, dtype=torch.float32)

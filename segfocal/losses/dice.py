@@ -26,12 +26,12 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .class_weights import WeightScheme, keep_class_weight
+from .class_weights import WeightScheme, keep_class_weight, weight_of
 from .focal import check_inputs
 from .labels import not_ignored
 from .layout import flat_labels, flat_logits
 from .options import (REDUCTIONS, Reduction, WeightArg, check_choice, check_class_factors, check_ignore_index,
-                      option_attribute, per_class, weight_of)
+                      option_attribute, per_class)
 
 
 def dice_loss(

@@ -14,7 +14,7 @@ from typing import Literal, Optional, Union, get_args
 
 import torch
 
-from .class_weights import WeightScheme
+from .class_weights import WeightScheme, weight_of
 
 Reduction = Literal["mean", "sum", "none"]
 Normalization = Literal["pixels", "weights"]
@@ -83,12 +83,6 @@ class FocalOptions:
 def option_attribute(name: str) -> property:
     """A loss module's ``<name>``: its ``options.<name>``, read-only, as ``torch.nn`` losses expose their options."""
     return property(lambda self: getattr(self.options, name), doc=f"``options.{name}`` (read-only).")
-
-
-def weight_of(weight: WeightArg, enet_c: float, effective_beta: float):
-    """The ``weight`` keyword as an options value holds it: a scheme name with its parameters becomes
-    one :class:`WeightScheme`; fixed weights, a scheme and ``None`` stay as they are."""
-    return WeightScheme(weight, enet_c=enet_c, effective_beta=effective_beta) if isinstance(weight, str) else weight
 
 
 def check_options(
