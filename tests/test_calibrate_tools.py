@@ -156,3 +156,14 @@ def test_train_calibrate_fits_best_pt_after_training_for_the_checkpoint_metric(t
     stored = load_checkpoint(Path(cfg.work_dir) / "best.pt")["calibration"]
     assert stored["metric"] == "mean_accuracy" and stored["split"] == "val" and stored["after"] >= stored["before"]
     assert "Calibration for mean_accuracy on split 'val'" in capsys.readouterr().out
+
+
+def test_calibrate_on_a_patches_split_counts_the_tiles_it_inferred(tmp_path):
+    from large_data import large_recipe
+
+    pytest.importorskip("zarr")  # TIFFs read by region
+    cfg = load_config(large_recipe(tmp_path, train__epochs=1, train__log_images=0))
+    Trainer(cfg, progress=False).fit()
+    code, out, err = call("calibrate", "--checkpoint", Path(cfg.work_dir) / "best.pt")
+    assert code == 0, err
+    assert "logits of 25 tiles in" in out  # the val image, 300x300, in 64x64 tiles

@@ -1,6 +1,7 @@
 """Predict, eval and stats at any size: a TIFF or .npy above --max-pixels (a Zarr image always) is predicted tile by
 tile into a tiled TIFF or a Zarr array identical to whole-image slide inference, each window read alone; eval --pred
 scores such masks block by block; stats counts a data.patches split block by block."""
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -54,7 +55,7 @@ def test_a_large_image_is_predicted_tile_by_tile_as_whole_image_slide_inference_
     code, stdout, stderr = predict(capsys, model, source.parent, tmp_path / "out", "--format", fmt, *limit)
     assert code == 0, stderr
     assert "predicting it tile by tile" in stderr
-    assert "wrote 1 mask to" in stdout and "and 0 overlays to" in stdout and "predicted tile by tile)" in stdout
+    assert f"wrote 1 mask to {tmp_path / 'out'} (1 mask tile by tile, without an overlay)" in stdout
     target = tmp_path / "out" / f"big{'.tif' if fmt == 'tiff' else '.zarr'}"
     mask = tifffile.imread(target) if fmt == "tiff" else zarr.open(str(target), mode="r")[...]
     np.testing.assert_array_equal(mask, model.slide)
@@ -105,6 +106,15 @@ def test_eval_scores_large_masks_block_by_block_as_the_whole_masks_score(capsys,
     assert f"mIoU {100 * iou.mean():.2f}" in " ".join(stdout.split())
 
 
+def test_eval_of_a_checkpoint_on_a_patches_split_counts_its_images_not_its_tiles(capsys, model, tmp_path):
+    config = large_recipe(tmp_path, eval__crop_size=CROP, eval__stride=STRIDE)
+    code, stdout, stderr = run_tool(capsys, EVAL, "--config", config, "--checkpoint", model.weights, "--split", "val",
+                                    "--output", tmp_path / "report")
+    assert code == 0, stderr
+    assert f"1 image of split 'val', checkpoint {model.weights}" in stdout  # its 25 tiles of 64x64 are one image
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["num_images"] == 1
+
+
 def test_stats_counts_a_patches_split_block_by_block(capsys, tmp_path, monkeypatch):
     config = large_recipe(tmp_path)
     reads = []
@@ -113,6 +123,7 @@ def test_stats_counts_a_patches_split_block_by_block(capsys, tmp_path, monkeypat
     monkeypatch.setattr(patches, "blocks", lambda region, pixels=2 ** 22: regions.blocks(region, 64 * 64))
     code, stdout, stderr = run_tool(capsys, STATS, "--config", config)
     assert code == 0, stderr
+    assert "split 'train': 2 images," in stdout  # the images, not the tiles the split is cut into
     images, masks = zip(*(mosaic(seed) for seed in (1, 2)))
     counts = np.bincount(np.concatenate([mask.ravel() for mask in masks]), minlength=256)
     for name, count in zip(["background", "slab", "ellipse", "triangle", "line", "square"], counts):

@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         lock.release()
     print(format_calibration(calibration, names))
-    print(f"logits of {counted(len(pixels.images), 'image')} in {inferred - started:.1f} s, fitted in "
+    unit = "image" if cfg.data.patches is None else "tile"  # data.patches: the split's tiles are its items
+    print(f"logits of {counted(len(pixels.images), unit)} in {inferred - started:.1f} s, fitted in "
           f"{fitted - inferred:.1f} s; wrote the calibration into {path}")
     return {"calibration": calibration}
 

@@ -86,7 +86,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
                       bias=None if calibration is None else calibration.tensor())
     names = class_names(data.class_names, data.num_classes)
     out.mkdir(parents=True, exist_ok=True)
-    extra = {"checkpoint": str(args.checkpoint), "split": split, "num_images": len(dataset),
+    extra = {"checkpoint": str(args.checkpoint), "split": split, "num_images": len(dataset.samples),  # not tiles
              "class_names": names, "confusion_matrix": result.confusion.tolist()}
     if result.auroc is not None:
         extra["auroc"] = result.auroc
@@ -96,7 +96,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
                                "calibration": calibration.to_dict()}
     write_json(result.metrics, out / "metrics.json", extra=extra)
     plot_confusion_matrix(result.confusion, names, out / "confusion_matrix.png")
-    print(f"{counted(len(dataset), 'image')} of split '{split}', checkpoint {args.checkpoint}")
+    print(f"{counted(len(dataset.samples), 'image')} of split '{split}', checkpoint {args.checkpoint}")
     print(("raw decision (argmax of the logits):\n" if result.calibrated else "") + format_table(result.metrics, names))
     if result.calibrated is not None:
         print(f"\ncalibrated decision (fitted for {calibration.metric} on split '{calibration.split}'):")

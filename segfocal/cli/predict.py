@@ -181,8 +181,10 @@ def run(args: argparse.Namespace) -> list:
             Image.fromarray(overlay).save(handle, format=overlay_format, **save_options)
         written.append(output / mask_name)
         overlays += 1
-    print(f"wrote {counted(len(written), 'mask')} to {output} and {counted(overlays, 'overlay')} to "
-          f"{output / OVERLAY_FOLDER}" + (" (none of an image predicted tile by tile)" if overlays < len(written) else ""))
+    shown = f" and {counted(overlays, 'overlay')} to {output / OVERLAY_FOLDER}" if overlays else ""
+    tiled_note = f" ({counted(len(written) - overlays, 'mask')} tile by tile, without an overlay)" \
+        if overlays < len(written) else ""
+    print(f"wrote {counted(len(written), 'mask')} to {output}{shown}{tiled_note}")
     return written
 
 

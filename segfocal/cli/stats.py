@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> dict:
     }
     width = max(len(scheme) for scheme in WEIGHT_SCHEMES) + 2  # a column per scheme, its name and a gap
     header = f"{'class':<16}{'pixels':>12}{'share':>9}" + "".join(f"{scheme:>{width}}" for scheme in WEIGHT_SCHEMES)
-    print(f"split '{split}': {counted(len(dataset), 'image')}, {counted(total, 'labelled pixel')}")
+    images = counted(len(dataset.samples), 'image')  # len(dataset) counts the tiles with data.patches
+    print(f"split '{split}': {images}, {counted(total, 'labelled pixel')}")
     print(header)
     for index, name in enumerate(names):
         row = f"{name:<16}{int(counts[index]):>12}{int(counts[index]) / total:>9.4f}"
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> dict:
                     "loss": {"weight": weights[args.scheme]},
                     "data": {"mean": [round(v, 6) for v in mean], "std": [round(v, 6) for v in std]}}
         comment = (f"# {args.config} with the {args.scheme} class weights and image mean/std of split '{split}' of "
-                   f"{data.root} ({counted(len(dataset), 'image')})"
+                   f"{data.root} ({images})"
                    f"{'; --set ' + ' '.join(args.overrides) if args.overrides else ''}\n")
         Path(args.output).write_text(comment + yaml.safe_dump(fragment, default_flow_style=None))
         print(f"wrote {args.output}")

@@ -82,6 +82,7 @@ class PatchDataset(Dataset):
     def __init__(self, folder: SegmentationFolder, patches: PatchesConfig, seed: int = 0,
                  random_crops: bool = False) -> None:
         self.root, self.split, self.samples = folder.root, folder.split, folder.samples
+        self.image_folder, self.mask_folder = folder.image_folder, folder.mask_folder
         self.transform, self.channels, self.scale = folder.transform, folder.channels, folder.scale
         self.remap = folder.remap if folder.remap is not None and folder.remap.active else None
         self.color_map, self.bad_samples = folder.color_map, folder.bad_samples
