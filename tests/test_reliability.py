@@ -92,9 +92,10 @@ def test_sigkill_at_random_moments_never_corrupts_last_pt_and_resume_finishes_id
         torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0, msg=key)
 
 
-def test_torchrun_with_two_cpu_processes_trains_and_its_checkpoint_evaluates(tmp_path):
+def test_torchrun_with_two_cpu_processes_trains_calibrates_on_all_val_and_its_checkpoint_evaluates(tmp_path):
     # the 3-level encoder leaves resnet18's last stages unused: DDP must be told
-    config = tiny_recipe(tmp_path, train__epochs=2, train__log_images=0, train__find_unused_parameters=True)
+    config = tiny_recipe(tmp_path, train__epochs=2, train__log_images=0, train__find_unused_parameters=True,
+                         train__calibrate=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tools/train.py",
@@ -106,6 +107,8 @@ def test_torchrun_with_two_cpu_processes_trains_and_its_checkpoint_evaluates(tmp
     checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
     assert checkpoint["state"]["epoch"] == 2
     assert not any(key.startswith("module.") for key in checkpoint["model"])  # the bare model is saved
+    # rank 0 fits the calibration on all 8 val images, not on its share of 4
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["calibration"]["num_images"] == 8
     evaluation = subprocess.run(
         [sys.executable, "tools/eval.py", "--config", str(config), "--checkpoint", str(tmp_path / "run" / "best.pt"),
          "--split", "val", "--out", str(tmp_path / "eval")],

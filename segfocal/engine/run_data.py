@@ -35,10 +35,14 @@ def build_run_data(cfg: Config, dist: DistContext) -> RunData:
     sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.seed, drop_last=True) if dist.enabled else None
     train_loader = build_loader(train_set, data.batch_size, shuffle=sampler is None, num_workers=data.num_workers,
                                 seed=cfg.seed, drop_last=True, sampler=sampler, persistent_workers=False)
-    val_shard = Subset(val_set, range(dist.rank, len(val_set), dist.world_size))
-    val_loader = build_loader(val_shard, cfg.eval.batch_size, shuffle=False, num_workers=data.num_workers,
-                              seed=cfg.seed, drop_last=False)
+    val_loader = val_loader_of(Subset(val_set, range(dist.rank, len(val_set), dist.world_size)), cfg)
     if len(train_loader) == 0:
         unit = "training images" if data.patches is None else "crops of data.patches.per_epoch"
         raise ConfigError(f"data.batch_size={data.batch_size} exceeds the {len(train_set)} {unit} (per rank); lower it")
     return RunData(train_set, val_set, train_loader, val_loader, sampler)
+
+
+def val_loader_of(dataset: Dataset, cfg: Config) -> DataLoader:
+    """The loader evaluation reads ``dataset`` (val images or a rank's share of them) with, in order."""
+    return build_loader(dataset, cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers, seed=cfg.seed,
+                        drop_last=False)

@@ -31,7 +31,7 @@ from .interrupt import StopSignals, TrainingInterrupted
 from .parts import build_training_parts
 from .progress import TrainState
 from .reporting import Reporter
-from .run_data import build_run_data
+from .run_data import build_run_data, val_loader_of
 from .seeding import restore_rng_state, rng_state, seed_everything
 from .step import StepOutcome, train_step
 from .timeline import Timeline
@@ -198,13 +198,15 @@ class Trainer:
         return result
 
     def calibrate_best(self) -> None:
-        """``train.calibrate``: fit ``best.pt``'s calibration on the val split (this process's share of it,
-        all of it without DDP) for ``train.checkpoint_metric``, store it in ``best.pt``, print its table."""
+        """``train.calibrate``: fit ``best.pt``'s calibration on the whole val split (under DDP too: rank 0 alone
+        runs it on the unwrapped model, with no collective call, while the other ranks end) for
+        ``train.checkpoint_metric``, store it in ``best.pt``, print its table."""
         best = self.checkpointer.path("best.pt")
         if not best.is_file():
             return
         data, train = self.cfg.data, self.cfg.train
-        calibration = calibrate_model(self.parts.evaluated_model, self.data.val_loader, self.cfg, data.val_split,
+        whole_val = val_loader_of(self.data.val_set, self.cfg)
+        calibration = calibrate_model(self.parts.evaluated_weights, whole_val, self.cfg, data.val_split,
                                       train.checkpoint_metric, 2, self.device, self.parts.precision)
         store_calibration(best, load_checkpoint(best), calibration)
         print(f"\n{format_calibration(calibration, self.class_names)}\nstored in {best}")
