@@ -5,12 +5,16 @@ A class-balanced loss moves every decision towards the rare classes, and the com
 with false positives. Shifting class ``c``'s logit by ``b_c`` moves the decision back where the
 metric is best (logit adjustment, as in long-tailed classification: Menon et al., ICLR 2021).
 
-**The fit** is coordinate ascent over the classes (``b_0 = 0``: only differences matter), every step
-the exact optimum of the metric over one class's bias on a grid of :data:`GRID_STEP` logits in
-``[-GRID_LIMIT, GRID_LIMIT]``. A step is one pass over the pixels, no re-argmax per candidate: with
-the other biases fixed, pixel ``i`` is predicted ``c`` exactly when ``b_c > d_i``, its margin to its
-best other class ``o_i``, so one histogram of (grid cell of ``d_i``, true class, ``o_i``) gives the
-confusion matrix at every candidate by a cumulative sum. Sweeps repeat until one gains nothing.
+**The fit** is coordinate ascent over the classes, every step the exact optimum of the metric over
+one class's bias on a grid of :data:`GRID_STEP` logits in ``[-GRID_LIMIT, GRID_LIMIT]``. A step is
+one pass over the pixels, no re-argmax per candidate: with the other biases fixed, pixel ``i`` is
+predicted ``c`` exactly when ``b_c > d_i``, its margin to its best other class ``o_i``, so one
+histogram of (grid cell of ``d_i``, true class, ``o_i``) gives the confusion matrix at every
+candidate by a cumulative sum. Sweeps repeat until one gains nothing. The first class is stepped
+too (raising it is lowering all the others at once, a move single steps of the others cannot make:
+without it the fit stalls where the first class is predicted too rarely), and the biases are
+shifted to ``b_0 = 0`` at the end: only differences matter. A class with no pixel in the split is
+not fitted: it moves with the first class, so it keeps its raw decision against it.
 
 **The estimate**: fitting on the pixels it scores flatters the fit. The images, in the split's
 order, are cut into ``folds`` contiguous blocks; each block is scored with the bias fitted on the
@@ -127,7 +131,10 @@ def calibrate(pixels: PixelSet, metric: str, class_names: Sequence[str], split: 
         raise ValueError(f"split '{split}' has no counted pixel to calibrate on")
     check_metric_name(metric, class_names, "--metric")
     for name, count in zip(class_names, support.tolist()):
-        if count < MIN_PIXELS:
+        if count == 0:
+            warnings.warn(f"calibration: class {name} has no pixel in split '{split}': its bias is not fitted (it "
+                          f"keeps its raw decision against class {class_names[0]})", RuntimeWarning, stacklevel=2)
+        elif count < MIN_PIXELS:
             warnings.warn(f"calibration: class {name} has {count} pixels in split '{split}' (fewer than {MIN_PIXELS}): "
                           f"its bias is fitted to little evidence", RuntimeWarning, stacklevel=2)
     bias = fit_bias(pixels, metric, class_names)
@@ -160,15 +167,19 @@ def fit_bias(pixels: PixelSet, metric: str, class_names: Sequence[str]) -> torch
     :func:`grid`; each sweep never lowers the metric."""
     dtype = pixels.images[0][0].dtype
     bias = torch.zeros(pixels.num_classes, dtype=dtype)
+    support = pixels.support().tolist()
+    absent = [klass for klass in range(1, pixels.num_classes) if support[klass] == 0]
+    groups = [[0, *absent]] if support[0] > 0 else []  # the first class, and the absent ones with it
+    groups += [[klass] for klass in range(1, pixels.num_classes) if support[klass] > 0]
     best = score(pixels.confusion(bias), metric, class_names)
     for _ in range(MAX_SWEEPS):
         start = best
-        for klass in range(1, pixels.num_classes):
-            values, bias[klass] = best_step(pixels, bias, klass, metric, class_names)
-            best = values
+        for group in groups:
+            best, lead_bias = best_step(pixels, bias, group, metric, class_names)
+            bias[group] += lead_bias - bias[group[0]]
         if not best > start + 1e-12:
             break
-    return bias
+    return bias - bias[0]
 
 
 def grid(dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -177,15 +188,16 @@ def grid(dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return torch.arange(-count, count + 1, dtype=torch.float64).mul_(GRID_STEP).to(dtype)
 
 
-def best_step(pixels: PixelSet, bias: torch.Tensor, klass: int, metric: str,
+def best_step(pixels: PixelSet, bias: torch.Tensor, group: Sequence[int], metric: str,
               class_names: Sequence[str]) -> Tuple[float, float]:
-    """The best value of ``metric`` over class ``klass``'s bias on :func:`grid` (the others fixed), and
-    that bias: the middle of the widest run of candidates that reach it."""
-    confusions = step_confusions(pixels, bias, klass)
+    """The best value of ``metric`` over the bias of ``group[0]`` on :func:`grid` (the rest of ``group``
+    keeping its offsets to it, the other classes fixed), and that bias: the middle of the widest run
+    of candidates that reach it."""
+    confusions = step_confusions(pixels, bias, group)
     values = metric_value(metric_tensors(confusions), metric, class_names)
     best = values.max()
     if torch.isnan(best):
-        return float("nan"), float(bias[klass])
+        return float("nan"), float(bias[group[0]])
     reach = torch.cat([(values == best).to(torch.int8), torch.zeros(1, dtype=torch.int8)])
     starts = torch.nonzero(torch.diff(torch.cat([torch.zeros(1, dtype=torch.int8), reach])) == 1).flatten()
     ends = torch.nonzero(torch.diff(reach) == -1).flatten()  # inclusive
@@ -193,31 +205,35 @@ def best_step(pixels: PixelSet, bias: torch.Tensor, klass: int, metric: str,
     return float(best), float(grid(bias.dtype)[(starts[widest] + ends[widest]) // 2])
 
 
-def step_confusions(pixels: PixelSet, bias: torch.Tensor, klass: int) -> torch.Tensor:
-    """``[G, C, C]``: the confusion matrix at each candidate bias of class ``klass`` on :func:`grid`.
+def step_confusions(pixels: PixelSet, bias: torch.Tensor, group: Sequence[int]) -> torch.Tensor:
+    """``[G, C, C]``: the confusion matrix at each candidate bias of class ``group[0]`` on :func:`grid`,
+    the rest of ``group`` moving with it (keeping its offsets to it).
 
-    With the other biases fixed, a pixel is predicted ``klass`` exactly when ``b > d`` (``d``: its
-    best other biased logit minus its ``klass`` logit), else its best other class ``o``. Its first
-    candidate with ``b > d`` is ``j = floor((d - low) / step) + 1``; a histogram over (``j``, true
-    class, ``o``) and a cumulative sum over ``j`` give every candidate's matrix in one pass.
+    With the other biases fixed, a pixel is predicted its best class ``g`` of the group exactly when
+    ``b > d`` (``d``: its best biased logit outside the group minus its best logit in the group, biased
+    relative to ``group[0]``), else its best class ``o`` outside the group. Its first candidate with
+    ``b > d`` is ``j = floor((d - low) / step) + 1``; histograms over (``j``, true class, ``o``) and
+    (``j``, true class, ``g``) and cumulative sums over ``j`` give every candidate's matrix in one pass.
     """
     num_classes, candidates = pixels.num_classes, grid(bias.dtype)
     count, low = len(candidates), float(candidates[0])
-    moves = torch.zeros((count + 1) * num_classes ** 2, dtype=torch.long)
+    members = torch.tensor(list(group))
+    moves_out = torch.zeros((count + 1) * num_classes ** 2, dtype=torch.long)
+    moves_in = torch.zeros_like(moves_out)
     for logits, labels in pixels.images:
-        others = logits + bias.to(logits.dtype)
-        others[:, klass] = -math.inf
-        best_other, other_class = others.max(1)
-        margin = best_other - logits[:, klass]
-        first = torch.floor((margin - low) / GRID_STEP).add_(1).clamp_(0, count).long()
-        moves += torch.bincount((first * num_classes + labels) * num_classes + other_class,
-                                minlength=moves.numel())
-    moves = moves.view(count + 1, num_classes, num_classes)  # [first candidate, true, best other]
-    without = moves.sum(0)  # the matrix were klass never predicted: every pixel goes to its best other
-    moved = moves[:count].cumsum(0)  # [G, true, o]: pixels predicted klass at candidate j
-    confusions = without.unsqueeze(0) - moved
-    confusions[:, :, klass] += moved.sum(2)
-    return confusions
+        offsets = (bias[members] - bias[members[0]]).to(logits.dtype)
+        best_in, in_index = (logits[:, members] + offsets).max(1)
+        outside = logits + bias.to(logits.dtype)
+        outside[:, members] = -math.inf
+        best_out, out_class = outside.max(1)
+        first = torch.floor((best_out - best_in - low) / GRID_STEP).add_(1).clamp_(0, count).long()
+        cells = (first * num_classes + labels) * num_classes
+        moves_out += torch.bincount(cells + out_class, minlength=moves_out.numel())
+        moves_in += torch.bincount(cells + members[in_index], minlength=moves_in.numel())
+    shape = (count + 1, num_classes, num_classes)  # [first candidate, true, predicted]
+    moves_out, moves_in = moves_out.view(shape), moves_in.view(shape)
+    without = moves_out.sum(0)  # the matrix were the group never predicted: every pixel goes to its best other
+    return without.unsqueeze(0) - moves_out[:count].cumsum(0) + moves_in[:count].cumsum(0)
 
 
 def score(confusion: torch.Tensor, metric: str, class_names: Sequence[str]) -> float:
