@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator, Set, Union
+from typing import BinaryIO, Iterator, Set, Tuple, Union
 
 
 @contextlib.contextmanager
@@ -20,14 +21,15 @@ def replaced_atomically(path: Union[str, Path], durable: bool = False) -> Iterat
     """A binary file to write that replaces ``path`` when the block succeeds.
 
     The temporary is a hidden ``.<name>.*.tmp`` in the same folder (``os.replace`` is atomic only
-    within one file system) with the mode ``open()`` would give. ``durable=True`` also flushes the
+    within one file system) with the mode of the file it replaces, or the one ``open()`` would give a
+    new file (a private or write-protected file stays so). ``durable=True`` also flushes the
     data and the rename to disk (fsync), so a power cut cannot leave an empty file under the name.
     """
     path = Path(path)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), _new_file_mode())  # not mkstemp's 0o600: others may read what we make
+            os.fchmod(handle.fileno(), _mode_for(path))  # not mkstemp's 0o600: others may read what we make
             yield handle
             if durable:
                 handle.flush()
@@ -38,6 +40,13 @@ def replaced_atomically(path: Union[str, Path], durable: bool = False) -> Iterat
         raise
     if durable:
         _fsync_directory(path.parent)
+
+
+def file_identity(path: Union[str, Path]) -> Tuple[int, int, int, int]:
+    """What changes when the file at ``path`` is rewritten or replaced: its device, inode, size and
+    modification time (nanoseconds)."""
+    status = os.stat(path)
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def entry_name(path: Union[str, Path]) -> Path:
@@ -54,8 +63,12 @@ def names_of(path: Union[str, Path]) -> Set[Path]:
     return {entry_name(path), Path(path).resolve()}
 
 
-def _new_file_mode() -> int:
-    """The mode ``open()`` gives a new file: 0o666 less the umask."""
+def _mode_for(path: Path) -> int:
+    """The mode of the file at ``path``, or the one ``open()`` gives a new file: 0o666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        pass
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask

@@ -138,6 +138,48 @@ def test_a_calibration_of_another_class_count_or_an_unknown_metric_is_one_line(r
     assert code == 2 and "bare.pt is a bare state dict" in err
 
 
+
+@pytest.mark.parametrize("argv, message", [(["--metric", "bogus"], "--metric='bogus' is not a metric"),
+                                           (["--folds", "1"], "--folds must be at least 2")])
+def test_a_bad_metric_or_folds_is_refused_before_any_inference(run, monkeypatch, argv, message):
+    import segfocal.engine.calibrate as engine_calibrate
+
+    def no_inference(*args, **kwargs):
+        raise AssertionError("the split was inferred before the request was checked")
+
+    monkeypatch.setattr(engine_calibrate, "gather_pixels", no_inference)
+    code, _, err = call("calibrate", "--checkpoint", run.best, *argv)
+    assert code == 2 and message in err
+
+
+def test_a_symlinked_checkpoint_calibrates_the_file_it_names_and_stays_a_link(run, tmp_path):
+    target, link = tmp_path / "target.pt", tmp_path / "link.pt"
+    save_checkpoint(run.raw, target)
+    link.symlink_to(target.name)
+    code, out, err = call("calibrate", "--checkpoint", link)
+    assert code == 0, err
+    assert link.is_symlink() and "calibration" in load_checkpoint(target)
+    assert f"wrote the calibration into {link} (the file {target})" in out
+
+
+def test_a_checkpoint_replaced_while_it_is_calibrated_is_not_written(run, tmp_path, monkeypatch):
+    import segfocal.engine.calibrate as engine_calibrate
+
+    path, other = tmp_path / "k.pt", tmp_path / "other.pt"
+    save_checkpoint(run.raw, path)
+    save_checkpoint({**run.raw, "state": {**run.raw["state"], "epoch": 99}}, other)
+    gather = engine_calibrate.gather_pixels
+
+    def replaced_meanwhile(*args, **kwargs):
+        pixels = gather(*args, **kwargs)
+        other.replace(path)  # another model saved under the name during the inference
+        return pixels
+
+    monkeypatch.setattr(engine_calibrate, "gather_pixels", replaced_meanwhile)
+    code, _, err = call("calibrate", "--checkpoint", path)
+    assert code == 2 and "k.pt was replaced while it was being calibrated" in err
+    assert "calibration" not in load_checkpoint(path) and load_checkpoint(path)["state"]["epoch"] == 99
+
 def test_calibrate_holds_the_run_directory_so_a_training_run_cannot_write_it_meanwhile(run):
     from segfocal.engine.work_dir_lock import WorkDirLock
 

@@ -30,6 +30,22 @@ def test_truncated_file_gives_an_error_naming_it(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+
+def test_an_empty_file_a_folder_and_an_error_without_a_message_are_named_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*empty.pt: the file is empty$"):
+        load_checkpoint(tmp_path / "empty.pt")
+    with pytest.raises(CheckpointError, match=r"checkpoint .*runs is a folder, not a checkpoint file$"):
+        load_checkpoint((tmp_path / "runs").mkdir() or tmp_path / "runs")
+    (tmp_path / "cut.pt").write_bytes(b"PK")
+
+    def message_less(*args, **kwargs):
+        raise EOFError()  # as torch raises for some truncated files
+
+    monkeypatch.setattr(torch, "load", message_less)
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*cut.pt: EOFError$"):
+        load_checkpoint(tmp_path / "cut.pt")
+
 def test_model_state_from_strips_ddp_prefix_and_accepts_bare_state_dicts():
     assert list(model_state_from({"model": {"module.conv.weight": torch.ones(1)}})) == ["conv.weight"]
     assert list(model_state_from({"conv.weight": torch.ones(1)})) == ["conv.weight"]

@@ -44,6 +44,16 @@ def test_new_files_get_the_mode_open_would_give_not_owner_only(tmp_path):
     assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o640
 
 
+
+@pytest.mark.parametrize("mode", [0o600, 0o444])
+def test_a_replaced_file_keeps_its_mode_private_or_write_protected(tmp_path, mode):
+    path = tmp_path / "best.pt"
+    path.write_bytes(b"old")
+    path.chmod(mode)
+    with replaced_atomically(path) as handle:
+        handle.write(b"new")
+    assert path.read_bytes() == b"new" and path.stat().st_mode & 0o777 == mode
+
 FULL_DISK = """
 import resource, signal, sys, torch
 from segfocal.engine.checkpoint import CheckpointError, save_checkpoint

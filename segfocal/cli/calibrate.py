@@ -42,8 +42,9 @@ def run(args: argparse.Namespace) -> dict:
     from ..data import build_loader
     from ..data.splits import run_dataset
     from ..engine.calibrate import check_storable, gather_pixels, store_calibration
-    from ..engine.checkpoint import load_checkpoint
-    from ..evaluation.calibration import calibrate
+    from ..engine.checkpoint import CheckpointError, load_checkpoint
+    from ..evaluation.calibration import calibrate, check_request
+    from ..files import file_identity
     from ..engine.distributed import resolve_device
     from ..engine.precision import inference_precision
     from ..engine.restore import restore_model
@@ -51,14 +52,21 @@ def run(args: argparse.Namespace) -> dict:
     from ..evaluation.report import format_calibration
 
     path = Path(args.checkpoint)
-    lock = WorkDirLock(path.resolve().parent)
-    if (path.resolve().parent / LOCK_NAME).exists():  # a run directory: no training run may write it meanwhile
+    target = path.resolve()  # through a symlink, the file it names is calibrated (the link is kept)
+    lock = WorkDirLock(target.parent)
+    if (target.parent / LOCK_NAME).exists():  # a run directory: no training run may write it meanwhile
         lock.acquire()
     try:
+        read_as = file_identity(target)
         contents, cfg = checkpoint_and_config(args)
         check_storable(path, contents)
         data = cfg.data
         split = args.split or data.val_split
+        names = class_names(data.class_names, data.num_classes)
+        try:
+            check_request(args.metric, args.folds, names)  # before the inference, which may take long
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         dataset = run_dataset(cfg, cfg.augment.val, split)
         dataset.validate(data.num_classes, data.ignore_index)
         # one image at a time: the split's logits, not a batch's activations, are what calibrating holds
@@ -66,23 +74,26 @@ def run(args: argparse.Namespace) -> dict:
         device = resolve_device(cfg.device)
         model = restore_model(cfg, path, device, contents)
         del contents  # its optimiser state is not held through the inference (peak memory): read again to write
-        names = class_names(data.class_names, data.num_classes)
         started = time.perf_counter()
         pixels = gather_pixels(model, loader, cfg, device, inference_precision(cfg.train.amp, device),
                                progress=sys.stderr.isatty())
         inferred = time.perf_counter()
         try:
             calibration = calibrate(pixels, args.metric, names, split, args.folds)
-        except ValueError as error:  # a metric that does not exist, a split without pixels, folds < 2
+        except ValueError as error:  # a split without pixels
             raise ConfigError(str(error)) from None
         fitted = time.perf_counter()
-        store_calibration(path, load_checkpoint(path), calibration)
+        if file_identity(target) != read_as:
+            raise CheckpointError(f"{path} was replaced while it was being calibrated: the calibration, fitted to "
+                                  f"the weights read before, is not written; calibrate the new file again")
+        store_calibration(target, load_checkpoint(target), calibration)
     finally:
         lock.release()
     print(format_calibration(calibration, names))
     unit = "image" if cfg.data.patches is None else "tile"  # data.patches: the split's tiles are its items
+    written = f"{path}" if target == path.absolute() else f"{path} (the file {target})"
     print(f"logits of {counted(len(pixels.images), unit)} in {inferred - started:.1f} s, fitted in "
-          f"{fitted - inferred:.1f} s; wrote the calibration into {path}")
+          f"{fitted - inferred:.1f} s; wrote the calibration into {written}")
     return {"calibration": calibration}
 
 

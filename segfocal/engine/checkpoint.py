@@ -33,8 +33,7 @@ def save_checkpoint(state: Dict[str, Any], path: PathLike) -> None:
         with replaced_atomically(path, durable=True) as handle:
             torch.save(state, handle)
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write (full disk) as RuntimeError
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"cannot write checkpoint {path} (is the disk full or read-only?): {reason}; "
+        raise CheckpointError(f"cannot write checkpoint {path} (is the disk full or read-only?): {_reason(error)}; "
                               f"the previous {path.name}, if any, is unchanged") from None
 
 
@@ -53,12 +52,16 @@ def remove_stale_temporaries(directory: PathLike, names: Iterable[str]) -> List[
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (or a bare state dict)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(error).splitlines()[0].split('. ')[0]}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_reason(error).split('. ')[0]}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state
@@ -91,3 +94,9 @@ def resume_path(work_dir: PathLike, resume: Optional[str]) -> Optional[Path]:
     if not path.is_file():
         raise CheckpointError(f"--resume: checkpoint not found: {path}")
     return path
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of ``error``'s message, or its type's name when it has none (torch's EOFError)."""
+    lines = str(error).splitlines()
+    return lines[0] if lines else type(error).__name__

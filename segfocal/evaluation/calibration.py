@@ -123,13 +123,10 @@ def calibrate(pixels: PixelSet, metric: str, class_names: Sequence[str], split: 
     ``mean_accuracy``, ``iou.<class>``, ...). Warns, naming the class, for a class with fewer than
     :data:`MIN_PIXELS` pixels in the split, and when the split has fewer images than ``folds``.
     """
-    if folds < 2:
-        raise ValueError(f"folds must be at least 2 (each fold is scored with a bias fitted on the others), "
-                         f"got {folds}")
+    check_request(metric, folds, class_names)
     support = pixels.support() if pixels.images else None
     if support is None or int(support.sum()) == 0:
         raise ValueError(f"split '{split}' has no counted pixel to calibrate on")
-    check_metric_name(metric, class_names, "--metric")
     for name, count in zip(class_names, support.tolist()):
         if count == 0:
             warnings.warn(f"calibration: class {name} has no pixel in split '{split}': its bias is not fitted (it "
@@ -154,6 +151,15 @@ def calibrate(pixels: PixelSet, metric: str, class_names: Sequence[str], split: 
                        folds=folds, num_images=len(pixels.images), confusion_before=before.tolist(),
                        confusion_after=after.tolist(),
                        confusion_cross_fitted=None if held_out is None else held_out.tolist())
+
+
+def check_request(metric: str, folds: int, class_names: Sequence[str]) -> None:
+    """``ValueError`` naming ``--metric`` or ``--folds`` unless they can be fitted: checked before the
+    split's logits are computed, which may take long."""
+    if folds < 2:
+        raise ValueError(f"--folds must be at least 2 (each fold is scored with a bias fitted on the others), "
+                         f"got {folds}")
+    check_metric_name(metric, class_names, "--metric")
 
 
 def fold_blocks(count: int, folds: int) -> List[List[int]]:
