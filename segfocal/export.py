@@ -89,6 +89,7 @@ def export_onnx(
     verify: bool = True,
     tolerance: float = TOLERANCE,
     metadata: Optional[Dict[str, str]] = None,
+    overwrite: bool = False,
 ) -> List[Path]:
     """Write ``model`` as an ONNX file with dynamic batch, height and width; returns the files written.
 
@@ -105,13 +106,14 @@ def export_onnx(
     ``in_channels=None`` asks the model (its smp config, else its first convolution).
     ``example_size`` is the (height, width) traced; each must be a multiple of the model's size
     divisor and larger than its encoder's output stride. ``metadata`` (str -> str) goes into the
-    model's metadata properties, e.g. the class names and the normalisation to apply.
+    model's metadata properties, e.g. the class names and the normalisation to apply. An existing
+    file at ``path`` not named ``.onnx`` is replaced only with ``overwrite`` (:func:`check_output`).
     Needs onnx and onnxscript, plus onnxruntime to verify (``pip install segfocal[export]``).
     """
     _require("ONNX export", ("onnx", "onnxscript") + (("onnxruntime",) if verify else ()))
     _require_dynamic_dims()
     path = Path(path)
-    check_output("onnx", path)
+    check_output("onnx", path, overwrite)
     model = _prepared(model)
     channels = _in_channels(model, in_channels)
     example, inputs = _example_inputs(model, channels, example_size, vary_size=dynamic_size)
@@ -145,6 +147,7 @@ def export_pt2(
     in_channels: Optional[int] = None,
     verify: bool = True,
     tolerance: float = TOLERANCE,
+    overwrite: bool = False,
 ) -> List[Path]:
     """Write ``model`` as a ``torch.export`` program (``.pt2``) with dynamic batch, height and width.
 
@@ -162,7 +165,7 @@ def export_pt2(
     """
     _require_dynamic_dims()
     path = Path(path)
-    check_output("pt2", path)
+    check_output("pt2", path, overwrite)
     model = _prepared(model)
     channels = _in_channels(model, in_channels)
     example, inputs = _example_inputs(model, channels, example_size)
@@ -245,15 +248,20 @@ def output_files(fmt: str, output: PathLike) -> List[Path]:
 def check_output(fmt: str, output: PathLike, overwrite: bool = False) -> None:
     """Raise :class:`ExportError` unless an export in format ``fmt`` may write to ``output``.
 
-    A file format needs a path that is not a folder. An smp export needs a folder that does not
-    exist, is empty, or holds an earlier smp export and nothing else (a ``config.json`` that smp
-    wrote, with the other two files at most); ``overwrite`` allows a folder holding other files
-    (they are kept; only the three are replaced). Cheap: reads names and one small JSON file.
+    A file format needs a path that is not a folder, and that is new or named for the format
+    (``.onnx``, ``.pt2``: an earlier export, replaced); ``overwrite`` allows any other existing file.
+    An smp export needs a folder that does not exist, is empty, or holds an earlier smp export and
+    nothing else (a ``config.json`` that smp wrote, with the other two files at most); ``overwrite``
+    allows a folder holding other files (they are kept; only the three are replaced). Cheap: reads
+    names and one small JSON file.
     """
     output = Path(output)
     if fmt != "smp":
         if output.is_dir():
             raise ExportError(f"{output} is a directory; give a file path")
+        if output.exists() and output.suffix.lower() != f".{fmt}" and not overwrite:
+            raise ExportError(f"{output} exists and is not a .{fmt} file (an earlier export): give a new path, or "
+                              f"pass --overwrite to replace it")
         return
     if output.exists() and not output.is_dir():
         raise ExportError(f"{output} exists and is not a directory; give a folder for the smp export")

@@ -234,6 +234,30 @@ def test_an_export_that_would_replace_its_inputs_is_refused_before_the_checkpoin
     assert files_of(tmp_path) == before
 
 
+
+def test_an_existing_file_not_named_for_the_format_needs_overwrite_and_a_size_below_one_is_refused(
+        capsys, cfg, model, tmp_path):
+    checkpoint = tmp_path / "run" / "best.pt"
+    checkpoint.parent.mkdir()
+    save_checkpoint({"model": model.state_dict(), "config": to_dict(cfg)}, checkpoint)
+    notes = tmp_path / "notes.yaml"
+    notes.write_text("mine")
+    argv = ["--checkpoint", checkpoint, "--format", "pt2", "--size", 64, 64]
+    code, error = export_command(capsys, *argv, "--output", notes)
+    assert code == 2 and error == (f"error: {notes} exists and is not a .pt2 file (an earlier export): give a new "
+                                   f"path, or pass --overwrite to replace it")
+    assert notes.read_text() == "mine"
+    earlier = tmp_path / "model.pt2"
+    earlier.write_bytes(b"an earlier export")
+    assert export_command(capsys, *argv, "--output", earlier)[0] == 0 and earlier.read_bytes() != b"an earlier export"
+    code, error = export_command(capsys, *argv, "--output", notes, "--overwrite")
+    assert code == 0 and notes.read_bytes() != b"mine", error
+    for size in (["0", "0"], ["-5", "64"]):
+        code, error = export_command(capsys, "--checkpoint", checkpoint, "--format", "onnx", "--output",
+                                     tmp_path / "m.onnx", "--size", *size)
+        assert code == 2 and error == (f"error: --size {size[0]} {size[1]}: the example input's height and width "
+                                       f"must be at least 1")
+
 def test_an_smp_folder_with_files_the_export_did_not_write_needs_overwrite(capsys, cfg, model, tmp_path):
     import segmentation_models_pytorch as smp
 

@@ -24,7 +24,9 @@ An export never replaces its inputs: an ``--output`` that would write over the c
 ``--config`` file or any file already in the checkpoint's folder (its run directory) is refused
 before the checkpoint is read (paths compared resolved, so symlinked spellings count), and so is an
 smp folder that holds files an smp export did not write, unless ``--overwrite`` (which replaces the
-three files smp writes and keeps the others). Files are written beside their target and renamed onto it.
+three files smp writes and keeps the others); an existing ``--output`` file not named for its format
+(``.onnx``, ``.pt2``) is refused unless ``--overwrite``. Files are written beside their target and
+renamed onto it.
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fixed-size", action="store_true", help="onnx: fix height and width to --size")
     add_calibration_argument(parser)
     parser.add_argument("--overwrite", action="store_true",
-                        help="smp: write into a folder that holds other files (they are kept)")
+                        help="replace an existing file not named for the format; smp: write into a folder "
+                             "that holds other files (they are kept)")
 
 
 def run(args: argparse.Namespace) -> list:
@@ -61,6 +64,8 @@ def run(args: argparse.Namespace) -> list:
 
     size = tuple(args.size)
     try:
+        if min(size) < 1:
+            raise ExportError(f"--size {size[0]} {size[1]}: the example input's height and width must be at least 1")
         check_inputs_spared(args)  # before the checkpoint is read
         check_output(args.format, args.output, args.overwrite)
         contents, cfg = checkpoint_and_config(args)
@@ -77,9 +82,10 @@ def run(args: argparse.Namespace) -> list:
                         # folded into the logits already: the biases, for the record
                         "calibration": json.dumps(None if calibration is None else calibration.bias)}
             written = export_onnx(model, args.output, in_channels=cfg.model.in_channels, example_size=size,
-                                  dynamic_size=not args.fixed_size, metadata=metadata)
+                                  dynamic_size=not args.fixed_size, metadata=metadata, overwrite=args.overwrite)
         elif args.format == "pt2":
-            written = export_pt2(model, args.output, example_size=size, in_channels=cfg.model.in_channels)
+            written = export_pt2(model, args.output, example_size=size, in_channels=cfg.model.in_channels,
+                                 overwrite=args.overwrite)
         else:
             written = export_smp(model, args.output, example_size=size, overwrite=args.overwrite)
     except (ExportError, ValueError) as error:
