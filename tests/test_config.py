@@ -90,6 +90,8 @@ def test_bad_values_name_the_key(tmp_path, override, message):
         ("train.epochs=-1", r"train.epochs must be at least 0, got -1"),
         ("data.mean=[0.5]", r"data.mean needs one value per input channel \(model.in_channels=3\)"),
         ("eval.crop_size=[512]", r"eval.crop_size must be \[height, width\]"),
+        ("eval.crop_size=[200,400]", r"eval.stride=\[341, 341\] exceeds eval.crop_size=\[200, 400\]: the sliding "
+                                     r"windows would leave pixels between them unscored"),
         ("optim.lr=0", r"optim.lr must be a finite number > 0"),
     ],
 )

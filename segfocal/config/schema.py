@@ -333,6 +333,14 @@ class EvalConfig(Section):
     flip: bool = False
     batch_size: PositiveInt = 4
 
+    @model_validator(mode="after")
+    def _windows_cover(self) -> "EvalConfig":
+        # checked whatever the mode: --mode slide on the command line uses these
+        if any(step > size for step, size in zip(self.stride, self.crop_size)):
+            raise ValueError(f"eval.stride={list(self.stride)} exceeds eval.crop_size={list(self.crop_size)}: the "
+                             f"sliding windows would leave pixels between them unscored; lower eval.stride")
+        return self
+
 
 class Config(Section):
     work_dir: str = "runs/default"
