@@ -120,6 +120,19 @@ def test_a_header_claiming_more_pixels_than_the_limit_is_refused_before_any_read
     assert "data.patches.max_pixels" in str(error.value)
 
 
+
+@pytest.mark.parametrize("layout", [{"tile": (128, 128)}, {"rowsperstrip": 64}])
+def test_a_tiff_header_edited_to_claim_a_larger_image_than_its_tiles_hold_is_refused(tmp_path, layout):
+    path = tmp_path / "image.tif"
+    tifffile.imwrite(path, RGB[:256, :256], **layout)
+    assert read(open_region(path, None), (0, 10, 0, 10)).shape == (10, 10, 3)  # as written: read
+    with tifffile.TiffFile(path, mode="r+") as tiff:  # 100000 x 100000 pixels claimed, 4 or 5 chunks listed
+        tiff.pages[0].tags["ImageWidth"].overwrite(100_000)
+        tiff.pages[0].tags["ImageLength"].overwrite(100_000)
+    with pytest.raises(DataError, match=r"image.tif: its header gives 100000x100000 pixels, which take \d+ tiles or "
+                                        r"strips, but it lists [45]: a corrupt or edited file"):
+        read(open_region(path, None), (0, 10, 0, 10))
+
 def test_an_array_that_is_not_an_image_is_refused(tmp_path):
     path = tmp_path / "volume.npy"
     np.save(path, np.zeros((2, 3, 4, 5), np.uint8))

@@ -151,6 +151,7 @@ class TiffRegion(_AxesRegion):
         if not tiff.series:
             raise DataError(f"cannot read image {self.path}: tifffile finds no image in this TIFF", self.path)
         series = tiff.series[0]
+        _check_chunk_count(series, self.path)
         store = series.aszarr(level=0)
         self._closers.append(store.close)
         self._array = zarr.open(store, mode="r")
@@ -344,6 +345,19 @@ def require_module(module: str, path: Path) -> Any:
     except ImportError:
         raise DataError(f"{path}: reading it in regions needs the '{module}' package, which is not installed: "
                         f"{_INSTALL}", path) from None
+
+
+def _check_chunk_count(series: Any, path: Path) -> None:
+    """``DataError`` naming ``path`` unless each page of ``series`` lists the tiles or strips its header's size
+    needs: a header edited or damaged to claim a larger image would read as zeros, or scan for hours."""
+    for page in series.pages:
+        if page is None:
+            continue
+        needed, listed = int(np.prod(page.keyframe.chunked)), len(page.dataoffsets)
+        if listed != needed:
+            raise DataError(f"cannot read image {path}: its header gives {page.keyframe.imagewidth}x"
+                            f"{page.keyframe.imagelength} pixels, which take {needed} tiles or strips, but it lists "
+                            f"{listed}: a corrupt or edited file", path)
 
 
 def _tiff_axes(axes: str, shape: Sequence[int], path: Path) -> str:
