@@ -2,8 +2,10 @@
 function of (seed, epoch, index); class-aware crops from a cached, checksummed class index; a grid of tiles that
 scores every pixel once; every data option; and a run stopped mid-epoch resumes to the very weights of one never
 stopped."""
+import io
 import signal
 import threading
+import zipfile
 
 import numpy as np
 import pytest
@@ -194,6 +196,38 @@ def test_the_index_is_cached_rebuilt_when_a_mask_changes_or_the_file_is_corrupt_
     assert cached_class_index(tmp_path / "index", identity, [mask_path], lambda: pytest.fail("rebuilt")).counts.sum()
     assert not list((tmp_path / "index").glob(".*tmp"))
 
+
+
+def test_an_ignore_index_inside_the_class_range_is_neither_counted_nor_drawn(tmp_path):
+    # stored 0 (and 255, unlisted) become the ignore label 0, a train id inside the class range
+    config = large_recipe(tmp_path, data__ignore_index=0, data__label_map={1: 1, 2: 2, 3: 3, 4: 4, 5: 5}, data__patches={
+        "size": [64, 64], "per_epoch": 16, "rare_fraction": 0.5, "index_dir": str(tmp_path / "index")})
+    crops = run_dataset(load_config(config), [], "train", random_crops=True)
+    crops.validate(6, 0)
+    assert crops.class_index.counts[:, 0].sum() == 0 and crops.class_probabilities[0] == 0
+    assert all(len(crops.class_index.positions_of(number, 0)) == 0 for number in range(len(sources())))
+    truth = np.concatenate([mask.ravel() for _, mask in sources()])
+    np.testing.assert_array_equal(crops.class_index.counts.sum(0)[1:], np.bincount(truth, minlength=6)[1:6])
+
+
+def test_a_cached_index_whose_array_header_claims_a_vast_array_is_rebuilt(tmp_path):
+    config = large_recipe(tmp_path, data__patches={"size": [64, 64], "per_epoch": 16, "rare_fraction": 0.5,
+                                                   "index_dir": str(tmp_path / "index")})
+    built = dataset(config).class_index
+    [cached] = list((tmp_path / "index").glob("class_index-*.npz"))
+    with np.load(cached) as stored:
+        arrays = dict(stored)
+    with zipfile.ZipFile(cached, "w") as archive:  # positions.npy's header edited to claim 10**13 values
+        for key, array in arrays.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, array)
+            payload = buffer.getvalue()
+            if key == "positions":
+                payload = payload.replace(f"({len(array)},)".encode(), b"(10000000000000,)", 1)
+            archive.writestr(f"{key}.npy", payload)
+    with pytest.warns(UserWarning, match="unreadable .*rebuilding it"):
+        rebuilt = dataset(config).class_index
+    np.testing.assert_array_equal(rebuilt.counts, built.counts)
 
 # -- bad input ----------------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from .errors import DataError
 from .masks import class_histogram
 from .regions import blocks
 
-FORMAT = 1  # bump when the file's content changes meaning
+FORMAT = 2  # bump when the file's content changes meaning (2: an ignore_index inside the class range is not indexed)
 _SEED = 20261203  # the index's own random keys: the same file whoever builds it
 
 
@@ -48,9 +48,10 @@ class ClassIndex:
         return {"counts": self.counts, "starts": self.starts, "lengths": self.lengths, "positions": self.positions}
 
 
-def build_class_index(masks: Sequence[Any], num_classes: int, points: int) -> ClassIndex:
+def build_class_index(masks: Sequence[Any], num_classes: int, points: int, ignore_index: int) -> ClassIndex:
     """The index of ``masks``: objects with ``shape`` (height, width), ``chunks`` and ``read(y0, y1, x0, x1)``
-    giving (h, w) train ids (values outside ``0..num_classes-1`` are not indexed: the ignore label)."""
+    giving (h, w) train ids (values outside ``0..num_classes-1`` and ``ignore_index``, which may lie inside that
+    range, are not indexed)."""
     counts = np.zeros((len(masks), num_classes), dtype=np.int64)
     kept: List[List[np.ndarray]] = []
     for number, mask in enumerate(masks):
@@ -61,6 +62,8 @@ def build_class_index(masks: Sequence[Any], num_classes: int, points: int) -> Cl
         for y0, y1, x0, x1 in blocks(mask):
             labels = mask.read(y0, y1, x0, x1)
             histogram = class_histogram(labels, num_classes)
+            if 0 <= ignore_index < num_classes:
+                histogram[ignore_index] = 0
             counts[number] += histogram
             for cls in np.flatnonzero(histogram).tolist():
                 rows, cols = np.nonzero(labels == cls)
@@ -107,7 +110,7 @@ def _load(path: Path, fingerprint: str) -> Optional[ClassIndex]:
         with np.load(path, allow_pickle=False) as stored:
             index = ClassIndex(*(stored[key] for key in ("counts", "starts", "lengths", "positions")))
             recorded, digest = str(stored["fingerprint"]), str(stored["digest"])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, MemoryError) as error:  # Memory: a vast header
         warnings.warn(f"the class index {path} is unreadable ({type(error).__name__}: {error}); rebuilding it",
                       stacklevel=3)
         return None

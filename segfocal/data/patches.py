@@ -151,7 +151,7 @@ class PatchDataset(Dataset):
                     "reduce_zero_label": bool(remap and remap.reduce_zero_label)}
         self.class_index = cached_class_index(
             self.index_dir, identity, [mask for _, mask in self.samples],
-            lambda: build_class_index(masks, self.num_classes, self.patches.index_points))
+            lambda: build_class_index(masks, self.num_classes, self.patches.index_points, self.ignore_index))
         totals = self.class_index.counts.sum(axis=0)
         weights = self.scheme.weights(torch.from_numpy(totals), dtype=torch.float64).numpy() * (totals > 0)
         self.class_probabilities = weights / weights.sum() if weights.sum() > 0 else None
