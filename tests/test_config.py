@@ -132,6 +132,15 @@ def test_resolved_config_round_trips(tmp_path):
     assert again == cfg
 
 
+def test_a_tilde_in_a_folder_key_is_the_home_folder_as_in_a_shell(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_config(REPO / "configs" / "synthetic_unet_focal.yaml",
+                      ["work_dir=~/runs/x", "data.root=~/data", "data.patches={size: [64, 64], index_dir: ~/index}"])
+    home = tmp_path / "home"
+    assert (cfg.work_dir, cfg.data.root, cfg.data.patches.index_dir) == (str(home / "runs/x"), str(home / "data"),
+                                                                         str(home / "index"))
+
+
 @pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_loads(recipe):
     cfg = load_config(recipe)

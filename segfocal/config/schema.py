@@ -9,6 +9,7 @@ editors use (``segfocal config-schema``).
 """
 from __future__ import annotations
 
+import os
 import string
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union, get_args
 
@@ -56,6 +57,8 @@ def _split_pattern(pattern: Optional[str]) -> Optional[str]:
 
 
 HeightWidth = Annotated[List[int], AfterValidator(_height_width)]
+# a folder the run reads or writes: "~/runs" is the home folder's, as in a shell, not a folder named "~" here
+UserPath = Annotated[str, AfterValidator(os.path.expanduser)]
 SplitPattern = Annotated[str, AfterValidator(_split_pattern)]
 Colour = Annotated[List[Annotated[int, Field(ge=0, le=255)]], Field(min_length=3, max_length=3)]
 ClassWeight = Union[Literal[WEIGHT_SCHEMES], ClassValues, None]  # type: ignore[valid-type]
@@ -108,7 +111,7 @@ class PatchesConfig(Section):
     rare_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
     class_weight: Literal[WEIGHT_SCHEMES] = "enet"  # type: ignore[valid-type]
     index_points: PositiveInt = 10000
-    index_dir: Optional[str] = None
+    index_dir: Optional[UserPath] = None
     max_pixels: PositiveInt = 2 ** 36
 
 
@@ -129,7 +132,7 @@ class DataConfig(Section):
     (drawn with the run's seed, recorded in ``work_dir/val_split.json``).
     """
 
-    root: str = "data/synthetic"
+    root: UserPath = "data/synthetic"
     num_classes: PositiveInt = 6
     class_names: List[str] = Field(default_factory=list, description="one name per class; empty: class_0, ...")
     ignore_index: int = 255
@@ -343,7 +346,7 @@ class EvalConfig(Section):
 
 
 class Config(Section):
-    work_dir: str = "runs/default"
+    work_dir: UserPath = "runs/default"
     seed: int = 0
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
