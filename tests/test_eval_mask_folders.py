@@ -286,7 +286,8 @@ def test_ground_truth_255_without_ignore_index_is_an_error(tmp_path):
     pred_dir, gt_dir = folders(tmp_path)
     save_l(gt_dir / "a.png", np.array([[0, IGNORE]]))
     save_l(pred_dir / "a.png", np.zeros((1, 2)))
-    with pytest.raises(DataError, match=r"a\.png: 1 pixel has label values \[255\] .*no ignore_index is set"):
+    with pytest.raises(DataError, match=r"a\.png: 1 pixel has label values \[255\] .*no ignore_index is set; "
+                                        r"pass --ignore-index 255 if it marks unlabelled pixels\)"):
         score_mask_folders(pred_dir, gt_dir, C)
 
 

@@ -106,6 +106,21 @@ def test_eval_scores_large_masks_block_by_block_as_the_whole_masks_score(capsys,
     assert f"mIoU {100 * iou.mean():.2f}" in " ".join(stdout.split())
 
 
+
+def test_a_bad_value_in_a_large_mask_names_the_block_its_count_is_of(capsys, tmp_path, monkeypatch):
+    gt = mosaic(1)[1]
+    write_array(tmp_path / "gt" / "0.npy", gt)
+    write_array(tmp_path / "pred" / "0.npy", np.full(gt.shape, 9, np.uint8))  # every pixel outside 0..5
+    monkeypatch.setattr(mask_folders, "blocks", lambda region, pixels=2 ** 22: regions.blocks(region, 64 * 64))
+    code, _, stderr = run_tool(capsys, EVAL, "--pred", tmp_path / "pred", "--gt", tmp_path / "gt", "--num-classes", 6,
+                               "--ignore-index", 255, "--output", tmp_path / "report")
+    first = regions.blocks(regions.MaskRegion(tmp_path / "gt" / "0.npy"), 64 * 64)
+    y0, y1, x0, x1 = next(iter(first))
+    scored = int((gt[y0:y1, x0:x1] != 255).sum())
+    assert code == 2 and f"{scored} pixels have predicted values [9]" in stderr
+    assert f"(in the block of rows {y0}..{y1 - 1}, columns {x0}..{x1 - 1}: a large mask is checked block by block)" \
+        in stderr
+
 def test_eval_of_a_checkpoint_on_a_patches_split_counts_its_images_not_its_tiles(capsys, model, tmp_path):
     config = large_recipe(tmp_path, eval__crop_size=CROP, eval__stride=STRIDE)
     code, stdout, stderr = run_tool(capsys, EVAL, "--config", config, "--checkpoint", model.weights, "--split", "val",

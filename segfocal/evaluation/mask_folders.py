@@ -104,11 +104,18 @@ def score_mask_folders(
                                 device="cpu")
     for stem, gt_path in gts.items():
         pred_path = preds[stem]
-        for pred, gt in _blocks(pred_path, gt_path, pred_color_map, color_map):
+        for pred, gt, box in _blocks(pred_path, gt_path, pred_color_map, color_map):
             gt = (gt if gt_remap is None else gt_remap(gt)).astype(np.int64, copy=False)
             pred = pred.astype(np.int64, copy=False)
-            _check_ground_truth(gt, gt_path, num_classes, ignore_index)
-            _check_prediction(pred, gt, pred_path, gt_path, num_classes, ignore_index)
+            try:
+                _check_ground_truth(gt, gt_path, num_classes, ignore_index)
+                _check_prediction(pred, gt, pred_path, gt_path, num_classes, ignore_index)
+            except DataError as error:
+                if box is None:
+                    raise
+                y0, y1, x0, x1 = box  # the count is this block's: the rest of the file is not read
+                raise DataError(f"{error} (in the block of rows {y0}..{y1 - 1}, columns {x0}..{x1 - 1}: a large "
+                                f"mask is checked block by block)", error.path) from None
             confusion.update(torch.from_numpy(pred), torch.from_numpy(gt))
 
     if int(confusion.num_invalid) != 0:  # the checks above exclude it; a bug if it ever happens
@@ -146,16 +153,17 @@ def write_mask_folder_report(result: MaskFolderResult, out: PathLike,
 
 
 def _blocks(pred_path: Path, gt_path: Path, pred_color_map: ColorMap,
-            gt_color_map: ColorMap) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-    """(prediction, stored ground truth) of one pair, of one size: whole, or block by block when either file
-    is large (:func:`~segfocal.data.regions.read_in_blocks`: Zarr, ``.npy``, a TIFF of more than 2048 x 2048)."""
+            gt_color_map: ColorMap) -> Iterator[Tuple[np.ndarray, np.ndarray, Optional[Tuple[int, int, int, int]]]]:
+    """(prediction, stored ground truth, box) of one pair, of one size: whole (box None), or block by block
+    when either file is large (:func:`~segfocal.data.regions.read_in_blocks`: Zarr, ``.npy``, a TIFF of more
+    than 2048 x 2048), each block's (y0, y1, x0, x1)."""
     if read_in_blocks(pred_path) or read_in_blocks(gt_path):
         pred, gt = MaskRegion(pred_path, pred_color_map), MaskRegion(gt_path, gt_color_map)
-        pairs = ((pred.read(*box), gt.read(*box)) for box in blocks(gt)) if pred.shape == gt.shape else None
+        pairs = ((pred.read(*box), gt.read(*box), box) for box in blocks(gt)) if pred.shape == gt.shape else None
         shapes = pred.shape, gt.shape
     else:
-        pair = read_mask(pred_path, pred_color_map), read_mask(gt_path, gt_color_map)
-        pairs, shapes = [pair], (pair[0].shape, pair[1].shape)
+        pred_mask, gt_mask = read_mask(pred_path, pred_color_map), read_mask(gt_path, gt_color_map)
+        pairs, shapes = [(pred_mask, gt_mask, None)], (pred_mask.shape, gt_mask.shape)
     if shapes[0] != shapes[1]:
         raise DataError(
             f"{pred_path}: prediction size {shapes[0][1]}x{shapes[0][0]} (WxH) differs from the size "
@@ -188,7 +196,9 @@ def _check_ground_truth(gt: np.ndarray, path: Path, num_classes: int, ignore_ind
         return
     bad = (gt < 0) | (gt >= num_classes)
     if bad.any():
-        _raise_values(path, gt[bad], "label values", f"outside 0..{num_classes - 1} (no ignore_index is set)")
+        values = np.unique(gt[bad])
+        hint = f"; pass --ignore-index {int(values[0])} if it marks unlabelled pixels" if len(values) == 1 else ""
+        _raise_values(path, gt[bad], "label values", f"outside 0..{num_classes - 1} (no ignore_index is set{hint})")
 
 
 def _check_prediction(pred: np.ndarray, gt: np.ndarray, pred_path: Path, gt_path: Path, num_classes: int,
