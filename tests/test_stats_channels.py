@@ -86,6 +86,16 @@ def test_stats_of_another_split_and_a_bad_image(capsys, tmp_path):
     np.testing.assert_allclose(result["data"]["std"], std, rtol=0, atol=1e-9)
 
 
+
+def test_a_split_with_no_labelled_pixel_is_one_line_naming_its_stored_values(capsys, tmp_path):
+    write_split(tmp_path / "data")
+    for mask in (tmp_path / "data" / "train" / "masks").iterdir():
+        Image.fromarray(np.full(Image.open(mask).size[::-1], 255, np.uint8)).save(mask)  # all ignored
+    code, stdout, stderr = run_tool(capsys, STATS, "--config", tiny_recipe(tmp_path, data__synthetic=None))
+    assert code == 2 and "\n" not in stderr.strip() and stdout == ""
+    assert f"split 'train' of {tmp_path / 'data'} has no labelled pixel: no mask value is a class 0..5 after " \
+           f"data.label_map (as stored, value: pixels: 255: {sum(h * w for h, w in SIZES)})" in stderr
+
 def test_moments_do_not_cancel():
     """2e15 pixels of 254 and 255 (as two summaries), and a constant channel: a float64 sum of squares
     would lose these."""

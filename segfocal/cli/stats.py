@@ -44,7 +44,14 @@ def run(args: argparse.Namespace) -> dict:
     split = args.split or data.train_split
     dataset = build_dataset(data, [], split)
     counts = dataset.class_pixel_counts(data.num_classes)
-    total = max(int(counts.sum()), 1)
+    total = int(counts.sum())
+    stored = dataset.stored_value_counts()
+    shown = ", ".join(f"{value}: {pixels}" for value, pixels in list(stored.items())[:_SHOWN_VALUES])
+    more = f" and {len(stored) - _SHOWN_VALUES} more" if len(stored) > _SHOWN_VALUES else ""
+    if total == 0:
+        raise ConfigError(f"split '{split}' of {data.root} has no labelled pixel: no mask value is a class "
+                          f"0..{data.num_classes - 1} after data.label_map (as stored, value: pixels: {shown}{more}); "
+                          f"there are no class frequencies or weights to give")
     names = class_names(data.class_names, data.num_classes)
     weights = {
         scheme: [round(float(w), 6) for w in weights_from_histogram(
@@ -59,9 +66,6 @@ def run(args: argparse.Namespace) -> dict:
     for index, name in enumerate(names):
         row = f"{name:<16}{int(counts[index]):>12}{int(counts[index]) / total:>9.4f}"
         print(row + "".join(f"{weights[scheme][index]:>{width}.4f}" for scheme in WEIGHT_SCHEMES))
-    stored = dataset.stored_value_counts()
-    shown = ", ".join(f"{value}: {pixels}" for value, pixels in list(stored.items())[:_SHOWN_VALUES])
-    more = f" and {len(stored) - _SHOWN_VALUES} more" if len(stored) > _SHOWN_VALUES else ""
     print(f"mask values as stored (value: pixels), before data.label_map/reduce_zero_label: {shown}{more}")
     mean, std = dataset.image_mean_std()  # with data.patches, block by block
     print("per-channel image mean/std (stored values x data.scale, as data.mean/data.std take them):")
