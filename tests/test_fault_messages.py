@@ -144,3 +144,23 @@ def test_a_crop_larger_than_the_images_fails_at_start_naming_the_smallest_image(
                              "--set", f"augment.train={crop}")
     assert "the augmentation pipeline of split 'train' fails on " in line and "(32x32, its smallest image)" in line
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+class _BadSample(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        from segfocal.data import DataError
+
+        raise DataError(f"masks/{index}.tif: 7 pixels have label values [9] outside 0..5", f"masks/{index}.tif")
+
+
+def test_a_data_error_raised_in_a_loader_worker_is_printed_as_its_own_line(capsys):
+    from segfocal.cli.common import exit_on_user_error
+
+    with pytest.raises(SystemExit) as exited, exit_on_user_error():
+        next(iter(torch.utils.data.DataLoader(_BadSample(), num_workers=1)))
+    # torch re-raises it as "Caught DataError in DataLoader worker process 0. Original Traceback (...)"
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "error: masks/0.tif: 7 pixels have label values [9] outside 0..5\n"

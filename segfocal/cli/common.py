@@ -110,10 +110,21 @@ def exit_on_user_error() -> Iterator[None]:
     try:
         yield
     except (ConfigError, DataError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {own_message(error)}", file=sys.stderr)
         sys.exit(2)
     finally:
         warnings.formatwarning = formatwarning
+
+
+def own_message(error: BaseException) -> str:
+    """``error``'s own message: one a DataLoader worker raised comes back with the worker's traceback before it
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ..."), which is dropped."""
+    text = str(error)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        name = f"{type(error).__module__}.{type(error).__qualname__}: "
+        text = last[len(name):] if last.startswith(name) else last
+    return text
 
 
 def _one_line_warning(message: Any, category: type, *args: Any, **kwargs: Any) -> str:
