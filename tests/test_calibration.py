@@ -177,6 +177,8 @@ def test_a_stored_calibration_is_checked_against_the_class_count():
     assert Calibration.from_dict(stored, 4, "best.pt").bias == stored["bias"]
     with pytest.raises(ValueError, match="best.pt: its calibration has 4 biases for a model of 6 classes"):
         Calibration.from_dict(stored, 6, "best.pt")
+    with pytest.raises(ValueError, match=r"best.pt: its calibration has non-finite biases \(class 2: nan\)"):
+        Calibration.from_dict({**stored, "bias": [0.0, 1.0, float("nan"), 2.0]}, 4, "best.pt")
     with pytest.raises(ValueError, match="best.pt: its calibration is not one segfocal wrote"):
         Calibration.from_dict({"bias": [0.0]}, 1, "best.pt")
 

@@ -433,3 +433,4 @@ def test_eval_bounds_the_number_of_classes_in_one_line(tmp_path, capsys, num_cla
     assert code == 2
     assert err.strip().startswith(f"error: --num-classes must be 1..2048, got {num_classes}")
     assert "\n" not in err.strip() and not (tmp_path / "out").exists()
+    assert ("GiB" in err) == (num_classes > 2048)  # the size of the matrix explains only a bound too high

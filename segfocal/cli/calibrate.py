@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> dict:
         contents, cfg = checkpoint_and_config(args)
         check_storable(path, contents)
         data = cfg.data
+        if args.split is not None and not args.split.strip():
+            raise ConfigError(f"--split {args.split!r} names no split; give one (default: data.val_split)")
         split = args.split or data.val_split
         names = class_names(data.class_names, data.num_classes)
         try:

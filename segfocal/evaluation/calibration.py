@@ -106,9 +106,13 @@ class Calibration:
         except (TypeError, ValueError) as error:
             raise ValueError(f"{source}: its calibration is not one segfocal wrote ({error}); calibrate again "
                              f"or pass --no-calibration") from None
-        if len(bias) != num_classes or not all(math.isfinite(value) for value in bias):
-            raise ValueError(f"{source}: its calibration has {len(bias)} biases for a model of {num_classes} classes "
-                             f"(or a non-finite one); calibrate again or pass --no-calibration")
+        if len(bias) != num_classes:
+            raise ValueError(f"{source}: its calibration has {len(bias)} biases for a model of {num_classes} classes; "
+                             f"calibrate again or pass --no-calibration")
+        wrong = [f"{index}: {value}" for index, value in enumerate(bias) if not math.isfinite(value)]
+        if wrong:
+            raise ValueError(f"{source}: its calibration has non-finite biases (class {', '.join(wrong)}); calibrate "
+                             f"again or pass --no-calibration")
         calibration.bias = bias
         return calibration
 

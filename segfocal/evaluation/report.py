@@ -9,6 +9,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
+from ..text import counted
 from .metrics import segmentation_metrics
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -151,7 +152,7 @@ def format_calibration(calibration: Any, class_names: Sequence[str]) -> str:
         rows.append((f"calibrated ({calibration.folds}-fold cross-fitted)", calibration.confusion_cross_fitted))
     width = max(len(label) for label, _ in rows)
     columns = [max(6, len(name)) for name in names]
-    lines = [f"Calibration for {calibration.metric} on split '{calibration.split}' ({calibration.num_images} images)",
+    lines = [f"Calibration for {calibration.metric} on split '{calibration.split}' ({counted(calibration.num_images, 'image')})",
              "bias: " + ", ".join(f"{name} {value:+.2f}" for name, value in zip(names, calibration.bias)),
              f"{'IoU %':<{width}}  " + "  ".join(f"{name:>{size}}" for name, size in zip(names, columns))
              + "    mIoU  class-acc"]
