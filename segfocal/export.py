@@ -44,7 +44,7 @@ from torch import nn
 from .config import Config
 from .engine.restore import restore_with_config
 from .evaluation.inference import model_size_divisor, unwrap_model
-from .files import replaced_atomically
+from .files import mode_for, replaced_atomically
 
 PathLike = Union[str, Path]
 
@@ -413,9 +413,11 @@ def _staging(parent: Path, name: str) -> Iterator[Path]:
 
 
 def _publish(stage: Path, destination: Path, last: str) -> List[Path]:
-    """Move every file of ``stage`` into ``destination``, ``last`` last (what a reader opens first)."""
+    """Move every file of ``stage`` into ``destination``, ``last`` last (what a reader opens first), each with
+    the mode of the file it replaces or of a new file (safetensors writes its file owner-only)."""
     files = sorted(stage.iterdir(), key=lambda file: (file.name == last, file.name))
     for file in files:
+        os.chmod(file, mode_for(destination / file.name))
         os.replace(file, destination / file.name)
     return [destination / file.name for file in files]
 

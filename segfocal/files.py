@@ -29,7 +29,7 @@ def replaced_atomically(path: Union[str, Path], durable: bool = False) -> Iterat
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), _mode_for(path))  # not mkstemp's 0o600: others may read what we make
+            os.fchmod(handle.fileno(), mode_for(path))  # not mkstemp's 0o600: others may read what we make
             yield handle
             if durable:
                 handle.flush()
@@ -63,7 +63,7 @@ def names_of(path: Union[str, Path]) -> Set[Path]:
     return {entry_name(path), Path(path).resolve()}
 
 
-def _mode_for(path: Path) -> int:
+def mode_for(path: Path) -> int:
     """The mode of the file at ``path``, or the one ``open()`` gives a new file: 0o666 less the umask."""
     try:
         return stat.S_IMODE(os.stat(path).st_mode)

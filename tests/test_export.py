@@ -278,6 +278,8 @@ def test_an_smp_folder_with_files_the_export_did_not_write_needs_overwrite(capsy
 
     assert export_command(capsys, *argv, "--overwrite")[0] == 0
     assert sorted(files_of(folder)) == ["README.md", "config.json", "model.safetensors", "notes.txt"]
+    modes = {file.name: file.stat().st_mode & 0o777 for file in folder.iterdir()}
+    assert modes["model.safetensors"] == modes["README.md"] == modes["notes.txt"]  # not owner-only
     assert (folder / "notes.txt").read_text() == "keep me"
     assert_matches(smp.from_pretrained(str(folder)).eval(), model)
     # a folder holding an earlier smp export and nothing else is replaced without --overwrite
