@@ -229,6 +229,14 @@ def test_a_cached_index_whose_array_header_claims_a_vast_array_is_rebuilt(tmp_pa
         rebuilt = dataset(config).class_index
     np.testing.assert_array_equal(rebuilt.counts, built.counts)
 
+
+def test_an_index_folder_it_cannot_write_fails_before_the_masks_are_scanned(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(DataError, match=r"cannot write the class index .*a-file/index/class_index-.*\.npz: .*"
+                                        r"set data.patches.index_dir to a folder you can write"):
+        cached_class_index(tmp_path / "a-file" / "index", {"test": "unwritable"}, [],
+                           lambda: pytest.fail("the masks were scanned before the folder was tried"))
+
 # -- bad input ----------------------------------------------------------------------------------------
 
 def test_a_mask_whose_shape_differs_from_its_image_names_both(tmp_path):

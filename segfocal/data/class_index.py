@@ -10,14 +10,16 @@ building it at once each leave a whole file.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -90,16 +92,25 @@ def cached_class_index(folder: Path, identity: Dict[str, Any], files: Sequence[P
     cached = _load(path, fingerprint)
     if cached is not None:
         return cached
-    index = build()
-    try:
+    with _writing(path):
         folder.mkdir(parents=True, exist_ok=True)
-        with replaced_atomically(path) as handle:
-            np.savez(handle, fingerprint=np.array(fingerprint), digest=np.array(_digest(index, fingerprint)),
-                     **index.arrays())
+        with tempfile.TemporaryFile(dir=folder):  # a folder it cannot write fails now, not after the scan
+            pass
+    index = build()
+    with _writing(path), replaced_atomically(path) as handle:
+        np.savez(handle, fingerprint=np.array(fingerprint), digest=np.array(_digest(index, fingerprint)),
+                 **index.arrays())
+    return index
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An OSError in the block becomes a DataError naming the index ``path`` and the key that moves it."""
+    try:
+        yield
     except OSError as error:
         raise DataError(f"cannot write the class index {path}: {error}; set data.patches.index_dir to a folder "
                         f"you can write", path) from None
-    return index
 
 
 def _load(path: Path, fingerprint: str) -> Optional[ClassIndex]:
