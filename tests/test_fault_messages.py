@@ -164,3 +164,18 @@ def test_a_data_error_raised_in_a_loader_worker_is_printed_as_its_own_line(capsy
     # torch re-raises it as "Caught DataError in DataLoader worker process 0. Original Traceback (...)"
     assert exited.value.code == 2
     assert capsys.readouterr().err == "error: masks/0.tif: 7 pixels have label values [9] outside 0..5\n"
+
+
+def test_sigterm_stops_a_command_with_143_and_leaves_no_half_written_file(tmp_path, capsys):
+    import os
+
+    from segfocal.cli.common import terminate_as_exit
+    from segfocal.files import replaced_atomically
+
+    with pytest.raises(SystemExit) as exited, terminate_as_exit():
+        with replaced_atomically(tmp_path / "mask.tif") as handle:
+            handle.write(b"half a mask")
+            os.kill(os.getpid(), signal.SIGTERM)  # as a job scheduler stops a predict
+    assert exited.value.code == 143 and list(tmp_path.iterdir()) == []
+    assert capsys.readouterr().err == "stopped by SIGTERM; files not finished are removed\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored

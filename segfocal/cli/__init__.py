@@ -31,11 +31,11 @@ TRAIN_EXTRA = frozenset({"segmentation_models_pytorch", "albumentations", "tenso
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """``segfocal COMMAND ...``; returns nothing, as the console script passes the result to ``sys.exit``."""
     try:
-        from .common import exit_on_user_error, invocation
+        from .common import exit_on_user_error, invocation, terminate_as_exit
 
         args = _parser().parse_args(argv)
         args.command_line = invocation(argv)
-        with exit_on_user_error():
+        with exit_on_user_error(), terminate_as_exit():
             args.run(args)
     except ModuleNotFoundError as error:
         if (error.name or "").split(".")[0] not in TRAIN_EXTRA:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -116,6 +118,26 @@ def exit_on_user_error() -> Iterator[None]:
         warnings.formatwarning = formatwarning
 
 
+@contextlib.contextmanager
+def terminate_as_exit() -> Iterator[None]:
+    """SIGTERM (a job scheduler's stop, ``kill``) raises ``SystemExit(143)`` in the block, as Ctrl-C raises
+    KeyboardInterrupt, so files being written are removed on the way out (their ``finally`` blocks run) rather than
+    left behind half written. Training installs its own handler, which saves ``last.pt`` first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signal_number: int, frame: Any) -> None:
+        print(f"stopped by {signal.Signals(signal_number).name}; files not finished are removed", file=sys.stderr)
+        raise SystemExit(128 + signal_number)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def own_message(error: BaseException) -> str:
     """``error``'s own message: one a DataLoader worker raised comes back with the worker's traceback before it
     ("Caught DataError in DataLoader worker process 0. Original Traceback ..."), which is dropped."""
@@ -142,7 +164,7 @@ def command_main(command: ModuleType) -> Callable[[Optional[Sequence[str]]], obj
         command.add_arguments(parser)
         args = parser.parse_args(argv)
         args.command_line = invocation(argv)
-        with exit_on_user_error():
+        with exit_on_user_error(), terminate_as_exit():
             return command.run(args)
 
     return main
