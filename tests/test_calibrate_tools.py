@@ -180,6 +180,17 @@ def test_a_checkpoint_replaced_while_it_is_calibrated_is_not_written(run, tmp_pa
     assert code == 2 and "k.pt was replaced while it was being calibrated" in err
     assert "calibration" not in load_checkpoint(path) and load_checkpoint(path)["state"]["epoch"] == 99
 
+def test_calibrate_in_a_run_directory_removes_a_killed_calibrate_s_temporary(run):
+    stale = run.best.parent / f".{run.best.name}.x1y2z3.tmp"
+    stale.write_bytes(b"half a checkpoint")  # what a kill -9 during the rewrite leaves
+    other = run.best.parent / ".notes.txt.abc.tmp"
+    other.write_bytes(b"not the checkpoint's")
+    code, _, err = call("calibrate", "--checkpoint", run.best)
+    assert code == 0, err
+    assert not stale.exists() and other.exists()
+    assert load_checkpoint(run.best)["calibration"] == run.stored  # the same fit again
+
+
 def test_calibrate_holds_the_run_directory_so_a_training_run_cannot_write_it_meanwhile(run):
     from segfocal.engine.work_dir_lock import WorkDirLock
 

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> dict:
     from ..data import build_loader
     from ..data.splits import run_dataset
     from ..engine.calibrate import check_storable, gather_pixels, store_calibration
-    from ..engine.checkpoint import CheckpointError, load_checkpoint
+    from ..engine.checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries
     from ..evaluation.calibration import calibrate, check_request
     from ..files import file_identity
     from ..engine.distributed import resolve_device
@@ -54,9 +54,12 @@ def run(args: argparse.Namespace) -> dict:
     path = Path(args.checkpoint)
     target = path.resolve()  # through a symlink, the file it names is calibrated (the link is kept)
     lock = WorkDirLock(target.parent)
-    if (target.parent / LOCK_NAME).exists():  # a run directory: no training run may write it meanwhile
+    in_run_directory = (target.parent / LOCK_NAME).exists()
+    if in_run_directory:  # no training run may write the checkpoint meanwhile
         lock.acquire()
     try:
+        if in_run_directory:  # under the lock, a temporary of the checkpoint is a killed writer's
+            remove_stale_temporaries(target.parent, [target.name])
         read_as = file_identity(target)
         contents, cfg = checkpoint_and_config(args)
         check_storable(path, contents)
