@@ -132,6 +132,8 @@ def test_a_calibration_of_another_class_count_or_an_unknown_metric_is_one_line(r
     assert code == 2 and "its calibration has 2 biases for a model of 6 classes" in err and "Traceback" not in err
     code, _, err = call("calibrate", "--checkpoint", run.best, "--metric", "iou.squares")
     assert code == 2 and "--metric='iou.squares': no class 'squares'" in err
+    code, _, err = call("calibrate", "--checkpoint", tmp_path / "missing.pt")
+    assert code == 2 and err == f"error: checkpoint not found: {tmp_path / 'missing.pt'}\n"
     bare = tmp_path / "bare.pt"
     torch.save(run.raw["model"], bare)
     code, _, err = call("calibrate", "--checkpoint", bare, "--config", run.root / "tiny.yaml")

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         if in_run_directory:  # under the lock, a temporary of the checkpoint is a killed writer's
             remove_stale_temporaries(target.parent, [target.name])
-        read_as = file_identity(target)
+        read_as = file_identity(target) if target.is_file() else None  # a missing file is named by the read
         contents, cfg = checkpoint_and_config(args)
         check_storable(path, contents)
         data = cfg.data
