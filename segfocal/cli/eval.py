@@ -134,13 +134,12 @@ def score_masks(args: argparse.Namespace) -> dict:
         raise ConfigError("--pred needs --num-classes (or a --config that gives data.num_classes)")
     else:
         num_classes, ignore_index, names, color_map, gt_remap = args.num_classes, args.ignore_index, None, None, None
-    source = "data.num_classes" if args.config else "--num-classes"
-    if num_classes < 1:
-        raise ConfigError(f"{source} must be 1..{MAX_CLASSES}, got {num_classes}")
-    if num_classes > MAX_CLASSES:
-        raise ConfigError(f"{source} must be 1..{MAX_CLASSES}, got {num_classes}: the confusion matrix holds C x C "
-                          f"int64 counts, {8 * num_classes ** 2 / 2 ** 30:.3g} GiB for {num_classes} classes "
-                          f"({8 * MAX_CLASSES ** 2 // 2 ** 20} MiB at most)")
+    if not 1 <= num_classes <= MAX_CLASSES:
+        source = "data.num_classes" if args.config else "--num-classes"
+        size = "" if num_classes < 1 else (f": the confusion matrix holds C x C int64 counts, "
+                                           f"{8 * num_classes ** 2 / 2 ** 30:.3g} GiB for {num_classes} classes "
+                                           f"({8 * MAX_CLASSES ** 2 // 2 ** 20} MiB at most)")
+        raise ConfigError(f"{source} must be 1..{MAX_CLASSES}, got {num_classes}{size}")
     out = Path(args.output) if args.output else Path(args.pred).resolve().parent / "eval_masks"
     check_output_folder(out, {"the --pred folder": Path(args.pred), "the --gt folder": Path(args.gt)})
     result = score_mask_folders(args.pred, args.gt, num_classes, ignore_index=ignore_index, color_map=color_map,

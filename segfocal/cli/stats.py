@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> dict:
     import yaml
 
     from ..config import ConfigError, class_names
-    from ..data import build_dataset
+    from ..data import DataError, build_dataset
     from ..losses import WEIGHT_SCHEMES, weights_from_histogram
 
     if args.scheme not in WEIGHT_SCHEMES:
@@ -49,9 +49,9 @@ def run(args: argparse.Namespace) -> dict:
     shown = ", ".join(f"{value}: {pixels}" for value, pixels in list(stored.items())[:_SHOWN_VALUES])
     more = f" and {len(stored) - _SHOWN_VALUES} more" if len(stored) > _SHOWN_VALUES else ""
     if total == 0:
-        raise ConfigError(f"split '{split}' of {data.root} has no labelled pixel: no mask value is a class "
-                          f"0..{data.num_classes - 1} after data.label_map (as stored, value: pixels: {shown}{more}); "
-                          f"there are no class frequencies or weights to give")
+        raise DataError(f"split '{split}' of {data.root} has no labelled pixel: no mask value is a class "
+                        f"0..{data.num_classes - 1} after data.label_map (as stored, value: pixels: {shown}{more}); "
+                        f"there are no class frequencies or weights to give", data.root)
     names = class_names(data.class_names, data.num_classes)
     weights = {
         scheme: [round(float(w), 6) for w in weights_from_histogram(

@@ -228,11 +228,11 @@ def step_confusions(pixels: PixelSet, bias: torch.Tensor, group: Sequence[int]) 
     num_classes, candidates = pixels.num_classes, grid(bias.dtype)
     count, low = len(candidates), float(candidates[0])
     members = torch.tensor(list(group))
+    offsets = bias[members] - bias[members[0]]
     moves_out = torch.zeros((count + 1) * num_classes ** 2, dtype=torch.long)
     moves_in = torch.zeros_like(moves_out)
     for logits, labels in pixels.images:
-        offsets = (bias[members] - bias[members[0]]).to(logits.dtype)
-        best_in, in_index = (logits[:, members] + offsets).max(1)
+        best_in, in_index = (logits[:, members] + offsets.to(logits.dtype)).max(1)
         outside = logits + bias.to(logits.dtype)
         outside[:, members] = -math.inf
         best_out, out_class = outside.max(1)
