@@ -63,9 +63,7 @@ def build_class_index(masks: Sequence[Any], num_classes: int, points: int, ignor
         found = [np.empty(0, dtype=np.int64)] * num_classes
         for y0, y1, x0, x1 in blocks(mask):
             labels = mask.read(y0, y1, x0, x1)
-            histogram = class_histogram(labels, num_classes)
-            if 0 <= ignore_index < num_classes:
-                histogram[ignore_index] = 0
+            histogram = class_histogram(labels, num_classes, ignore_index)
             counts[number] += histogram
             for cls in np.flatnonzero(histogram).tolist():
                 rows, cols = np.nonzero(labels == cls)

@@ -288,9 +288,7 @@ class SegmentationFolder(Dataset):
                     raise
                 self._skip(sample, error)
                 continue
-            counts += class_histogram(mask, num_classes)
-        if self.ignore_index is not None and 0 <= self.ignore_index < num_classes:
-            counts[self.ignore_index] = 0
+            counts += class_histogram(mask, num_classes, self.ignore_index)
         return torch.from_numpy(counts)
 
     def stored_value_counts(self) -> Dict[int, int]:

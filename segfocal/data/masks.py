@@ -93,11 +93,15 @@ def rgb_to_classes(rgb: np.ndarray, color_map: Sequence[Sequence[int]], path: Pa
     return order[position].astype(dtype)
 
 
-def class_histogram(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Pixels per class (int64 ``[num_classes]``) of ``labels``; values outside ``0..num_classes-1`` are not counted."""
+def class_histogram(labels: np.ndarray, num_classes: int, ignore_index: Optional[int] = None) -> np.ndarray:
+    """Pixels per class (int64 ``[num_classes]``) of ``labels``; values outside ``0..num_classes-1`` and
+    ``ignore_index`` (which may lie inside that range) are not counted."""
     values = labels.ravel()
     values = values[(values >= 0) & (values < num_classes)].astype(np.intp)
-    return np.bincount(values, minlength=num_classes)[:num_classes].astype(np.int64)
+    counts = np.bincount(values, minlength=num_classes)[:num_classes].astype(np.int64)
+    if ignore_index is not None and 0 <= ignore_index < num_classes:
+        counts[ignore_index] = 0
+    return counts
 
 
 def add_value_counts(totals: dict, mask: np.ndarray) -> None:

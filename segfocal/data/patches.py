@@ -237,9 +237,7 @@ class PatchDataset(Dataset):
         for _, mask in self._opened():
             labels_of = _TrainIds(mask, self)
             for box in blocks(mask):
-                counts += class_histogram(labels_of.read(*box), num_classes)
-        if self.ignore_index is not None and 0 <= self.ignore_index < num_classes:
-            counts[self.ignore_index] = 0
+                counts += class_histogram(labels_of.read(*box), num_classes, self.ignore_index)
         return torch.from_numpy(counts)
 
     def stored_value_counts(self) -> Dict[int, int]:
